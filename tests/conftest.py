@@ -1,0 +1,16 @@
+"""Test-wide setup. XLA_FLAGS must be set before jax is first imported, so it lives here."""
+
+import os
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing loads from a hub at test time
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import jax  # noqa: E402
+
+# An accidental broadcast ([B] against [B, 1]) is an error, not a silently wrong loss.
+jax.config.update("jax_numpy_rank_promotion", "raise")
