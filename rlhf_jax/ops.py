@@ -88,7 +88,7 @@ def chunked_token_logps(
     labels: chex.Array,
     *,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int = 512,
     return_entropy: bool = False,
 ):
   """Token log-probs log softmax(h·W / temperature)[label] without the full [N, V] logits.
