@@ -1,0 +1,66 @@
+"""Command line: `python -m rlhf_jax run experiments/<name>.py --set key=value ...`.
+
+The experiment's config names its trainer; the CLI applies overrides, prints the final config,
+and calls the trainer. Trainers are looked up by import path so `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from rlhf_jax import config as config_lib
+
+__all__ = ["TRAINERS", "main", "run_config"]
+
+# trainer name -> "module:function"; the function takes the config and returns a summary dict.
+TRAINERS = {
+    "bandit": "rlhf_jax.bandit:run",
+    "sft": "rlhf_jax.train.sft:run",
+    "reward": "rlhf_jax.train.reward:run",
+    "preference": "rlhf_jax.train.preference:run",
+    "kto": "rlhf_jax.train.preference:run_kto",
+    "ppo": "rlhf_jax.train.ppo:run",
+    "grpo": "rlhf_jax.train.grpo:run",
+    "rloo": "rlhf_jax.train.grpo:run",
+    "pipeline": "rlhf_jax.pipeline:run",
+}
+
+
+def run_config(config):
+  """Runs the trainer that `config.trainer` names and returns its summary."""
+  target = TRAINERS.get(config.trainer)
+  if target is None:
+    raise config_lib.ConfigError(
+        f"unknown trainer {config.trainer!r}; known trainers: {sorted(TRAINERS)}")
+  module_name, function_name = target.split(":")
+  return getattr(importlib.import_module(module_name), function_name)(config)
+
+
+def _parser():
+  parser = argparse.ArgumentParser(prog="python -m rlhf_jax", description=__doc__.splitlines()[0])
+  commands = parser.add_subparsers(dest="command", required=True)
+  run = commands.add_parser("run", help="run an experiment file")
+  run.add_argument("experiment", help="path to an experiment file defining get_config()")
+  run.add_argument("--arg", default=None, help="argument passed to get_config (e.g. 'runlocal')")
+  run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optimizer.lr=1e-5 (repeatable)")
+  run.add_argument("--print-config", action="store_true", help="print the config and exit")
+  return parser
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    config = config_lib.load_experiment(args.experiment, args.arg)
+    config = config_lib.apply_overrides(config, args.overrides)
+  except config_lib.ConfigError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  print(json.dumps(config_lib.to_dict(config), indent=2))
+  if args.print_config:
+    return 0
+  run_config(config)
+  return 0

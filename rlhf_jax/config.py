@@ -1,0 +1,189 @@
+"""Typed experiment configs: frozen dataclasses, dotted overrides, and experiment files.
+
+An experiment file is a small Python file whose `get_config(arg=None)` returns a frozen dataclass
+tree with a `trainer` field naming what runs it. `--set section.key=value` overrides are parsed
+with the field's type; a key that does not exist is an error suggesting the nearest valid one, so
+a typo never silently trains the default.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import json
+import pathlib
+import types
+import typing
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "apply_overrides",
+    "config_keys",
+    "load_experiment",
+    "to_dict",
+    "from_dict",
+]
+
+
+class ConfigError(ValueError):
+  """A config that cannot be what the user meant: unknown key, bad value, bad experiment file."""
+
+
+def config_keys(config) -> list[str]:
+  """All dotted leaf keys of a config tree, e.g. ['model.path', 'optimizer.lr', ...]."""
+  keys = []
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if dataclasses.is_dataclass(value):
+      keys += [f"{field.name}.{key}" for key in config_keys(value)]
+    else:
+      keys.append(field.name)
+  return keys
+
+
+def _field_types(cls) -> dict[str, Any]:
+  return typing.get_type_hints(cls)
+
+
+def _coerce(raw: str, hint, key: str):
+  """Parses the string `raw` as a value of type `hint`; ConfigError naming `key` otherwise."""
+  origin = typing.get_origin(hint)
+  args = typing.get_args(hint)
+  if origin in (typing.Union, types.UnionType):
+    if type(None) in args and raw.strip().lower() in ("none", "null"):
+      return None
+    errors = []
+    for option in (a for a in args if a is not type(None)):
+      try:
+        return _coerce(raw, option, key)
+      except ConfigError as err:
+        errors.append(str(err))
+    raise ConfigError(f"{key}: cannot parse {raw!r} as {hint}: " + "; ".join(errors))
+  if origin is typing.Literal:
+    for option in args:
+      try:
+        value = _coerce(raw, type(option), key)
+      except ConfigError:
+        continue
+      if value == option:
+        return value
+    raise ConfigError(f"{key}: {raw!r} is not one of {list(args)}")
+  if hint is bool:
+    lowered = raw.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+      return True
+    if lowered in ("false", "0", "no", "off"):
+      return False
+    raise ConfigError(f"{key}: expected a boolean (true/false), got {raw!r}")
+  if hint in (int, float):
+    try:
+      value = ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+      raise ConfigError(f"{key}: expected {hint.__name__}, got {raw!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"{key}: expected {hint.__name__}, got {raw!r}")
+    if hint is int and float(value) != int(value):
+      raise ConfigError(f"{key}: expected an integer, got {raw!r}")
+    return hint(value)
+  if hint is str:
+    return raw
+  if origin in (tuple, list):
+    try:
+      value = ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+      value = [part.strip() for part in raw.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)):
+      value = [value]
+    item_hint = args[0] if args else str
+    items = [_coerce(str(item), item_hint, key) for item in value]
+    return tuple(items) if origin is tuple else list(items)
+  if origin is dict or hint is dict:
+    try:
+      value = json.loads(raw)
+    except json.JSONDecodeError:
+      raise ConfigError(f"{key}: expected a JSON object, got {raw!r}") from None
+    if not isinstance(value, dict):
+      raise ConfigError(f"{key}: expected a JSON object, got {raw!r}")
+    return value
+  raise ConfigError(f"{key}: cannot set a value of type {hint} from the command line")
+
+
+def _set(config, parts: list[str], raw: str, full_key: str, root):
+  field_names = [field.name for field in dataclasses.fields(config)]
+  name = parts[0]
+  if name not in field_names:
+    candidates = config_keys(root)
+    close = difflib.get_close_matches(full_key, candidates, n=1, cutoff=0.5)
+    if not close:  # a typo in the section name: match the leaf against every key's last part
+      leaf_matches = [k for k in candidates if k.split(".")[-1] == full_key.split(".")[-1]]
+      close = leaf_matches[:1]
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"unknown config key {full_key!r}{hint}")
+  current = getattr(config, name)
+  if len(parts) > 1:
+    if not dataclasses.is_dataclass(current):
+      raise ConfigError(f"{'.'.join(full_key.split('.')[:-len(parts) + 1])!r} is a value, "
+                        f"not a section, so {full_key!r} does not exist")
+    return dataclasses.replace(config, **{name: _set(current, parts[1:], raw, full_key, root)})
+  if dataclasses.is_dataclass(current):
+    raise ConfigError(f"{full_key!r} is a section; set one of its keys: "
+                      + ", ".join(f"{full_key}.{k}" for k in config_keys(current)[:8]))
+  value = _coerce(raw, _field_types(type(config))[name], full_key)
+  return dataclasses.replace(config, **{name: value})
+
+
+def apply_overrides(config, overrides: typing.Iterable[str]):
+  """Returns `config` with each "dotted.key=value" applied (parsed by the field's type)."""
+  for override in list(overrides):
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+      raise ConfigError(f"override {override!r} is not of the form dotted.key=value")
+    key = key.strip()
+    config = _set(config, key.split("."), raw, key, config)
+  if callable(validate := getattr(config, "validate", None)):
+    validate()
+  return config
+
+
+def to_dict(config) -> dict:
+  """A JSON-ready dict of the config tree (the run directory's config.json)."""
+  return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def from_dict(cls, data: dict):
+  """Rebuilds a config tree of class `cls` from `to_dict`'s output; unknown keys are errors."""
+  hints = _field_types(cls)
+  names = {field.name for field in dataclasses.fields(cls)}
+  unknown = sorted(set(data) - names)
+  if unknown:
+    raise ConfigError(f"{cls.__name__}: unknown keys {unknown}")
+  values = {}
+  for name, value in data.items():
+    hint = hints[name]
+    if dataclasses.is_dataclass(hint):
+      value = from_dict(hint, value)
+    elif typing.get_origin(hint) is tuple and isinstance(value, list):
+      value = tuple(value)
+    values[name] = value
+  return cls(**values)
+
+
+def load_experiment(path: str | pathlib.Path, arg: str | None = None):
+  """Imports an experiment file and returns its `get_config(arg)`."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ConfigError(f"experiment file {str(path)!r} does not exist")
+  spec = importlib.util.spec_from_file_location(f"rlhf_jax_experiment_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
+    raise ConfigError(f"{path}: an experiment file must define get_config()")
+  config = get_config(arg) if arg is not None else get_config()
+  if not dataclasses.is_dataclass(config) or not hasattr(config, "trainer"):
+    raise ConfigError(f"{path}: get_config() must return a config dataclass with a 'trainer' "
+                      f"field, got {type(config).__name__}")
+  return config

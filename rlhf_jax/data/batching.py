@@ -1,0 +1,206 @@
+"""Tokenised records -> fixed-shape numpy batches, in a seeded order that resumes exactly.
+
+Training batches are right-padded: [prompt | completion | pad]. The sequence length of a batch is
+the smallest bucket that holds its longest row, so a jitted step compiles once per bucket, not once
+per length. `loss_mask` marks completion tokens (the tokens whose log-probs count); prompt and
+padding never reach a loss.
+
+Batch i of a stream is a pure function of (seed, i): epoch e = i // batches_per_epoch reads the
+permutation drawn from (seed, e). Resuming at step i therefore needs only i — no iterator state.
+Every batch carries `weight` [B] (1 for a real example, 0 for the filler that completes the last
+evaluation batch), so evaluation covers every example without a ragged shape.
+
+Pairwise batches put the B chosen rows first and the B rejected rows after them ([2B, L]): the
+policy and the reference each score both in one forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+from rlhf_jax.data.tokenize import (TokenizedPair, TokenizedRanked, TokenizedSFT,
+                                    TokenizedUnpaired)
+
+__all__ = [
+    "default_buckets",
+    "bucket_length",
+    "record_length",
+    "collate_sft",
+    "collate_pairs",
+    "collate_unpaired",
+    "collate_ranked",
+    "COLLATORS",
+    "BatchStream",
+]
+
+
+def default_buckets(max_length: int, num_buckets: int = 4) -> tuple[int, ...]:
+  """max_length / 2^k for k < num_buckets, rounded up to multiples of 8 (and at least 8)."""
+  sizes = {min(max(8, -(-max_length // 2**k // 8) * 8), max_length) for k in range(num_buckets)}
+  return tuple(sorted(sizes | {max_length}))
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+  for bucket in buckets:
+    if length <= bucket:
+      return bucket
+  raise ValueError(f"a row of {length} tokens exceeds the largest bucket {buckets[-1]}")
+
+
+def record_length(record) -> int:
+  """Longest prompt+completion sequence a record puts in a batch."""
+  if isinstance(record, TokenizedSFT):
+    return len(record.prompt) + len(record.completion)
+  if isinstance(record, TokenizedPair):
+    return len(record.prompt) + max(len(record.chosen), len(record.rejected))
+  if isinstance(record, TokenizedUnpaired):
+    return len(record.prompt) + len(record.completion)
+  if isinstance(record, TokenizedRanked):
+    return len(record.prompt) + max(len(c) for c in record.completions)
+  raise TypeError(type(record).__name__)
+
+
+def _rows(pairs, length: int, pad_id: int):
+  """(prompt, completion) id pairs -> right-padded input_ids, attention_mask, loss_mask [N, L]."""
+  n = len(pairs)
+  input_ids = np.full((n, length), pad_id, np.int32)
+  attention_mask = np.zeros((n, length), np.int32)
+  loss_mask = np.zeros((n, length), np.int32)
+  for i, (prompt, completion) in enumerate(pairs):
+    p, c = len(prompt), len(completion)
+    if p + c > length:
+      raise ValueError(f"row of {p + c} tokens does not fit length {length}")
+    input_ids[i, :p] = prompt
+    input_ids[i, p:p + c] = completion
+    attention_mask[i, :p + c] = 1
+    loss_mask[i, p:p + c] = 1
+  loss_mask[:, 0] = 0  # position 0 is never predicted
+  return input_ids, attention_mask, loss_mask
+
+
+def collate_sft(records, length: int, pad_id: int = 0) -> dict:
+  ids, attn, loss = _rows([(r.prompt, r.completion) for r in records], length, pad_id)
+  return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+
+
+def collate_pairs(records, length: int, pad_id: int = 0) -> dict:
+  pairs = [(r.prompt, r.chosen) for r in records] + [(r.prompt, r.rejected) for r in records]
+  ids, attn, loss = _rows(pairs, length, pad_id)
+  return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss,
+          "margin": np.array([r.margin for r in records], np.float32)}
+
+
+def collate_unpaired(records, length: int, pad_id: int = 0) -> dict:
+  """KTO batches, plus the mismatched rows for the KL reference point.
+
+  Row i of the `kl_*` arrays pairs prompt i with the completion of row (i + 1) mod B, so every
+  completion appears once with a prompt it was not written for, for any B >= 2 (odd B included).
+  """
+  ids, attn, loss = _rows([(r.prompt, r.completion) for r in records], length, pad_id)
+  n = len(records)
+  mismatched = [(records[i].prompt, records[(i + 1) % n].completion) for i in range(n)]
+  kl_length = max(length, max(len(p) + len(c) for p, c in mismatched))
+  kl_ids, kl_attn, kl_loss = _rows(mismatched, kl_length, pad_id)
+  if kl_length > length:  # keep one shape: pad the matched rows to the mismatched length
+    ids, attn, loss = _rows([(r.prompt, r.completion) for r in records], kl_length, pad_id)
+  return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss,
+          "label": np.array([r.label for r in records], np.float32),
+          "kl_input_ids": kl_ids, "kl_attention_mask": kl_attn, "kl_loss_mask": kl_loss}
+
+
+def collate_ranked(records, length: int, pad_id: int = 0, num_completions: int | None = None):
+  """K-wise batches: [B·K, L] rows (example-major), ranks [B, K] and rank_mask [B, K]."""
+  k = num_completions or max(len(r.completions) for r in records)
+  pairs, ranks, rank_mask = [], np.zeros((len(records), k), np.int32), np.zeros(
+      (len(records), k), np.int32)
+  for i, record in enumerate(records):
+    if len(record.completions) > k:
+      raise ValueError(f"a row has {len(record.completions)} completions, more than K={k}")
+    for j in range(k):
+      real = j < len(record.completions)
+      # Empty slots repeat the first completion (a valid sequence) and are masked out.
+      pairs.append((record.prompt, record.completions[j if real else 0]))
+      ranks[i, j] = record.ranks[j] if real else 0
+      rank_mask[i, j] = int(real)
+  ids, attn, loss = _rows(pairs, length, pad_id)
+  return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "ranks": ranks,
+          "rank_mask": rank_mask}
+
+
+COLLATORS: dict[type, Callable] = {
+    TokenizedSFT: collate_sft,
+    TokenizedPair: collate_pairs,
+    TokenizedUnpaired: collate_unpaired,
+    TokenizedRanked: collate_ranked,
+}
+
+
+@dataclasses.dataclass
+class BatchStream:
+  """Seeded, stateless batches over a list of records (see the module docstring)."""
+  records: list
+  batch_size: int
+  max_length: int
+  pad_id: int = 0
+  seed: int = 0
+  shuffle: bool = True
+  buckets: tuple[int, ...] | None = None
+  group_by_length: bool = True  # sort within windows of 32 batches, then shuffle the batches
+
+  def __post_init__(self):
+    if not self.records:
+      raise ValueError("no records to batch")
+    if self.batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+    if len(self.records) < self.batch_size:
+      raise ValueError(f"{len(self.records)} examples cannot fill one batch of "
+                       f"{self.batch_size}; lower the batch size or add data")
+    self.buckets = tuple(self.buckets or default_buckets(self.max_length))
+    self.collate = COLLATORS[type(self.records[0])]
+    self.lengths = np.array([record_length(r) for r in self.records])
+
+  @property
+  def batches_per_epoch(self) -> int:
+    return len(self.records) // self.batch_size
+
+  def _order(self, epoch: int) -> np.ndarray:
+    n = len(self.records)
+    if not self.shuffle:
+      return np.arange(n)
+    rng = np.random.default_rng([self.seed, epoch])
+    order = rng.permutation(n)[: self.batches_per_epoch * self.batch_size]
+    if self.group_by_length:
+      window = 32 * self.batch_size
+      for start in range(0, len(order), window):
+        chunk = order[start:start + window]
+        order[start:start + window] = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+      batches = order.reshape(-1, self.batch_size)
+      order = batches[rng.permutation(len(batches))].reshape(-1)
+    return order
+
+  def _collate(self, indices, weight) -> dict:
+    records = [self.records[i] for i in indices]
+    length = bucket_length(int(self.lengths[indices].max()), self.buckets)
+    batch = self.collate(records, length, self.pad_id)
+    batch["weight"] = weight
+    return batch
+
+  def batch(self, index: int) -> dict:
+    """Training batch number `index` (0-based, counting across epochs)."""
+    epoch, k = divmod(index, self.batches_per_epoch)
+    indices = self._order(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
+    return self._collate(indices, np.ones(self.batch_size, np.float32))
+
+  def epoch(self):
+    """Every record once, in order; the last batch is completed with zero-weight filler."""
+    n = len(self.records)
+    for start in range(0, n, self.batch_size):
+      indices = np.arange(start, min(start + self.batch_size, n))
+      weight = np.ones(self.batch_size, np.float32)
+      if len(indices) < self.batch_size:
+        weight[len(indices):] = 0
+        indices = np.concatenate([indices, np.zeros(self.batch_size - len(indices), int)])
+      yield self._collate(indices, weight)

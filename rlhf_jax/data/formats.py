@@ -1,0 +1,268 @@
+"""Rows -> normalised examples: the dataset formats users already have (TRL's conventions).
+
+Text is either plain (`str`) or conversational (a tuple of `{"role", "content"}` messages). Every
+format that carries the same content normalises to the same example, so a dataset can be written
+in whichever form is at hand:
+
+  SFT         {"text"} | {"prompt", "completion"} | {"messages"}
+  pairwise    {"prompt", "chosen", "rejected"} (optional "margin")
+              | {"chosen", "rejected"} sharing a prefix (implicit prompt)
+              | either with message lists (conversational)
+              | Anthropic HH text ("\\n\\nHuman: ... \\n\\nAssistant: ...", turned into messages)
+  unpaired    {"prompt", "completion", "label"} (KTO; label is a bool)
+  ranked      {"prompt", "completions", "ranks"} (rank 0 is best; equal ranks are ties)
+
+Errors name the source, the row and the field, and say what was expected (`DataError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Union
+
+__all__ = [
+    "DataError",
+    "Messages",
+    "Text",
+    "SFTExample",
+    "PairExample",
+    "UnpairedExample",
+    "RankedExample",
+    "normalize_sft",
+    "normalize_pair",
+    "normalize_unpaired",
+    "normalize_ranked",
+    "NORMALIZERS",
+    "parse_hh",
+]
+
+Messages = tuple  # tuple of {"role": str, "content": str} dicts
+Text = Union[str, Messages]
+
+
+class DataError(ValueError):
+  """A row that cannot become an example: says where (source, row, field) and what was expected."""
+
+  def __init__(self, source: str, row: int | None, field: str | None, message: str):
+    where = source if row is None else f"{source}, row {row}"
+    where += f", field {field!r}" if field else ""
+    super().__init__(f"{where}: {message}")
+    self.source, self.row, self.field = source, row, field
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTExample:
+  prompt: Text  # "" for plain text: the loss then covers every token
+  completion: Text
+
+
+@dataclasses.dataclass(frozen=True)
+class PairExample:
+  prompt: Text
+  chosen: Text
+  rejected: Text
+  margin: float | None = None  # optional preference strength for Bradley-Terry with margin
+
+
+@dataclasses.dataclass(frozen=True)
+class UnpairedExample:
+  prompt: Text
+  completion: Text
+  label: bool  # True: desirable
+
+
+@dataclasses.dataclass(frozen=True)
+class RankedExample:
+  prompt: Text
+  completions: tuple
+  ranks: tuple  # ints, 0 is best
+
+
+class _Row:
+  """A row plus where it came from, for error messages."""
+
+  def __init__(self, row: Any, source: str, index: int):
+    if not isinstance(row, dict):
+      raise DataError(source, index, None, f"expected a mapping of fields, got {type(row).__name__}")
+    self.row, self.source, self.index = row, source, index
+
+  def error(self, field, message):
+    return DataError(self.source, self.index, field, message)
+
+  def has(self, field):
+    return self.row.get(field) is not None
+
+  def get(self, field, kind: str):
+    """Reads a field that must be text ("str", "messages" or "text": either)."""
+    if not self.has(field):
+      raise self.error(field, f"missing (expected {_KIND_NAMES[kind]})")
+    return self.coerce(self.row[field], field, kind)
+
+  def coerce(self, value, field, kind):
+    if kind in ("str", "text") and isinstance(value, str):
+      return value
+    if kind in ("messages", "text") and isinstance(value, (list, tuple)):
+      return self.messages(value, field)
+    raise self.error(field, f"expected {_KIND_NAMES[kind]}, got {type(value).__name__}")
+
+  def messages(self, value, field) -> Messages:
+    out = []
+    for i, message in enumerate(value):
+      if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+              and isinstance(message.get("content"), str)):
+        raise self.error(field, f"message {i} must be {{'role': str, 'content': str}}, "
+                                f"got {message!r}"[:300])
+      out.append({"role": message["role"], "content": message["content"]})
+    if not out:
+      raise self.error(field, "empty message list")
+    return tuple(out)
+
+
+_KIND_NAMES = {
+    "str": "a string",
+    "messages": "a list of {role, content} messages",
+    "text": "a string or a list of {role, content} messages",
+}
+
+
+def _check_nonempty(row: _Row, field: str, text: Text):
+  if isinstance(text, str):
+    empty = not text.strip()
+  else:
+    empty = not any(m["content"].strip() for m in text)
+  if empty:
+    raise row.error(field, "empty response (nothing to train on)")
+
+
+def _check_same_kind(row: _Row, fields: dict):
+  kinds = {name: isinstance(value, str) for name, value in fields.items() if value != ""}
+  if len(set(kinds.values())) > 1:
+    described = ", ".join(f"{k}: {'string' if v else 'messages'}" for k, v in kinds.items())
+    raise row.error(None, f"fields mix plain strings and message lists ({described}); "
+                          "use one form per row")
+
+
+def normalize_sft(raw, source: str = "<rows>", index: int = 0) -> SFTExample:
+  row = _Row(raw, source, index)
+  if row.has("messages"):
+    messages = row.get("messages", "messages")
+    if messages[-1]["role"] != "assistant":
+      raise row.error("messages", f"the last message must be the assistant's response, got role "
+                                  f"{messages[-1]['role']!r}")
+    example = SFTExample(prompt=messages[:-1], completion=messages[-1:])
+  elif row.has("prompt") or row.has("completion"):
+    example = SFTExample(prompt=row.get("prompt", "text"), completion=row.get("completion", "text"))
+    _check_same_kind(row, {"prompt": example.prompt, "completion": example.completion})
+  elif row.has("text"):
+    example = SFTExample(prompt="", completion=row.get("text", "str"))
+  else:
+    raise row.error(None, f"no SFT fields: expected 'text', 'prompt'+'completion' or 'messages'; "
+                          f"the row has {sorted(row.row)}")
+  _check_nonempty(row, "completion" if not row.has("text") else "text", example.completion)
+  return example
+
+
+# Anthropic HH: "\n\nHuman: ...\n\nAssistant: ..." turns.
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def parse_hh(text: str) -> Messages | None:
+  """Parses Anthropic HH text into messages; None when the text is not in that format."""
+  if not text.startswith("\n\nHuman: "):
+    return None
+  parts = _HH_TURN.split(text)
+  roles = {"Human": "user", "Assistant": "assistant"}
+  messages = tuple({"role": roles[parts[i]], "content": parts[i + 1].strip()}
+                   for i in range(1, len(parts), 2))
+  return messages
+
+
+def _split_common_prefix(row: _Row, chosen: Text, rejected: Text):
+  """(prompt, chosen_completion, rejected_completion) for rows without an explicit prompt."""
+  _check_same_kind(row, {"chosen": chosen, "rejected": rejected})
+  if isinstance(chosen, str):
+    chosen_hh, rejected_hh = parse_hh(chosen), parse_hh(rejected)
+    if chosen_hh is None or rejected_hh is None:
+      common = 0
+      for a, b in zip(chosen, rejected):
+        if a != b:
+          break
+        common += 1
+      # Cut before the whitespace that starts the diverging word: BPE tokenisers attach the space
+      # to the next word, so " no" stays one completion token instead of "" + " no".
+      cut = max(chosen.rfind(" ", 0, common + 1), chosen.rfind("\n", 0, common + 1), 0)
+      if cut == 0:
+        raise row.error("chosen", "no 'prompt' field and chosen/rejected share no prefix to use "
+                                  "as the prompt")
+      return chosen[:cut], chosen[cut:], rejected[cut:]
+    chosen, rejected = chosen_hh, rejected_hh  # HH text becomes messages
+  common = 0
+  for a, b in zip(chosen, rejected):
+    if a != b:
+      break
+    common += 1
+  # The prompt ends after the last shared non-assistant turn; each completion is what follows.
+  while common > 0 and chosen[common - 1]["role"] == "assistant":
+    common -= 1
+  if common == 0:
+    raise row.error("chosen", "no 'prompt' field and chosen/rejected share no leading messages")
+  return chosen[:common], chosen[common:], rejected[common:]
+
+
+def normalize_pair(raw, source: str = "<rows>", index: int = 0) -> PairExample:
+  row = _Row(raw, source, index)
+  chosen, rejected = row.get("chosen", "text"), row.get("rejected", "text")
+  if row.has("prompt"):
+    prompt = row.get("prompt", "text")
+    _check_same_kind(row, {"prompt": prompt, "chosen": chosen, "rejected": rejected})
+  else:
+    prompt, chosen, rejected = _split_common_prefix(row, chosen, rejected)
+  _check_nonempty(row, "chosen", chosen)
+  _check_nonempty(row, "rejected", rejected)
+  if chosen == rejected:
+    raise row.error("rejected", "chosen and rejected are identical (no preference to learn)")
+  margin = raw.get("margin")
+  if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+    raise row.error("margin", f"expected a number, got {type(margin).__name__}")
+  return PairExample(prompt, chosen, rejected, None if margin is None else float(margin))
+
+
+def normalize_unpaired(raw, source: str = "<rows>", index: int = 0) -> UnpairedExample:
+  row = _Row(raw, source, index)
+  prompt, completion = row.get("prompt", "text"), row.get("completion", "text")
+  _check_same_kind(row, {"prompt": prompt, "completion": completion})
+  _check_nonempty(row, "completion", completion)
+  if not row.has("label"):
+    raise row.error("label", "missing (expected a bool: true = desirable)")
+  label = raw["label"]
+  if not isinstance(label, bool):
+    raise row.error("label", f"expected a bool (true = desirable), got {label!r}")
+  return UnpairedExample(prompt, completion, label)
+
+
+def normalize_ranked(raw, source: str = "<rows>", index: int = 0) -> RankedExample:
+  row = _Row(raw, source, index)
+  prompt = row.get("prompt", "text")
+  completions, ranks = raw.get("completions"), raw.get("ranks")
+  if not isinstance(completions, (list, tuple)) or len(completions) < 2:
+    raise row.error("completions", f"expected a list of at least 2 responses, got {completions!r}"
+                    [:300])
+  completions = tuple(row.coerce(c, "completions", "text") for c in completions)
+  for completion in completions:
+    _check_nonempty(row, "completions", completion)
+  if (not isinstance(ranks, (list, tuple)) or len(ranks) != len(completions)
+      or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks)):
+    raise row.error("ranks", f"expected {len(completions)} non-negative ints (one per completion, "
+                             f"0 = best), got {ranks!r}"[:300])
+  if len(set(ranks)) < 2:
+    raise row.error("ranks", "all completions tied: no ordered pair to learn from")
+  return RankedExample(prompt, completions, tuple(ranks))
+
+
+NORMALIZERS = {
+    "sft": normalize_sft,
+    "pair": normalize_pair,
+    "unpaired": normalize_unpaired,
+    "ranked": normalize_ranked,
+}

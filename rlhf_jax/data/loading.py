@@ -1,0 +1,168 @@
+"""Sources -> rows -> tokenised records, with bad rows reported (or skipped and counted).
+
+A source is a `datasets.Dataset`, a local JSON / JSONL / Parquet / CSV file, a directory saved
+with `Dataset.save_to_disk`, a Hugging Face hub id (loaded with `datasets.load_dataset`), or
+"synthetic:<kind>" for the embedded task. Rows always pass through `datasets`; when Arrow cannot
+even parse a local JSON file (a field whose type changes between rows), the file is re-read line
+by line so the error names the row and field instead of Arrow's column.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import pathlib
+from typing import Any
+
+from rlhf_jax.data import formats, synthetic, tokenize
+
+__all__ = ["DatasetStats", "load_rows", "prepare", "KINDS"]
+
+log = logging.getLogger(__name__)
+
+# kind -> the normaliser for its rows
+KINDS = formats.NORMALIZERS
+
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclasses.dataclass
+class DatasetStats:
+  source: str
+  rows: int = 0
+  kept: int = 0
+  truncated: int = 0
+  skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+  def summary(self) -> str:
+    skipped = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
+    return (f"{self.source}: {self.kept}/{self.rows} rows kept; truncated {self.truncated}; "
+            f"skipped: {skipped}")
+
+
+def _locate_json_error(path: pathlib.Path, original: Exception):
+  """Re-reads a JSON(L) file Arrow rejected, to name the row and field at fault."""
+  text = path.read_text()
+  try:
+    rows = json.loads(text) if path.suffix == ".json" and text.lstrip()[:1] == "[" else None
+  except json.JSONDecodeError as err:
+    raise formats.DataError(str(path), None, None, f"invalid JSON: {err}") from original
+  if rows is None:
+    rows = []
+    for line_number, line in enumerate(text.splitlines(), 1):
+      if not line.strip():
+        continue
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError as err:
+        raise formats.DataError(str(path), len(rows), None,
+                                f"line {line_number} is not valid JSON: {err}") from original
+  types: dict[str, tuple[str, int]] = {}
+  for index, row in enumerate(rows):
+    if not isinstance(row, dict):
+      raise formats.DataError(str(path), index, None,
+                              f"expected a JSON object, got {type(row).__name__}") from original
+    for key, value in row.items():
+      kind = type(value).__name__
+      if value is not None and key in types and types[key][0] != kind:
+        first_kind, first_row = types[key]
+        raise formats.DataError(
+            str(path), index, key, f"is a {kind}, but row {first_row} has a {first_kind}: every "
+            "row must use the same type for a field") from original
+      if value is not None:
+        types.setdefault(key, (kind, index))
+  raise formats.DataError(str(path), None, None, f"datasets could not load it: {original}")
+
+
+def load_rows(source: Any, *, split: str = "train", kind: str | None = None, num_rows=None):
+  """Returns (rows, name): an indexable sequence of dict rows and a name for error messages."""
+  import datasets
+
+  if isinstance(source, datasets.Dataset):
+    return source, getattr(source, "info", None) and source.info.dataset_name or "<Dataset>"
+  if isinstance(source, (list, tuple)):
+    return datasets.Dataset.from_list(list(source)), "<rows>"
+  source = str(source)
+  if source.startswith("synthetic:"):
+    return _synthetic_rows(source, kind, num_rows), source
+  path = pathlib.Path(source)
+  if path.is_dir() and (path / "dataset_info.json").exists():
+    return datasets.load_from_disk(str(path)), source
+  if path.suffix in _FILE_BUILDERS:
+    if not path.exists():
+      raise FileNotFoundError(f"data file {source!r} does not exist")
+    try:
+      return datasets.load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path),
+                                   split="train"), source
+    except Exception as err:  # Arrow's schema errors come wrapped in several types
+      if _FILE_BUILDERS[path.suffix] == "json":
+        _locate_json_error(path, err)
+      raise formats.DataError(source, None, None, f"datasets could not load it: {err}") from err
+  if path.exists():
+    raise ValueError(f"{source!r}: unsupported data file type {path.suffix!r}; use one of "
+                     f"{sorted(_FILE_BUILDERS)} or a saved Dataset directory")
+  return datasets.load_dataset(source, split=split), source  # a hub id
+
+
+def _synthetic_rows(source: str, kind: str | None, num_rows):
+  """'synthetic:<kind>[:seed]' -> rows of the embedded task (kind: sft | pair | unpaired | ranked)."""
+  import datasets
+
+  parts = source.split(":")
+  task = synthetic.SyntheticTask(seed=int(parts[2]) if len(parts) > 2 else 0)
+  which = parts[1] if len(parts) > 1 and parts[1] else kind
+  n = num_rows or 2048
+  makers = {"sft": task.sft_rows, "pair": task.preference_rows,
+            "unpaired": task.unpaired_rows, "ranked": task.ranked_rows}
+  if which not in makers:
+    raise ValueError(f"{source!r}: synthetic kind must be one of {sorted(makers)}")
+  return datasets.Dataset.from_list(makers[which](n))
+
+
+def prepare(kind: str, source: Any, tokenizer, config: tokenize.TokenizeConfig, *,
+            on_bad_row: str = "raise", split: str = "train", num_rows: int | None = None,
+            rows=None):
+  """Loads, normalises and tokenises a dataset. Returns (records, DatasetStats).
+
+  on_bad_row: "raise" stops at the first bad row with a DataError naming source, row and field;
+  "skip" drops it and counts it by reason (logged, and in the returned stats). Never silent.
+  """
+  if kind not in KINDS:
+    raise ValueError(f"unknown data kind {kind!r}; expected one of {sorted(KINDS)}")
+  if on_bad_row not in ("raise", "skip"):
+    raise ValueError(f"on_bad_row must be 'raise' or 'skip', got {on_bad_row!r}")
+  if rows is None:
+    rows, name = load_rows(source, split=split, kind=kind, num_rows=num_rows)
+  else:
+    name = str(source)
+  stats = DatasetStats(source=name)
+  normalize = KINDS[kind]
+  records = []
+  for index, row in enumerate(rows):
+    stats.rows += 1
+    try:
+      example = normalize(row, name, index)
+      record = tokenize.tokenize_example(example, tokenizer, config, name, index)
+    except formats.DataError as err:
+      if on_bad_row == "raise":
+        raise
+      stats.skipped[_reason(err)] += 1
+      log.warning("skipping bad row: %s", err)
+      continue
+    except tokenize.SkipRow as skip:
+      stats.skipped[str(skip)] += 1
+      continue
+    stats.truncated += int(record.truncated)
+    records.append(record)
+  stats.kept = len(records)
+  if not records:
+    raise formats.DataError(name, None, None, f"no usable rows ({stats.summary()})")
+  log.info("data %s", stats.summary())
+  return records, stats
+
+
+def _reason(err: formats.DataError) -> str:
+  message = str(err).split(": ", 1)[-1]
+  return f"{err.field or 'row'}: {message.split(' (')[0][:60]}"

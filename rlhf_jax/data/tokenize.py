@@ -1,0 +1,186 @@
+"""Examples -> token arrays, with a `transformers` tokenizer and its chat template.
+
+The prompt and each completion are tokenised separately and concatenated, so the boundary between
+them is exact (a merge across the boundary can never move a prompt token into the loss). For
+conversational examples the chat template renders prompt + completion; the completion text is what
+the full rendering adds after the prompt rendered with the generation prompt.
+
+BOS: added once, only if the tokenizer adds one by default and the rendered prompt does not already
+start with it (chat templates often include it: no double BOS). EOS: appended to plain-text
+completions that do not end with it; conversational completions end with the template's own
+end-of-turn text.
+
+Truncation, one rule for every completion of a row: the prompt is cut to `max_prompt_length` (its
+start is dropped; the end, next to the response, is kept); every completion gets the same budget
+`max_length - len(prompt)`, and a completion over budget is cut (counted), or the row skipped or
+rejected, as `on_overflow` says. A prompt that alone leaves no room is a bad row. A cut prompt keeps its BOS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+from rlhf_jax.data.formats import (DataError, PairExample, RankedExample, SFTExample, Text,
+                                   UnpairedExample)
+
+__all__ = [
+    "TokenizeConfig",
+    "TokenizedSFT",
+    "TokenizedPair",
+    "TokenizedUnpaired",
+    "TokenizedRanked",
+    "encode_text",
+    "render",
+    "tokenize_example",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeConfig:
+  max_length: int = 512  # prompt + completion tokens
+  max_prompt_length: int | None = None  # None: prompts are never cut (too long -> bad row)
+  on_overflow: str = "truncate"  # completion over budget: "truncate" | "skip" | "error"
+
+  def __post_init__(self):
+    if self.on_overflow not in ("truncate", "skip", "error"):
+      raise ValueError(f"on_overflow must be 'truncate', 'skip' or 'error', got "
+                       f"{self.on_overflow!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedSFT:
+  prompt: np.ndarray  # int32 [P]
+  completion: np.ndarray  # int32 [C]
+  truncated: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedPair:
+  prompt: np.ndarray
+  chosen: np.ndarray
+  rejected: np.ndarray
+  margin: float = 0.0
+  truncated: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedUnpaired:
+  prompt: np.ndarray
+  completion: np.ndarray
+  label: bool
+  truncated: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedRanked:
+  prompt: np.ndarray
+  completions: tuple  # of int32 arrays
+  ranks: tuple
+  truncated: bool = False
+
+
+class SkipRow(Exception):
+  """Raised for a row that `on_overflow="skip"` drops; carries the reason for the counts."""
+
+
+@functools.lru_cache(maxsize=32)
+def _special_ids(tokenizer):
+  bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+  with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+  without = tokenizer("x", add_special_tokens=False)["input_ids"]
+  adds_bos = bos is not None and with_special[:1] == [bos] and without[:1] != [bos]
+  return (bos if adds_bos else None), eos
+
+
+def render(tokenizer, prompt: Text, completion: Text) -> tuple[str, str]:
+  """Prompt and completion as the strings the model sees (chat template for messages)."""
+  if isinstance(prompt, str) and isinstance(completion, str):
+    return prompt, completion
+  if tokenizer.chat_template is None:
+    raise ValueError("conversational data needs a tokenizer with a chat template "
+                     "(tokenizer.chat_template is None)")
+  prompt_text = tokenizer.apply_chat_template(list(prompt), tokenize=False,
+                                              add_generation_prompt=True)
+  full_text = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
+  if not full_text.startswith(prompt_text):
+    raise ValueError("the chat template does not render the prompt as a prefix of the full "
+                     f"conversation:\nprompt:  {prompt_text!r}\nfull:    {full_text!r}")
+  return prompt_text, full_text[len(prompt_text):]
+
+
+def encode_text(tokenizer, text: str) -> np.ndarray:
+  return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+
+
+def _encode(tokenizer, prompt: Text, completions: list[Text]):
+  bos, eos = _special_ids(tokenizer)
+  texts = [render(tokenizer, prompt, completion) for completion in completions]
+  prompt_ids = encode_text(tokenizer, texts[0][0])
+  if bos is not None and (prompt_ids.size == 0 or prompt_ids[0] != bos):
+    prompt_ids = np.concatenate([[bos], prompt_ids]).astype(np.int32)
+  completion_ids = []
+  for (_, completion_text), completion in zip(texts, completions):
+    ids = encode_text(tokenizer, completion_text)
+    if isinstance(completion, str) and eos is not None and (ids.size == 0 or ids[-1] != eos):
+      ids = np.concatenate([ids, [eos]]).astype(np.int32)
+    completion_ids.append(ids)
+  return prompt_ids, completion_ids, bos
+
+
+def _truncate(prompt_ids, completion_ids, config: TokenizeConfig, where, bos=None):
+  """Applies the one truncation rule to a prompt and all its completions."""
+  source, row = where
+  if config.max_prompt_length is not None and len(prompt_ids) > config.max_prompt_length:
+    keep_bos = bos is not None and prompt_ids[0] == bos  # the BOS survives; the start goes
+    tail = prompt_ids[len(prompt_ids) - config.max_prompt_length + keep_bos:]
+    prompt_ids = np.concatenate([[bos], tail]).astype(np.int32) if keep_bos else tail
+  budget = config.max_length - len(prompt_ids)
+  if budget <= 0:
+    raise DataError(source, row, "prompt",
+                    f"the prompt alone is {len(prompt_ids)} tokens, leaving no room for a response "
+                    f"within max_length={config.max_length} (set data.max_prompt_length to cut "
+                    f"prompts, or raise data.max_length)")
+  longest = max(len(ids) for ids in completion_ids)
+  truncated = longest > budget
+  if truncated:
+    if config.on_overflow == "error":
+      raise DataError(source, row, None,
+                      f"prompt ({len(prompt_ids)}) + response ({longest}) tokens exceed "
+                      f"max_length={config.max_length} (data.on_overflow='error')")
+    if config.on_overflow == "skip":
+      raise SkipRow("over max_length")
+    completion_ids = [ids[:budget] for ids in completion_ids]
+  return prompt_ids, completion_ids, truncated
+
+
+def tokenize_example(example, tokenizer, config: TokenizeConfig, source="<rows>", row=0):
+  """One normalised example -> its tokenised record (DataError / SkipRow for bad rows)."""
+  where = (source, row)
+
+  def encode_and_truncate(prompt, completions):
+    prompt_ids, completion_ids, bos = _encode(tokenizer, prompt, completions)
+    return _truncate(prompt_ids, completion_ids, config, where, bos)
+
+  if isinstance(example, SFTExample):
+    prompt, (completion,), truncated = encode_and_truncate(
+        example.prompt, [example.completion])
+    return TokenizedSFT(prompt, completion, truncated)
+  if isinstance(example, PairExample):
+    prompt, (chosen, rejected), truncated = encode_and_truncate(
+        example.prompt, [example.chosen, example.rejected])
+    if np.array_equal(chosen, rejected):
+      raise DataError(source, row, "rejected", "chosen and rejected are identical after "
+                      f"truncation to max_length={config.max_length}: no preference left")
+    return TokenizedPair(prompt, chosen, rejected, example.margin or 0.0, truncated)
+  if isinstance(example, UnpairedExample):
+    prompt, (completion,), truncated = encode_and_truncate(
+        example.prompt, [example.completion])
+    return TokenizedUnpaired(prompt, completion, example.label, truncated)
+  if isinstance(example, RankedExample):
+    prompt, completions, truncated = encode_and_truncate(
+        example.prompt, list(example.completions))
+    return TokenizedRanked(prompt, tuple(completions), example.ranks, truncated)
+  raise TypeError(f"not an example: {type(example).__name__}")

@@ -1,0 +1,93 @@
+"""Batches: fixed bucket shapes, masks, seeded resumable order, full evaluation coverage."""
+
+import numpy as np
+import pytest
+
+from rlhf_jax.data import BatchStream, TokenizeConfig, default_buckets, prepare
+from rlhf_jax.data.batching import collate_unpaired
+
+
+@pytest.fixture(scope="module")
+def pair_records(word_tokenizer):
+  records, _ = prepare("pair", "synthetic:pair", word_tokenizer, TokenizeConfig(max_length=48),
+                       num_rows=64)
+  return records
+
+
+def test_default_buckets():
+  assert default_buckets(1024) == (128, 256, 512, 1024)
+  assert default_buckets(48) == (8, 16, 24, 48)
+  assert default_buckets(10) == (8, 10)
+
+
+def test_pair_batch_layout_and_masks(pair_records):
+  stream = BatchStream(pair_records, batch_size=4, max_length=48, seed=0)
+  batch = stream.batch(0)
+  ids, attn, loss = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+  assert ids.shape[0] == 8 and ids.shape[1] in stream.buckets
+  order = stream._order(0)[:4]
+  for i, index in enumerate(order):
+    record = pair_records[index]
+    for row, completion in ((i, record.chosen), (i + 4, record.rejected)):
+      p, c = len(record.prompt), len(completion)
+      np.testing.assert_array_equal(ids[row, :p + c], np.concatenate([record.prompt, completion]))
+      assert attn[row].sum() == p + c and attn[row, :p + c].all()
+      # The loss sees exactly the completion: never the prompt, never padding.
+      assert loss[row, :p].sum() == 0 and loss[row, p:p + c].all() and loss[row, p + c:].sum() == 0
+
+
+def test_order_is_a_pure_function_of_seed_and_step(pair_records):
+  a = BatchStream(pair_records, batch_size=4, max_length=48, seed=1)
+  b = BatchStream(pair_records, batch_size=4, max_length=48, seed=1)
+  c = BatchStream(pair_records, batch_size=4, max_length=48, seed=2)
+  for step in (0, 5, 17, 40):  # 16 batches per epoch: 17 and 40 are in later epochs
+    for key in a.batch(step):
+      np.testing.assert_array_equal(a.batch(step)[key], b.batch(step)[key])
+  assert not np.array_equal(a.batch(0)["input_ids"][:, :8], c.batch(0)["input_ids"][:, :8])
+  # Every example appears exactly once per epoch.
+  seen = np.concatenate([a._order(1)])
+  assert sorted(seen.tolist()) == list(range(64))
+
+
+def test_shapes_stay_within_the_buckets(pair_records):
+  stream = BatchStream(pair_records, batch_size=4, max_length=48, seed=0)
+  lengths = {stream.batch(i)["input_ids"].shape for i in range(32)}
+  assert {shape[1] for shape in lengths} <= set(stream.buckets)
+
+
+def test_epoch_covers_every_example_once_with_weights(pair_records):
+  stream = BatchStream(pair_records[:10], batch_size=4, max_length=48, shuffle=False)
+  batches = list(stream.epoch())
+  assert len(batches) == 3
+  weights = np.concatenate([b["weight"] for b in batches])
+  np.testing.assert_array_equal(weights, [1] * 10 + [0, 0])
+
+
+def test_unpaired_mismatched_rows_for_odd_batch_sizes(word_tokenizer):
+  records, _ = prepare("unpaired", "synthetic:unpaired", word_tokenizer,
+                       TokenizeConfig(max_length=48), num_rows=5)
+  batch = collate_unpaired(records, 48)
+  for i in range(5):  # prompt i with completion (i + 1) mod 5: every completion used once
+    r, nxt = records[i], records[(i + 1) % 5]
+    p, c = len(r.prompt), len(nxt.completion)
+    np.testing.assert_array_equal(batch["kl_input_ids"][i, :p + c],
+                                  np.concatenate([r.prompt, nxt.completion]))
+    assert batch["kl_loss_mask"][i, p:p + c].all() and batch["kl_loss_mask"][i].sum() == c
+  assert batch["input_ids"].shape == batch["kl_input_ids"].shape
+
+
+def test_ranked_batches_pad_missing_slots(word_tokenizer):
+  rows = [{"prompt": "review the cafe", "completions": ["the food is ok .", "the food is bad .",
+                                                        "the staff is good ."], "ranks": [1, 2, 0]},
+          {"prompt": "review the show", "completions": ["the plot is ok .", "the plot is bad ."],
+           "ranks": [0, 1]}]
+  records, _ = prepare("ranked", rows, word_tokenizer, TokenizeConfig(max_length=32))
+  batch = BatchStream(records, batch_size=2, max_length=32, shuffle=False).batch(0)
+  assert batch["input_ids"].shape[0] == 6
+  np.testing.assert_array_equal(batch["ranks"], [[1, 2, 0], [0, 1, 0]])
+  np.testing.assert_array_equal(batch["rank_mask"], [[1, 1, 1], [1, 1, 0]])
+
+
+def test_too_few_examples_for_a_batch_is_an_error(pair_records):
+  with pytest.raises(ValueError, match="cannot fill one batch"):
+    BatchStream(pair_records[:3], batch_size=4, max_length=48)

@@ -1,0 +1,86 @@
+"""Every row format normalises to the same examples; every kind of bad row gets its error."""
+
+import pytest
+
+from rlhf_jax.data import formats
+from rlhf_jax.data.formats import DataError, PairExample, SFTExample
+
+USER = {"role": "user", "content": "What is 2+2?"}
+GOOD = {"role": "assistant", "content": "4"}
+BAD = {"role": "assistant", "content": "5"}
+
+
+def test_sft_formats_agree():
+  from_messages = formats.normalize_sft({"messages": [USER, GOOD]})
+  from_prompt_completion = formats.normalize_sft({"prompt": [USER], "completion": [GOOD]})
+  assert from_messages == from_prompt_completion == SFTExample((USER,), (GOOD,))
+  assert formats.normalize_sft({"text": "hello"}) == SFTExample("", "hello")
+  assert formats.normalize_sft({"prompt": "Q:", "completion": " A"}) == SFTExample("Q:", " A")
+
+
+def test_pair_string_formats_agree():
+  explicit = formats.normalize_pair(
+      {"prompt": "The answer is", "chosen": " yes", "rejected": " no"})
+  implicit = formats.normalize_pair({"chosen": "The answer is yes", "rejected": "The answer is no"})
+  assert explicit == implicit == PairExample("The answer is", " yes", " no")
+
+
+def test_pair_conversational_formats_agree():
+  explicit = formats.normalize_pair({"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]})
+  implicit = formats.normalize_pair({"chosen": [USER, GOOD], "rejected": [USER, BAD]})
+  hh = formats.normalize_pair({"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4",
+                               "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: 5"})
+  assert explicit == implicit == hh == PairExample((USER,), (GOOD,), (BAD,))
+
+
+def test_hh_multi_turn_keeps_the_history_in_the_prompt():
+  text = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: 2+2?\n\nAssistant: "
+  example = formats.normalize_pair({"chosen": text + "4", "rejected": text + "5"})
+  assert [m["role"] for m in example.prompt] == ["user", "assistant", "user"]
+  assert example.chosen == ({"role": "assistant", "content": "4"},)
+
+
+def test_pair_margin_and_unpaired_and_ranked():
+  assert formats.normalize_pair({"prompt": "p", "chosen": "a", "rejected": "b",
+                                 "margin": 2}).margin == 2.0
+  unpaired = formats.normalize_unpaired({"prompt": "p", "completion": "a", "label": False})
+  assert unpaired.label is False
+  ranked = formats.normalize_ranked({"prompt": "p", "completions": ["a", "b", "c"],
+                                     "ranks": [1, 0, 1]})
+  assert ranked.completions == ("a", "b", "c") and ranked.ranks == (1, 0, 1)
+
+
+@pytest.mark.parametrize("row, field, message", [
+    ({"prompt": "p", "chosen": "a"}, "rejected", "missing"),
+    ({"prompt": "p", "chosen": "a", "rejected": None}, "rejected", "missing"),
+    ({"prompt": "p", "chosen": "a", "rejected": 3}, "rejected", "expected a string or a list"),
+    ({"prompt": "p", "chosen": "  ", "rejected": "b"}, "chosen", "empty response"),
+    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "rejected", "identical"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}, "margin", "number"),
+    ({"prompt": [USER], "chosen": "a", "rejected": "b"}, None, "mix plain strings"),
+    ({"prompt": [{"role": "user"}], "chosen": [GOOD], "rejected": [BAD]}, "prompt", "message 0"),
+])
+def test_bad_pair_rows_name_source_row_and_field(row, field, message):
+  with pytest.raises(DataError, match=message) as info:
+    formats.normalize_pair(row, "prefs.jsonl", 7)
+  assert str(info.value).startswith("prefs.jsonl, row 7")
+  assert info.value.field == field
+
+
+@pytest.mark.parametrize("normalize, row, field, message", [
+    (formats.normalize_sft, {"messages": [USER]}, "messages", "last message"),
+    (formats.normalize_sft, {"input": "x"}, None, "no SFT fields"),
+    (formats.normalize_sft, {"prompt": "p", "completion": ""}, "completion", "empty"),
+    (formats.normalize_unpaired, {"prompt": "p", "completion": "a", "label": 1}, "label", "bool"),
+    (formats.normalize_unpaired, {"prompt": "p", "completion": "a"}, "label", "missing"),
+    (formats.normalize_ranked, {"prompt": "p", "completions": ["a"], "ranks": [0]},
+     "completions", "at least 2"),
+    (formats.normalize_ranked, {"prompt": "p", "completions": ["a", "b"], "ranks": [0]},
+     "ranks", "non-negative ints"),
+    (formats.normalize_ranked, {"prompt": "p", "completions": ["a", "b"], "ranks": [1, 1]},
+     "ranks", "tied"),
+])
+def test_bad_rows_of_other_kinds(normalize, row, field, message):
+  with pytest.raises(DataError, match=message) as info:
+    normalize(row, "data.jsonl", 2)
+  assert info.value.field == field and info.value.row == 2

@@ -1,0 +1,133 @@
+"""Sources through `datasets`: files, Dataset objects, synthetic; bad rows raise or are counted."""
+
+import json
+
+import datasets
+import pytest
+
+from rlhf_jax.data import DataError, TokenizeConfig, load_rows, prepare
+
+ROWS = [
+    {"prompt": "review the phone", "chosen": "the screen is good .", "rejected": "the screen is bad ."},
+    {"prompt": "review the cafe", "chosen": "the food is great .", "rejected": "the food is ok ."},
+]
+CONFIG = TokenizeConfig(max_length=32)
+
+
+def _jsonl(path, rows):
+  path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+  return str(path)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv"])
+def test_every_file_type_gives_the_same_records(tmp_path, word_tokenizer, suffix):
+  path = tmp_path / f"prefs{suffix}"
+  frame = datasets.Dataset.from_list(ROWS)
+  if suffix == ".jsonl":
+    _jsonl(path, ROWS)
+  elif suffix == ".json":
+    path.write_text(json.dumps(ROWS))
+  elif suffix == ".parquet":
+    frame.to_parquet(str(path))
+  else:
+    frame.to_csv(str(path), index=False)
+  records, stats = prepare("pair", str(path), word_tokenizer, CONFIG)
+  reference, _ = prepare("pair", frame, word_tokenizer, CONFIG)
+  assert stats.kept == 2 and stats.rows == 2
+  for got, want in zip(records, reference):
+    assert (got.prompt == want.prompt).all() and (got.chosen == want.chosen).all()
+
+
+def test_saved_dataset_directory(tmp_path, word_tokenizer):
+  datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
+  records, _ = prepare("pair", str(tmp_path / "saved"), word_tokenizer, CONFIG)
+  assert len(records) == 2
+
+
+def test_bad_row_error_names_file_row_and_field(tmp_path, word_tokenizer):
+  rows = ROWS + [{"prompt": "review the show", "chosen": "the plot is ok .",
+                  "rejected": "the plot is ok ."}]
+  path = _jsonl(tmp_path / "prefs.jsonl", rows)
+  with pytest.raises(DataError, match=r"prefs\.jsonl, row 2, field 'rejected': chosen and "
+                                      r"rejected are identical"):
+    prepare("pair", path, word_tokenizer, CONFIG)
+
+
+def test_missing_field_in_a_file(tmp_path, word_tokenizer):
+  rows = ROWS + [{"prompt": "review the show", "chosen": "the plot is ok ."}]
+  path = _jsonl(tmp_path / "prefs.jsonl", rows)
+  with pytest.raises(DataError, match=r"row 2, field 'rejected': missing"):
+    prepare("pair", path, word_tokenizer, CONFIG)
+
+
+def test_a_field_whose_type_changes_between_rows_is_located(tmp_path, word_tokenizer):
+  rows = ROWS + [{"prompt": "review the show", "chosen": "the plot is ok .", "rejected": 7}]
+  path = _jsonl(tmp_path / "prefs.jsonl", rows)
+  with pytest.raises(DataError, match=r"prefs\.jsonl, row 2, field 'rejected': expected a string"):
+    prepare("pair", path, word_tokenizer, CONFIG)
+
+
+def test_when_arrow_rejects_a_file_the_row_is_still_located(tmp_path, word_tokenizer, monkeypatch):
+  # Older `datasets` releases fail on a column whose type changes; the file is then re-read
+  # line by line so the error still names the row and the field.
+  rows = ROWS + [{"prompt": "review the show", "chosen": "the plot is ok .", "rejected": 7}]
+  path = _jsonl(tmp_path / "prefs.jsonl", rows)
+
+  def arrow_fails(*args, **kwargs):
+    raise datasets.exceptions.DatasetGenerationError("An error occurred while generating")
+
+  monkeypatch.setattr(datasets, "load_dataset", arrow_fails)
+  with pytest.raises(DataError, match=r"prefs\.jsonl, row 2, field 'rejected': is a int, but row "
+                                      r"0 has a str"):
+    prepare("pair", path, word_tokenizer, CONFIG)
+
+
+def test_invalid_json_line_is_located(tmp_path, word_tokenizer):
+  path = tmp_path / "prefs.jsonl"
+  path.write_text(json.dumps(ROWS[0]) + "\n{not json\n")
+  with pytest.raises(DataError, match="line 2 is not valid JSON"):
+    prepare("pair", str(path), word_tokenizer, CONFIG)
+
+
+def test_skip_mode_drops_and_counts_each_reason(tmp_path, word_tokenizer, caplog):
+  rows = ROWS + [
+      {"prompt": "review the show", "chosen": "the plot is ok .", "rejected": "the plot is ok ."},
+      {"prompt": "review the show", "chosen": "", "rejected": "the plot is ok ."},
+      {"prompt": "review the show " * 20, "chosen": "the plot is ok .", "rejected": "the end ."},
+  ]
+  records, stats = prepare("pair", rows, word_tokenizer, CONFIG, on_bad_row="skip")
+  assert len(records) == 2 and stats.rows == 5 and stats.kept == 2
+  assert sum(stats.skipped.values()) == 3 and len(stats.skipped) == 3
+  assert "3 skipped" not in stats.summary() and "2/5 rows kept" in stats.summary()
+  assert sum("skipping bad row" in r.message for r in caplog.records) == 3
+
+
+def test_all_rows_bad_is_an_error_even_when_skipping(word_tokenizer):
+  with pytest.raises(DataError, match="no usable rows"):
+    prepare("pair", [{"prompt": "p", "chosen": "a"}], word_tokenizer, CONFIG, on_bad_row="skip")
+
+
+def test_over_length_rows_are_truncated_and_counted(word_tokenizer):
+  rows = [{"prompt": "review the show", "chosen": "the plot is ok . " * 10,
+           "rejected": "the plot is bad ."}]
+  records, stats = prepare("pair", rows, word_tokenizer, TokenizeConfig(max_length=20))
+  assert stats.truncated == 1 and len(records[0].prompt) + len(records[0].chosen) == 20
+  _, stats = prepare("pair", rows + ROWS, word_tokenizer,
+                     TokenizeConfig(max_length=20, on_overflow="skip"))
+  assert stats.kept == 2 and stats.skipped["over max_length"] == 1
+
+
+def test_synthetic_sources(word_tokenizer):
+  for kind in ("sft", "pair", "unpaired", "ranked"):
+    records, stats = prepare(kind, f"synthetic:{kind}", word_tokenizer, CONFIG, num_rows=16)
+    assert stats.kept == 16
+  rows_a, _ = load_rows("synthetic:pair:3", num_rows=8)
+  rows_b, _ = load_rows("synthetic:pair:3", num_rows=8)
+  assert rows_a.to_list() == rows_b.to_list()  # seeded
+
+
+def test_unknown_file_type_is_an_error(tmp_path):
+  path = tmp_path / "prefs.txt"
+  path.write_text("hello")
+  with pytest.raises(ValueError, match="unsupported data file type"):
+    load_rows(str(path))
