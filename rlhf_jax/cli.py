@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
 
 from rlhf_jax import config as config_lib
@@ -53,6 +54,10 @@ def _parser():
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                      datefmt="%H:%M:%S")
+  for noisy in ("absl", "jax._src", "orbax", "httpx", "datasets"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
   try:
     config = config_lib.load_experiment(args.experiment, args.arg)
     config = config_lib.apply_overrides(config, args.overrides)

@@ -8,7 +8,8 @@ padding never reach a loss.
 Batch i of a stream is a pure function of (seed, i): epoch e = i // batches_per_epoch reads the
 permutation drawn from (seed, e). Resuming at step i therefore needs only i — no iterator state.
 Every batch carries `weight` [B] (1 for a real example, 0 for the filler that completes the last
-evaluation batch), so evaluation covers every example without a ragged shape.
+evaluation batch), so evaluation covers every example without a ragged shape, and `index` [B],
+the records it holds (precomputed reference log-probs are looked up by it).
 
 Pairwise batches put the B chosen rows first and the B rejected rows after them ([2B, L]): the
 policy and the reference each score both in one forward pass.
@@ -90,7 +91,8 @@ def collate_pairs(records, length: int, pad_id: int = 0) -> dict:
   pairs = [(r.prompt, r.chosen) for r in records] + [(r.prompt, r.rejected) for r in records]
   ids, attn, loss = _rows(pairs, length, pad_id)
   return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss,
-          "margin": np.array([r.margin for r in records], np.float32)}
+          "margin": np.array([r.margin for r in records], np.float32),
+          "objective": np.array([r.objective for r in records], np.int32)}
 
 
 def collate_unpaired(records, length: int, pad_id: int = 0) -> dict:
@@ -186,6 +188,7 @@ class BatchStream:
     length = bucket_length(int(self.lengths[indices].max()), self.buckets)
     batch = self.collate(records, length, self.pad_id)
     batch["weight"] = weight
+    batch["index"] = np.asarray(indices, np.int32)  # which records: for per-record caches
     return batch
 
   def batch(self, index: int) -> dict:

@@ -5,7 +5,8 @@ format that carries the same content normalises to the same example, so a datase
 in whichever form is at hand:
 
   SFT         {"text"} | {"prompt", "completion"} | {"messages"}
-  pairwise    {"prompt", "chosen", "rejected"} (optional "margin")
+  pairwise    {"prompt", "chosen", "rejected"} (optional "margin", and "objective": the
+              reward head a preference is about, for multi-objective reward models)
               | {"chosen", "rejected"} sharing a prefix (implicit prompt)
               | either with message lists (conversational)
               | Anthropic HH text ("\\n\\nHuman: ... \\n\\nAssistant: ...", turned into messages)
@@ -63,6 +64,7 @@ class PairExample:
   chosen: Text
   rejected: Text
   margin: float | None = None  # optional preference strength for Bradley-Terry with margin
+  objective: int = 0  # which reward head this preference is about (multi-objective RMs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +227,13 @@ def normalize_pair(raw, source: str = "<rows>", index: int = 0) -> PairExample:
   margin = raw.get("margin")
   if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
     raise row.error("margin", f"expected a number, got {type(margin).__name__}")
-  return PairExample(prompt, chosen, rejected, None if margin is None else float(margin))
+  objective = raw.get("objective", 0)
+  if objective is None:
+    objective = 0
+  if isinstance(objective, bool) or not isinstance(objective, int) or objective < 0:
+    raise row.error("objective", f"expected a non-negative int (a reward head), got {objective!r}")
+  return PairExample(prompt, chosen, rejected, None if margin is None else float(margin),
+                     objective)
 
 
 def normalize_unpaired(raw, source: str = "<rows>", index: int = 0) -> UnpairedExample:

@@ -64,6 +64,7 @@ class TokenizedPair:
   rejected: np.ndarray
   margin: float = 0.0
   truncated: bool = False
+  objective: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +175,8 @@ def tokenize_example(example, tokenizer, config: TokenizeConfig, source="<rows>"
     if np.array_equal(chosen, rejected):
       raise DataError(source, row, "rejected", "chosen and rejected are identical after "
                       f"truncation to max_length={config.max_length}: no preference left")
-    return TokenizedPair(prompt, chosen, rejected, example.margin or 0.0, truncated)
+    return TokenizedPair(prompt, chosen, rejected, example.margin or 0.0, truncated,
+                         example.objective)
   if isinstance(example, UnpairedExample):
     prompt, (completion,), truncated = encode_and_truncate(
         example.prompt, [example.completion])

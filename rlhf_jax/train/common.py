@@ -1,0 +1,172 @@
+"""What every trainer sets up the same way: model and tokenizer, data, mesh, sharded state.
+
+Config sections shared by the offline and online trainers live here too (`ModelSpec`, `DataSpec`);
+each trainer module adds its own loss section and top-level config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import data as data_lib
+from rlhf_jax import models, parallel
+from rlhf_jax.train.state import TrainState
+
+__all__ = [
+    "ModelSpec",
+    "DataSpec",
+    "resolve_model_path",
+    "load_tokenizer",
+    "load_policy",
+    "load_data",
+    "load_reference",
+    "make_stream",
+    "Placement",
+    "make_placement",
+    "export_causal_lm",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  # A local Hugging Face directory, a hub id, or "synthetic:tiny[:seed]" (the embedded task's
+  # tokenizer and a randomly initialised few-million-parameter Llama, written once to the cache).
+  path: str = "synthetic:tiny"
+  tokenizer: str | None = None  # None: the model's path
+  reference_path: str | None = None  # the frozen reference; None: the initial policy
+  dtype: str = "float32"  # parameter and compute dtype: float32 | bfloat16
+  remat_policy: str | None = None  # gradient checkpointing per block (see ModelConfig)
+  attention_impl: str | None = None  # None: automatic (cuDNN flash attention on GPU when possible)
+  logps_chunk_size: int = 512  # tokens per block of the chunked log-prob op
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  train: str = "synthetic:pair"  # a file, a saved Dataset dir, a hub id, or synthetic:<kind>
+  eval: str | None = None  # None: hold out eval_fraction of the training rows
+  eval_fraction: float = 0.1
+  split: str = "train"  # for hub datasets
+  num_rows: int | None = None  # synthetic sources: how many rows to generate
+  max_length: int = 512
+  buckets: tuple[int, ...] = ()  # batch lengths (one compilation each); () = max_length / 2^k
+  max_prompt_length: int | None = None
+  on_overflow: str = "truncate"  # "truncate" | "skip" | "error"
+  on_bad_row: str = "raise"  # "raise" | "skip" (counted in the logs)
+
+
+def cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("RLHF_JAX_CACHE", "~/.cache/rlhf_jax")).expanduser()
+
+
+def resolve_model_path(path: str) -> str:
+  """A loadable directory or hub id; "synthetic:tiny[:seed]" assets are generated on first use."""
+  if not path.startswith("synthetic:"):
+    return path
+  parts = path.split(":")
+  if parts[1] != "tiny":
+    raise ValueError(f"unknown synthetic model {path!r}; use 'synthetic:tiny' or "
+                     "'synthetic:tiny:<seed>'")
+  seed = int(parts[2]) if len(parts) > 2 else 0
+  from rlhf_jax.data import synthetic
+  return synthetic.ensure_assets(cache_dir() / f"synthetic-tiny-{seed}", seed=seed)
+
+
+def load_tokenizer(spec: ModelSpec):
+  from transformers import AutoTokenizer
+  tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec.tokenizer or spec.path))
+  if tokenizer.pad_token_id is None:
+    # Pad tokens are masked everywhere, so any id works; EOS is the usual choice.
+    tokenizer.pad_token = tokenizer.eos_token
+  return tokenizer
+
+
+def load_policy(spec: ModelSpec, path: str | None = None):
+  """(CausalLM, params) with the spec's dtype and speed switches."""
+  overrides = {}
+  if spec.remat_policy is not None:
+    overrides["remat_policy"] = spec.remat_policy
+  if spec.attention_impl is not None:
+    overrides["attention_impl"] = spec.attention_impl
+  dtype = jnp.dtype(spec.dtype)
+  return models.from_pretrained(resolve_model_path(path or spec.path), dtype=dtype, **overrides)
+
+
+def load_data(kind: str, spec: DataSpec, tokenizer, seed: int):
+  """(train_records, eval_records, stats): tokenised, with a seeded hold-out when no eval set."""
+  config = data_lib.TokenizeConfig(spec.max_length, spec.max_prompt_length, spec.on_overflow)
+  records, stats = data_lib.prepare(kind, spec.train, tokenizer, config,
+                                    on_bad_row=spec.on_bad_row, split=spec.split,
+                                    num_rows=spec.num_rows)
+  if spec.eval is not None:
+    eval_records, _ = data_lib.prepare(kind, spec.eval, tokenizer, config,
+                                       on_bad_row=spec.on_bad_row, split=spec.split,
+                                       num_rows=spec.num_rows)
+    return records, eval_records, stats
+  num_eval = int(round(len(records) * spec.eval_fraction))
+  if num_eval == 0:
+    return records, [], stats
+  order = np.random.default_rng([seed, 7]).permutation(len(records))
+  held = set(order[:num_eval].tolist())
+  return ([r for i, r in enumerate(records) if i not in held],
+          [r for i, r in enumerate(records) if i in held], stats)
+
+
+def load_reference(spec: ModelSpec, policy_params, placement: "Placement"):
+  """The frozen reference's params on the mesh: `spec.reference_path`, else the initial policy.
+
+  Always a separate copy: the policy's buffers are donated to every step, and a reference that
+  aliased them would be invalidated by the first update.
+  """
+  if spec.reference_path:
+    return placement.params(load_policy(spec, spec.reference_path)[1])
+  return placement.params(jax.tree.map(np.array, jax.device_get(policy_params)))
+
+
+def make_stream(records, spec: DataSpec, batch_size: int, pad_id: int, seed: int = 0, *,
+                shuffle: bool = True) -> data_lib.BatchStream:
+  return data_lib.BatchStream(records, batch_size, spec.max_length, pad_id, seed, shuffle=shuffle,
+                              buckets=spec.buckets or None)
+
+
+@dataclasses.dataclass
+class Placement:
+  """Where arrays live: the mesh, and how params, states and batches are put on it."""
+  mesh: Any
+  param_specs: Callable[[Any], Any]
+
+  def params(self, params):
+    specs = self.param_specs(params)
+    return jax.device_put(params, jax.tree.map(
+        lambda s: jax.sharding.NamedSharding(self.mesh, s), specs,
+        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+
+  def state(self, make_state: Callable[..., TrainState], params, *args):
+    """Builds a train state from (sharded) params with every leaf placed by the partition rules."""
+    params = self.params(params)
+    shapes = jax.eval_shape(make_state, params, *args)
+    shardings = parallel.state_shardings(shapes, params, self.param_specs(params), self.mesh)
+    return jax.jit(make_state, out_shardings=shardings)(params, *args)
+
+  def batch(self, batch: dict) -> dict:
+    return parallel.shard_batch(batch, self.mesh)
+
+
+def make_placement(mesh_config: parallel.MeshConfig, model_config) -> Placement:
+  from rlhf_jax.models.partitioning import param_partition_specs
+  mesh = parallel.make_mesh(mesh_config)
+  return Placement(mesh, lambda params: param_partition_specs(params, model_config))
+
+
+def export_causal_lm(model, tokenizer):
+  """An export hook: the policy as a Hugging Face checkpoint, with its tokenizer."""
+  def export(state, out_dir):
+    models.save_pretrained(model, jax.device_get(state.params), out_dir)
+    tokenizer.save_pretrained(out_dir)
+  return export

@@ -1,0 +1,229 @@
+"""The one training loop: batches in, pure jitted steps, metrics, evaluation, checkpoints, resume.
+
+Every trainer (SFT, reward model, the preference family, KTO, PPO, GRPO, RLOO) hands this loop a
+`Task`: how to build the initial state, a jitted `train_step(state, batch) -> (state, metrics)`,
+the batch for a given step, and optionally an evaluation and an export. All I/O lives here.
+
+Exact resume: a checkpoint holds the state (params, optimiser state, RNG key, extras) and the step;
+batch i is a pure function of (seed, i), and per-step randomness is fold_in(key, step). A run
+killed and resumed therefore logs the same metrics, bit for bit, as one that ran straight through.
+
+NaN guard: metrics are checked on the host after every step; a non-finite value stops the run with
+an error naming the step and the metric, before the bad state can be checkpointed, so the last
+checkpoint on disk is the last good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any, Callable, Iterable
+
+import jax
+import numpy as np
+
+from rlhf_jax.parallel import MeshConfig
+from rlhf_jax.train.checkpoint import Checkpointer
+
+__all__ = ["RunConfig", "Task", "TrainingDivergedError", "MetricsWriter", "run_loop"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  steps: int = 100  # optimiser updates (each one optimizer.grad_accumulation micro-batches)
+  batch_size: int = 8  # examples per micro-batch, global across devices
+  log_every: int = 10
+  eval_every: int = 0  # 0: evaluate at the end only
+  checkpoint_every: int = 0  # 0: checkpoint at the end only
+  keep_checkpoints: int = 3
+  async_checkpoint: bool = True
+  resume: bool = True  # continue from the latest checkpoint in output_dir when there is one
+  seed: int = 0  # one seed for init, data order and sampling
+  output_dir: str = "runs/default"
+  mesh: MeshConfig = MeshConfig()
+  progress: bool = True  # tqdm bar with tokens/s and ETA
+  tensorboard: bool = False  # needs the `tensorboard` extra
+  wandb_project: str | None = None  # needs the `wandb` extra
+  export: bool = True  # write a Hugging Face checkpoint of the final model to output_dir/hf
+
+
+@dataclasses.dataclass
+class Task:
+  """What a trainer gives the loop."""
+  init_state: Callable[[], Any]
+  train_step: Callable[[Any, dict], tuple[Any, dict]]
+  batch: Callable[[int], dict]  # host batch for micro-step i
+  put: Callable[[dict], dict]  # host batch -> device (sharded) batch
+  num_steps: int  # micro-steps in the whole run
+  eval_step: Callable[[Any, dict], dict] | None = None  # -> weighted sums incl. "weight"
+  eval_batches: Callable[[], Iterable[dict]] | None = None
+  export: Callable[[Any, str], None] | None = None
+  count_tokens: Callable[[dict], int] = lambda batch: int(np.sum(batch["attention_mask"]))
+  config: dict = dataclasses.field(default_factory=dict)  # the experiment config, for the run dir
+
+
+class TrainingDivergedError(RuntimeError):
+  """A step produced a non-finite metric; the run stopped before saving that state."""
+
+
+class MetricsWriter:
+  """Metrics to a JSONL file, and optionally TensorBoard and Weights & Biases."""
+
+  def __init__(self, path: pathlib.Path, *, tensorboard_dir=None, wandb_project=None,
+               config=None, resume_step: int | None = None):
+    self.path = path
+    if resume_step is not None and path.exists():  # drop lines the resumed run will rewrite
+      kept = [line for line in path.read_text().splitlines()
+              if line.strip() and json.loads(line)["step"] <= resume_step]
+      path.write_text("".join(line + "\n" for line in kept))
+    self.file = path.open("a")
+    self.tensorboard = self.wandb = None
+    if tensorboard_dir is not None:
+      try:
+        from tensorboardX import SummaryWriter
+      except ImportError as err:
+        raise ImportError("run.tensorboard=true needs tensorboardX: pip install "
+                          "'rlhf-jax[tensorboard]'") from err
+      self.tensorboard = SummaryWriter(str(tensorboard_dir))
+    if wandb_project is not None:
+      try:
+        import wandb
+      except ImportError as err:
+        raise ImportError("run.wandb_project needs wandb: pip install 'rlhf-jax[wandb]'") from err
+      self.wandb = wandb.init(project=wandb_project, config=config, resume="allow")
+
+  def write(self, step: int, split: str, metrics: dict):
+    record = {"step": step, "split": split, **{k: _scalar(v) for k, v in metrics.items()}}
+    self.file.write(json.dumps(record) + "\n")
+    self.file.flush()
+    if self.tensorboard is not None:
+      for key, value in record.items():
+        if key not in ("step", "split"):
+          self.tensorboard.add_scalar(f"{split}/{key}", value, step)
+    if self.wandb is not None:
+      self.wandb.log({f"{split}/{k}": v for k, v in record.items() if k != "split"}, step=step)
+
+  def close(self):
+    self.file.close()
+    if self.tensorboard is not None:
+      self.tensorboard.close()
+    if self.wandb is not None:
+      self.wandb.finish()
+
+
+def _scalar(value):
+  value = np.asarray(value)
+  return value.item() if value.size == 1 else value.tolist()
+
+
+def _check_finite(step: int, metrics: dict, checkpoints: Checkpointer):
+  bad = {k: v for k, v in metrics.items() if not np.all(np.isfinite(np.asarray(v, np.float64)))}
+  if bad:
+    checkpoints.wait()
+    last = checkpoints.latest_step()
+    where = (f"the last good checkpoint is step {last} in {checkpoints.directory}" if last
+             is not None else "no checkpoint was written before it")
+    raise TrainingDivergedError(
+        f"step {step}: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; stopped "
+        f"without saving this state ({where}). Lower the learning rate or check the data, then "
+        "rerun to resume from that checkpoint.")
+
+
+def evaluate(task: Task, state) -> dict:
+  """Weighted means over every evaluation example (zero-weight filler excluded)."""
+  totals: dict[str, float] = {}
+  for batch in task.eval_batches():
+    sums = jax.device_get(task.eval_step(state, task.put(batch)))
+    for key, value in sums.items():
+      totals[key] = totals.get(key, 0.0) + float(value)
+  weight = totals.pop("weight", 0.0)
+  return {key: value / max(weight, 1e-12) for key, value in totals.items()}
+
+
+_RESUME_MUST_MATCH = ("model", "data", "loss", "optimizer")
+
+
+def _check_resumable(saved: dict | None, current: dict, directory):
+  if not saved:
+    return
+  for section in _RESUME_MUST_MATCH:
+    if section in current and saved.get(section) != current.get(section):
+      raise ValueError(
+          f"{directory} holds checkpoints of a run whose '{section}' config differs from this "
+          f"one ({saved.get(section)} vs {current.get(section)}); use a new run.output_dir, or "
+          "run.resume=false to start over there")
+
+
+def run_loop(task: Task, run: RunConfig) -> dict:
+  """Runs (or resumes) a task to completion; returns a summary with the final metrics."""
+  out = pathlib.Path(run.output_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "config.json").write_text(json.dumps(task.config, indent=2))
+  checkpoints = Checkpointer(out / "checkpoints", keep=run.keep_checkpoints,
+                             async_save=run.async_checkpoint)
+  state = task.init_state()
+  start = 0
+  if run.resume and checkpoints.latest_step() is not None:
+    state, meta = checkpoints.restore(state)
+    _check_resumable(meta.get("config"), task.config, out)
+    start = int(meta["step"])
+    log.info("resumed from %s at step %d", checkpoints.directory, start)
+  writer = MetricsWriter(out / "metrics.jsonl",
+                         tensorboard_dir=out / "tensorboard" if run.tensorboard else None,
+                         wandb_project=run.wandb_project, config=task.config,
+                         resume_step=start)
+
+  def save(step):
+    checkpoints.save(step, state, {"step": step, "data_position": step, "seed": run.seed,
+                                   "config": task.config})
+
+  from tqdm.auto import tqdm
+  bar = tqdm(total=task.num_steps, initial=start, disable=not run.progress, unit="step",
+             dynamic_ncols=True)
+  last_metrics, eval_metrics = {}, {}
+  window_tokens, window_start = 0, time.perf_counter()
+  try:
+    for step in range(start, task.num_steps):
+      batch = task.batch(step)
+      window_tokens += task.count_tokens(batch)
+      state, metrics = task.train_step(state, task.put(batch))
+      metrics = jax.device_get(metrics)
+      _check_finite(step + 1, metrics, checkpoints)
+      last_metrics = {k: _scalar(v) for k, v in metrics.items()}
+      writer.write(step + 1, "train", last_metrics)
+      bar.update(1)
+      if (step + 1) % run.log_every == 0 or step + 1 == task.num_steps:
+        elapsed = time.perf_counter() - window_start
+        throughput = window_tokens / max(elapsed, 1e-9)
+        bar.set_postfix(loss=f"{last_metrics.get('loss', math.nan):.4f}",
+                        tok_s=f"{throughput:,.0f}")
+        log.info("step %d %s tokens/s=%.0f", step + 1, _format(last_metrics), throughput)
+        window_tokens, window_start = 0, time.perf_counter()
+      done = step + 1 == task.num_steps
+      if task.eval_step is not None and (done or run.eval_every and (step + 1) % run.eval_every
+                                         == 0):
+        eval_metrics = evaluate(task, state)
+        writer.write(step + 1, "eval", eval_metrics)
+        log.info("eval step %d %s", step + 1, _format(eval_metrics))
+      if done or run.checkpoint_every and (step + 1) % run.checkpoint_every == 0:
+        save(step + 1)
+    if start == task.num_steps and task.eval_step is not None:
+      eval_metrics = evaluate(task, state)
+  finally:
+    bar.close()
+    writer.close()
+    checkpoints.close()
+  if run.export and task.export is not None:
+    task.export(state, str(out / "hf"))
+  return {"state": state, "train": last_metrics, "eval": eval_metrics, "output_dir": str(out)}
+
+
+def _format(metrics: dict) -> str:
+  return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                  for k, v in sorted(metrics.items()))

@@ -1,0 +1,172 @@
+"""Reward-model training: Bradley-Terry on pairs (with margins) or K-wise rankings.
+
+The reward model is a causal-LM backbone with a linear score head read at the last real token
+(`rlhf_jax.models.RewardModel`); it starts from a causal LM (a fresh head) or from a
+`*ForSequenceClassification` checkpoint, and is exported as one, so it loads in transformers/TRL.
+
+Objectives (`loss.objective`):
+  bradley_terry  -log σ(r_c - r_r - m), m the row's margin when `use_margin` (Touvron et al. 2023)
+  ranking        InstructGPT's K-wise loss: the mean over every ordered pair of a row's ranking
+Optional reward centering (Eisenstein et al. 2023, arXiv 2312.09244) adds c·mean((r_c + r_r)²),
+pinning the rewards' scale to zero mean so a downstream KL-penalised RL sees comparable values.
+Several heads (`num_heads` > 1) learn several objectives; a pair's `objective` picks its head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import losses, models
+from rlhf_jax.config import to_dict
+from rlhf_jax.train import common, loop, steps
+from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer, make_schedule
+
+__all__ = ["RewardLoss", "RewardConfig", "load_reward_model", "build_task", "run"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardLoss:
+  objective: str = "bradley_terry"  # "bradley_terry" (pair data) | "ranking" (ranked data)
+  use_margin: bool = False
+  center_coef: float = 0.0  # reward centering; 0 disables (TRL uses 1e-2 when on)
+  num_heads: int = 1
+
+  def validate(self):
+    if self.objective not in ("bradley_terry", "ranking"):
+      raise ValueError(f"loss.objective must be bradley_terry or ranking, got {self.objective!r}")
+    if self.num_heads < 1:
+      raise ValueError(f"loss.num_heads must be >= 1, got {self.num_heads}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+  trainer: str = "reward"
+  model: common.ModelSpec = common.ModelSpec()
+  data: common.DataSpec = common.DataSpec(train="synthetic:pair", max_length=64)
+  loss: RewardLoss = RewardLoss()
+  optimizer: OptimizerConfig = OptimizerConfig(learning_rate=3e-4, warmup_steps=10)
+  run: loop.RunConfig = loop.RunConfig(output_dir="runs/reward")
+
+  def validate(self):
+    self.loss.validate()
+    self.optimizer.validate()
+
+
+def _is_sequence_classifier(path: str) -> bool:
+  config_file = pathlib.Path(path) / "config.json"
+  if not config_file.exists():
+    return False
+  architectures = json.loads(config_file.read_text()).get("architectures") or []
+  return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
+def load_reward_model(spec: common.ModelSpec, num_heads: int, seed: int):
+  """A reward model from a sequence-classification checkpoint, or a causal LM plus a new head."""
+  path = common.resolve_model_path(spec.path)
+  if _is_sequence_classifier(path):
+    rm, params = models.from_pretrained_reward_model(path, dtype=jnp.dtype(spec.dtype))
+    if rm.num_labels != num_heads:
+      raise ValueError(f"{path} has {rm.num_labels} reward heads but loss.num_heads="
+                       f"{num_heads}")
+    return rm, params
+  model, params = common.load_policy(spec)
+  return models.RewardModel.from_causal_lm(model, params, jax.random.key(seed),
+                                           num_labels=num_heads)
+
+
+def _pair_rewards(rm, params, batch):
+  rewards = rm.apply(params, batch["input_ids"], batch["attention_mask"])  # [2B, H]
+  n = rewards.shape[0] // 2
+  head = batch["objective"][:, None]
+  chosen = jnp.take_along_axis(rewards[:n], head, axis=1)[:, 0]
+  rejected = jnp.take_along_axis(rewards[n:], head, axis=1)[:, 0]
+  return chosen, rejected
+
+
+def make_losses(rm, loss: RewardLoss):
+  """per_example(params, batch) -> (loss [B], metrics {name: [B]})."""
+
+  def pairwise(params, batch):
+    chosen, rejected = _pair_rewards(rm, params, batch)
+    margin = batch["margin"] if loss.use_margin else 0.0
+    per_example = losses.bradley_terry(chosen, rejected, margin=margin)
+    if loss.center_coef:
+      per_example = per_example + loss.center_coef * (chosen + rejected) ** 2
+    return per_example, {
+        "accuracy": (chosen > rejected).astype(jnp.float32),
+        "reward_margin": chosen - rejected, "reward_chosen": chosen, "reward_rejected": rejected}
+
+  def ranked(params, batch):
+    b, k = batch["ranks"].shape
+    rewards = rm.apply(params, batch["input_ids"], batch["attention_mask"])[:, 0].reshape(b, k)
+    per_example = losses.ranking(rewards, batch["ranks"], batch["rank_mask"])
+    better = (batch["ranks"][:, :, None] < batch["ranks"][:, None, :])
+    valid = better & (batch["rank_mask"][:, :, None] > 0) & (batch["rank_mask"][:, None, :] > 0)
+    correct = valid & (rewards[:, :, None] > rewards[:, None, :])
+    accuracy = jnp.sum(correct, (1, 2)) / jnp.maximum(jnp.sum(valid, (1, 2)), 1)
+    return per_example, {"accuracy": accuracy.astype(jnp.float32),
+                         "reward_mean": jnp.sum(rewards * batch["rank_mask"], 1) /
+                         jnp.maximum(jnp.sum(batch["rank_mask"], 1), 1)}
+
+  return pairwise if loss.objective == "bradley_terry" else ranked
+
+
+def _weighted_mean(x, weight):
+  return jnp.sum(x * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def build_task(config: RewardConfig) -> loop.Task:
+  config.validate()
+  run = config.run
+  tokenizer = common.load_tokenizer(config.model)
+  rm, params = load_reward_model(config.model, config.loss.num_heads, run.seed)
+  kind = "pair" if config.loss.objective == "bradley_terry" else "ranked"
+  train_records, eval_records, _ = common.load_data(kind, config.data, tokenizer, run.seed)
+  too_high = [r.objective for r in train_records + eval_records
+              if getattr(r, "objective", 0) >= config.loss.num_heads]
+  if too_high:
+    raise ValueError(f"data has preferences for objective {max(too_high)} but the reward model "
+                     f"has loss.num_heads={config.loss.num_heads}")
+  per_example = make_losses(rm, config.loss)
+
+  def loss_fn(params, batch):
+    values, metrics = per_example(params, batch)
+    return _weighted_mean(values, batch["weight"]), {
+        k: _weighted_mean(v, batch["weight"]) for k, v in metrics.items()}
+
+  def eval_sums(params, batch):
+    values, metrics = per_example(params, batch)
+    w = batch["weight"]
+    return {"loss": jnp.sum(values * w), **{k: jnp.sum(v * w) for k, v in metrics.items()},
+            "weight": jnp.sum(w)}
+
+  pad = tokenizer.pad_token_id
+  train = common.make_stream(train_records, config.data, run.batch_size, pad, run.seed)
+  tx = make_optimizer(config.optimizer, run.steps)
+  placement = common.make_placement(run.mesh, rm.config)
+  make_state = lambda p, key: TrainState.create(p, tx, key)
+
+  def export(state, out_dir):
+    models.save_pretrained_reward_model(rm, jax.device_get(state.params), out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+  task = loop.Task(
+      init_state=lambda: placement.state(make_state, params, jax.random.key(run.seed)),
+      train_step=steps.make_train_step(loss_fn, make_schedule(config.optimizer, run.steps),
+                                       config.optimizer.grad_accumulation),
+      batch=train.batch, put=placement.batch,
+      num_steps=run.steps * config.optimizer.grad_accumulation, export=export,
+      config=to_dict(config))
+  if eval_records:
+    evaluation = common.make_stream(eval_records, config.data, run.batch_size, pad, shuffle=False)
+    task.eval_step, task.eval_batches = steps.make_eval_step(eval_sums), evaluation.epoch
+  return task
+
+
+def run(config: RewardConfig) -> dict:
+  return loop.run_loop(build_task(config), config.run)

@@ -1,0 +1,104 @@
+"""Supervised fine-tuning: next-token loss on completion tokens only.
+
+The prompt and padding are masked out of the loss (`loss_mask`); aggregation is the token mean
+over the whole batch (every completion token weighs the same), or the per-sequence mean then the
+batch mean (every example weighs the same) — `loss.aggregation`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import ops
+from rlhf_jax.config import to_dict
+from rlhf_jax.train import common, loop, steps
+from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer, make_schedule
+
+__all__ = ["SFTLoss", "SFTConfig", "make_loss_fn", "build_task", "run"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTLoss:
+  aggregation: str = "token_mean"  # "token_mean" | "sequence_mean"
+
+  def validate(self):
+    if self.aggregation not in ("token_mean", "sequence_mean"):
+      raise ValueError(f"loss.aggregation must be token_mean or sequence_mean, got "
+                       f"{self.aggregation!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+  trainer: str = "sft"
+  model: common.ModelSpec = common.ModelSpec()
+  data: common.DataSpec = common.DataSpec(train="synthetic:sft", max_length=64)
+  loss: SFTLoss = SFTLoss()
+  optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-3, warmup_steps=10)
+  run: loop.RunConfig = loop.RunConfig(output_dir="runs/sft")
+
+  def validate(self):
+    self.loss.validate()
+    self.optimizer.validate()
+
+
+def completion_nll(model, params, batch, chunk_size: int):
+  """(Σ weighted NLL over completion tokens [B], completion token counts [B])."""
+  logps = model.token_logps(params, batch["input_ids"], batch["attention_mask"],
+                            chunk_size=chunk_size)
+  mask = batch["loss_mask"].astype(jnp.float32)
+  return -ops.masked_sum(logps, mask, axis=-1), jnp.sum(mask, axis=-1)
+
+
+def make_loss_fn(model, loss: SFTLoss, chunk_size: int = 512):
+  def loss_fn(params, batch):
+    nll, tokens = completion_nll(model, params, batch, chunk_size)
+    weight = batch["weight"]
+    if loss.aggregation == "token_mean":
+      value = jnp.sum(nll * weight) / jnp.maximum(jnp.sum(tokens * weight), 1.0)
+    else:
+      per_sequence = nll / jnp.maximum(tokens, 1.0)
+      value = jnp.sum(per_sequence * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+    return value, {"completion_tokens": jnp.sum(tokens * weight)}
+  return loss_fn
+
+
+def make_eval_sums(model, chunk_size: int = 512):
+  def sums(params, batch):
+    nll, tokens = completion_nll(model, params, batch, chunk_size)
+    tokens = tokens * batch["weight"]
+    return {"nll": jnp.sum(nll * batch["weight"]), "weight": jnp.sum(tokens)}  # token-mean NLL
+  return sums
+
+
+def build_task(config: SFTConfig) -> loop.Task:
+  config.validate()
+  run = config.run
+  tokenizer = common.load_tokenizer(config.model)
+  model, params = common.load_policy(config.model)
+  train_records, eval_records, _ = common.load_data("sft", config.data, tokenizer, run.seed)
+  pad = tokenizer.pad_token_id
+  train = common.make_stream(train_records, config.data, run.batch_size, pad, run.seed)
+  tx = make_optimizer(config.optimizer, run.steps)
+  placement = common.make_placement(run.mesh, model.config)
+  make_state = lambda p, key: TrainState.create(p, tx, key)
+  chunk = config.model.logps_chunk_size
+  train_step = steps.make_train_step(make_loss_fn(model, config.loss, chunk),
+                                     make_schedule(config.optimizer, run.steps),
+                                     config.optimizer.grad_accumulation)
+  task = loop.Task(
+      init_state=lambda: placement.state(make_state, params, jax.random.key(run.seed)),
+      train_step=train_step, batch=train.batch, put=placement.batch,
+      num_steps=run.steps * config.optimizer.grad_accumulation,
+      export=common.export_causal_lm(model, tokenizer), config=to_dict(config))
+  if eval_records:
+    evaluation = common.make_stream(eval_records, config.data, run.batch_size, pad, shuffle=False)
+    task.eval_step = steps.make_eval_step(make_eval_sums(model, chunk))
+    task.eval_batches = evaluation.epoch
+  return task
+
+
+def run(config: SFTConfig) -> dict:
+  return loop.run_loop(build_task(config), config.run)

@@ -1,0 +1,99 @@
+"""Train state pytrees and optax optimisers from config.
+
+A `TrainState` is immutable: a step returns a new one. It holds everything a run needs to continue
+bit-exactly — step, params, optimiser state, RNG key, and a trainer-specific `extra` pytree (the
+KL controller, a running reward mean, ...). Frozen reference parameters never live in it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["TrainState", "OptimizerConfig", "make_optimizer", "make_schedule"]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: micro-steps taken (= batches consumed)
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # a typed PRNG key; per-step randomness is fold_in(rng, step)
+  extra: Any = None
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False, default=None)
+
+  @classmethod
+  def create(cls, params, tx: optax.GradientTransformation, rng, extra=None) -> "TrainState":
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
+               extra=extra, tx=tx)
+
+  def apply_gradients(self, grads, **changes) -> "TrainState":
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **changes)
+
+  def step_key(self) -> jax.Array:
+    return jax.random.fold_in(self.rng, self.step)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  name: str = "adamw"  # "adamw" | "adam" | "sgd"
+  learning_rate: float = 1e-5
+  schedule: str = "cosine"  # "constant" | "cosine" | "linear": after the warmup
+  warmup_steps: int = 0
+  min_lr_ratio: float = 0.0  # the decay ends at learning_rate * min_lr_ratio
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  max_grad_norm: float | None = 1.0  # None: no clipping
+  grad_accumulation: int = 1  # micro-batches per optimiser update (optax.MultiSteps)
+
+  def validate(self):
+    if self.name not in ("adamw", "adam", "sgd"):
+      raise ValueError(f"optimizer.name must be adamw, adam or sgd, got {self.name!r}")
+    if self.schedule not in ("constant", "cosine", "linear"):
+      raise ValueError(f"optimizer.schedule must be constant, cosine or linear, got "
+                       f"{self.schedule!r}")
+    if self.grad_accumulation < 1:
+      raise ValueError(f"optimizer.grad_accumulation must be >= 1, got {self.grad_accumulation}")
+
+
+def make_schedule(config: OptimizerConfig, total_updates: int) -> optax.Schedule:
+  """Linear warmup from 0, then constant / cosine / linear decay to lr * min_lr_ratio."""
+  peak, end = config.learning_rate, config.learning_rate * config.min_lr_ratio
+  decay_steps = max(total_updates - config.warmup_steps, 1)
+  if config.schedule == "constant":
+    decay = optax.constant_schedule(peak)
+  elif config.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.min_lr_ratio)
+  else:
+    decay = optax.linear_schedule(peak, end, decay_steps)
+  if config.warmup_steps == 0:
+    return decay
+  warmup = optax.linear_schedule(0.0, peak, config.warmup_steps)
+  return optax.join_schedules([warmup, decay], [config.warmup_steps])
+
+
+def make_optimizer(config: OptimizerConfig, total_updates: int) -> optax.GradientTransformation:
+  """Clipping, the optimiser with its schedule, and gradient accumulation, from config."""
+  config.validate()
+  schedule = make_schedule(config, total_updates)
+  if config.name == "sgd":
+    optimizer = optax.sgd(schedule)
+  elif config.name == "adam":
+    optimizer = optax.adam(schedule, b1=config.b1, b2=config.b2, eps=config.eps)
+  else:
+    optimizer = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                            weight_decay=config.weight_decay)
+  if config.max_grad_norm is not None:
+    optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optimizer)
+  if config.grad_accumulation > 1:
+    optimizer = optax.MultiSteps(optimizer, every_k_schedule=config.grad_accumulation)
+  return optimizer
