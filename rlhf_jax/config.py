@@ -144,7 +144,10 @@ def apply_overrides(config, overrides: typing.Iterable[str]):
     key = key.strip()
     config = _set(config, key.split("."), raw, key, config)
   if callable(validate := getattr(config, "validate", None)):
-    validate()
+    try:
+      validate()
+    except ValueError as err:
+      raise ConfigError(str(err)) from err
   return config
 
 

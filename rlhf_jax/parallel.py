@@ -50,10 +50,11 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
     if len(devices) % known:
       raise ValueError(f"mesh {config} does not divide {len(devices)} devices")
     sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
+  if int(np.prod(sizes)) > len(devices):
     raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
                      f"{int(np.prod(sizes))} devices, but {len(devices)} are available")
-  return Mesh(np.array(devices).reshape(sizes), AXES)
+  # An explicit mesh smaller than the host uses its first devices (e.g. 1x1x1: one device).
+  return Mesh(np.array(devices[:int(np.prod(sizes))]).reshape(sizes), AXES)
 
 
 def _is_spec(x) -> bool:

@@ -10,7 +10,17 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
+
+# Trainers rebuilt from the same config (resume tests, sharded-vs-single) compile identical
+# programs: the persistent cache makes the second and later builds cheap.
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("RLHF_JAX_TEST_XLA_CACHE",
+                                 os.path.join(tempfile.gettempdir(), "rlhf_jax_xla_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # An accidental broadcast ([B] against [B, 1]) is an error, not a silently wrong loss.
 jax.config.update("jax_numpy_rank_promotion", "raise")

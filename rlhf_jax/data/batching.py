@@ -157,15 +157,16 @@ class BatchStream:
       raise ValueError("no records to batch")
     if self.batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-    if len(self.records) < self.batch_size:
-      raise ValueError(f"{len(self.records)} examples cannot fill one batch of "
-                       f"{self.batch_size}; lower the batch size or add data")
     self.buckets = tuple(self.buckets or default_buckets(self.max_length))
     self.collate = COLLATORS[type(self.records[0])]
     self.lengths = np.array([record_length(r) for r in self.records])
 
   @property
   def batches_per_epoch(self) -> int:
+    """Full training batches per epoch (the remainder waits for the next epoch's order)."""
+    if len(self.records) < self.batch_size:
+      raise ValueError(f"{len(self.records)} examples cannot fill one training batch of "
+                       f"{self.batch_size}; lower the batch size or add data")
     return len(self.records) // self.batch_size
 
   def _order(self, epoch: int) -> np.ndarray:

@@ -6,6 +6,9 @@
                  GRPO / RLOO advantages, token-aggregation modes.
   kl.py          per-token KL estimators, KL-penalised rewards, the adaptive KL controller.
 
+`losses.kl` is the per-token KL estimator function (the contract's name); it shadows the kl.py
+submodule, whose other functions are re-exported here like everything else.
+
 Hyper-parameters are keyword-only; losses return per-example [B] or per-token [B, T] values and
 never reduce, so the caller's aggregation is explicit.
 """
@@ -13,4 +16,3 @@ never reduce, so the caller's aggregation is explicit.
 from rlhf_jax.losses.kl import *  # noqa: F403
 from rlhf_jax.losses.policy import *  # noqa: F403
 from rlhf_jax.losses.preference import *  # noqa: F403
-from rlhf_jax.losses import kl, policy, preference  # noqa: F401

@@ -161,7 +161,7 @@ class Placement:
 def make_placement(mesh_config: parallel.MeshConfig, model_config) -> Placement:
   from rlhf_jax.models.partitioning import param_partition_specs
   mesh = parallel.make_mesh(mesh_config)
-  return Placement(mesh, lambda params: param_partition_specs(params, model_config))
+  return Placement(mesh, lambda params: param_partition_specs(params, model_config, mesh=mesh))
 
 
 def export_causal_lm(model, tokenizer):

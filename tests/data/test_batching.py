@@ -88,6 +88,9 @@ def test_ranked_batches_pad_missing_slots(word_tokenizer):
   np.testing.assert_array_equal(batch["rank_mask"], [[1, 1, 1], [1, 1, 0]])
 
 
-def test_too_few_examples_for_a_batch_is_an_error(pair_records):
-  with pytest.raises(ValueError, match="cannot fill one batch"):
-    BatchStream(pair_records[:3], batch_size=4, max_length=48)
+def test_too_few_examples_for_a_training_batch_is_an_error(pair_records):
+  with pytest.raises(ValueError, match="cannot fill one training batch"):
+    BatchStream(pair_records[:3], batch_size=4, max_length=48).batch(0)
+  # Evaluation still sees all three, padded with zero-weight filler.
+  (batch,) = BatchStream(pair_records[:3], batch_size=4, max_length=48, shuffle=False).epoch()
+  np.testing.assert_array_equal(batch["weight"], [1, 1, 1, 0])

@@ -1,0 +1,60 @@
+"""The CLI runs a tiny experiment end to end and rejects bad configs with a clear message."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from rlhf_jax.data import synthetic
+
+EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1)
+
+
+def _cli(*args, cwd=None):
+  return subprocess.run([sys.executable, "-m", "rlhf_jax", *args], capture_output=True, text=True,
+                        cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=600)
+
+
+@pytest.mark.slow
+def test_cli_runs_a_tiny_dpo_experiment_end_to_end(tmp_path):
+  model_dir = synthetic.ensure_assets(tmp_path / "model", **TINY)
+  out = tmp_path / "run"
+  result = _cli("run", str(EXPERIMENTS / "dpo.py"), "--arg", "runlocal",
+                "--set", f"model.path={model_dir}", "--set", f"run.output_dir={out}",
+                "--set", "run.steps=3", "--set", "run.batch_size=8", "--set", "data.num_rows=64",
+                "--set", "loss.beta=0.05")
+  assert result.returncode == 0, result.stderr[-3000:]
+  printed = json.loads(result.stdout[:result.stdout.index("\n}\n") + 2])  # the final config
+  assert printed["loss"]["beta"] == 0.05
+  steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+           if json.loads(line)["split"] == "train"]
+  assert steps == [1, 2, 3]
+  assert json.loads((out / "config.json").read_text())["loss"]["beta"] == 0.05
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+  AutoModelForCausalLM.from_pretrained(out / "hf")  # the export loads in transformers
+  assert AutoTokenizer.from_pretrained(out / "hf").chat_template is not None
+
+
+def test_cli_rejects_unknown_keys_with_a_suggestion():
+  result = _cli("run", str(EXPERIMENTS / "dpo.py"), "--set", "loss.bta=0.2")
+  assert result.returncode == 2
+  assert "unknown config key 'loss.bta'; did you mean 'loss.beta'?" in result.stderr
+
+
+def test_cli_rejects_bad_values_and_files():
+  result = _cli("run", str(EXPERIMENTS / "dpo.py"), "--set", "loss.name=dpoo")
+  assert result.returncode == 2 and "did you mean 'dpo'" in result.stderr
+  result = _cli("run", str(EXPERIMENTS / "missing.py"))
+  assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_print_config_shows_the_final_config():
+  result = _cli("run", str(EXPERIMENTS / "sft.py"), "--set", "optimizer.learning_rate=1e-5",
+                "--print-config")
+  assert result.returncode == 0
+  assert json.loads(result.stdout)["optimizer"]["learning_rate"] == 1e-5

@@ -1,0 +1,103 @@
+"""Mesh construction, state shardings, and a sharded training step equal to the unsharded one."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from rlhf_jax import parallel
+from rlhf_jax.data import synthetic
+from rlhf_jax.parallel import MeshConfig
+from rlhf_jax.train import common, loop, preference
+from rlhf_jax.train.state import OptimizerConfig, TrainState
+
+
+def test_make_mesh_fills_and_checks():
+  assert jax.device_count() == 8
+  assert dict(parallel.make_mesh(MeshConfig()).shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert dict(parallel.make_mesh(MeshConfig(data=-1, fsdp=2, tensor=2)).shape) == {
+      "data": 2, "fsdp": 2, "tensor": 2}
+  assert parallel.make_mesh(MeshConfig(1, 1, 1)).devices.size == 1  # a smaller explicit mesh
+  with pytest.raises(ValueError, match="at most one"):
+    parallel.make_mesh(MeshConfig(-1, -1, 1))
+  with pytest.raises(ValueError, match="16 devices, but 8"):
+    parallel.make_mesh(MeshConfig(4, 4, 1))
+  with pytest.raises(ValueError, match="does not divide"):
+    parallel.make_mesh(MeshConfig(-1, 3, 1))
+
+
+def test_optimizer_moments_are_sharded_like_their_params():
+  mesh = parallel.make_mesh(MeshConfig(data=2, fsdp=4))
+  params = {"w": jnp.zeros((8, 4)), "b": jnp.zeros((4,))}
+  specs = {"w": P("fsdp", None), "b": P()}
+  state = TrainState.create(params, optax.adam(1e-3), jax.random.key(0))
+  shardings = parallel.state_shardings(state, params, specs, mesh)
+  assert shardings.params["w"].spec == P("fsdp", None)
+  adam = shardings.opt_state[0]
+  assert adam.mu["w"].spec == P("fsdp", None) and adam.nu["w"].spec == P("fsdp", None)
+  assert adam.count.spec == P() and shardings.step.spec == P()
+
+
+def test_shard_batch_rejects_an_indivisible_batch():
+  mesh = parallel.make_mesh(MeshConfig(data=2, fsdp=4))
+  batch = parallel.shard_batch({"x": np.zeros((16, 3))}, mesh)
+  assert batch["x"].sharding.spec == P(("data", "fsdp"), None)
+  with pytest.raises(ValueError, match="divisible by 8"):
+    parallel.shard_batch({"x": np.zeros((12, 3))}, mesh)
+
+
+def test_initialize_distributed_only_when_launched_multi_process(monkeypatch):
+  calls = []
+  for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_NUM_NODES", "OMPI_COMM_WORLD_SIZE",
+               "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(name, raising=False)
+  assert not parallel.initialize_distributed(lambda: calls.append(1)) and not calls
+  monkeypatch.setenv("SLURM_JOB_NUM_NODES", "4")
+  assert parallel.initialize_distributed(lambda: calls.append(1)) and calls == [1]
+
+
+@pytest.fixture(scope="module")
+def sharding_model_dir(tmp_path_factory):
+  # Width and heads divisible by 4, so tensor=4 really splits every projection.
+  return synthetic.ensure_assets(tmp_path_factory.mktemp("shard"), hidden_size=64,
+                                 intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=4)
+
+
+def _dpo_steps(model_dir, tmp_path, mesh, num_steps=2):
+  config = preference.PreferenceConfig(
+      model=common.ModelSpec(path=model_dir),
+      data=common.DataSpec(train="synthetic:pair", num_rows=64, max_length=32, buckets=(32,)),
+      # SGD with lr 1: the parameter change is the gradient itself, so comparing parameters
+      # compares gradients. (Adam divides each entry by its own magnitude, which turns float32
+      # summation-order noise in near-cancelling entries, |g| ~ eps, into lr-sized updates.)
+      optimizer=OptimizerConfig(name="sgd", learning_rate=1.0, schedule="constant"),
+      run=loop.RunConfig(steps=num_steps, batch_size=16, mesh=mesh, output_dir=str(tmp_path)))
+  task = preference.build_task(config)
+  state = task.init_state()
+  metrics = []
+  for i in range(num_steps):
+    state, m = task.train_step(state, task.put(task.batch(i)))
+    metrics.append(jax.device_get(m))
+  return jax.device_get(state.params), metrics, state
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", [MeshConfig(data=2, fsdp=4, tensor=1),
+                                  MeshConfig(data=2, fsdp=1, tensor=4)])
+def test_sharded_dpo_step_equals_single_device(sharding_model_dir, tmp_path, mesh):
+  single_params, single_metrics, _ = _dpo_steps(sharding_model_dir, tmp_path / "one",
+                                                MeshConfig(1, 1, 1))
+  params, metrics, state = _dpo_steps(sharding_model_dir, tmp_path / "many", mesh)
+  # The state really is split over the mesh.
+  kernel = state.params["layers"]["mlp"]["up"]["kernel"]  # [layers, width, hidden]
+  layers, width, hidden = kernel.shape
+  assert kernel.sharding.shard_shape(kernel.shape) == (
+      (layers, width // 4, hidden) if mesh.fsdp == 4 else (layers, width, hidden // 4))
+  for got, want in zip(metrics, single_metrics):
+    for key in want:
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(single_params)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
