@@ -26,6 +26,8 @@ TRAINERS = {
     "ppo": "rlhf_jax.train.ppo:run",
     "grpo": "rlhf_jax.train.grpo:run",
     "rloo": "rlhf_jax.train.grpo:run",
+    "rejection_sampling": "rlhf_jax.train.best_of_n:run",
+    "iterative_dpo": "rlhf_jax.train.iterative:run",
     "pipeline": "rlhf_jax.pipeline:run",
 }
 

@@ -1,6 +1,7 @@
 """Tokenised records -> fixed-shape numpy batches, in a seeded order that resumes exactly.
 
-Training batches are right-padded: [prompt | completion | pad]. The sequence length of a batch is
+Training batches are right-padded: [prompt | completion | pad]; generation prompts (RL) are
+left-padded: [pad | prompt]. The sequence length of a batch is
 the smallest bucket that holds its longest row, so a jitted step compiles once per bucket, not once
 per length. `loss_mask` marks completion tokens (the tokens whose log-probs count); prompt and
 padding never reach a loss.
@@ -22,8 +23,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from rlhf_jax.data.tokenize import (TokenizedPair, TokenizedRanked, TokenizedSFT,
-                                    TokenizedUnpaired)
+from rlhf_jax.data.tokenize import (TokenizedPair, TokenizedPrompt, TokenizedRanked,
+                                    TokenizedSFT, TokenizedUnpaired)
 
 __all__ = [
     "default_buckets",
@@ -33,6 +34,10 @@ __all__ = [
     "collate_pairs",
     "collate_unpaired",
     "collate_ranked",
+    "collate_prompts",
+    "PackedSFT",
+    "pack_sft",
+    "collate_packed",
     "COLLATORS",
     "BatchStream",
 ]
@@ -61,6 +66,10 @@ def record_length(record) -> int:
     return len(record.prompt) + len(record.completion)
   if isinstance(record, TokenizedRanked):
     return len(record.prompt) + max(len(c) for c in record.completions)
+  if isinstance(record, TokenizedPrompt):
+    return len(record.prompt)
+  if isinstance(record, PackedSFT):
+    return len(record.input_ids)
   raise TypeError(type(record).__name__)
 
 
@@ -132,11 +141,83 @@ def collate_ranked(records, length: int, pad_id: int = 0, num_completions: int |
           "rank_mask": rank_mask}
 
 
+@dataclasses.dataclass(frozen=True)
+class PackedSFT:
+  """Several SFT examples in one row: ids, segment ids (1, 2, ...), and the loss mask."""
+  input_ids: np.ndarray
+  segment_ids: np.ndarray
+  loss_mask: np.ndarray
+
+
+def pack_sft(records, length: int, seed: int = 0, window: int = 64) -> list[PackedSFT]:
+  """First-fit packing of SFT examples into rows of at most `length` tokens.
+
+  Examples are taken in a seeded order and each goes into the first of the last `window` open
+  rows with room for it (bounded work per example). Attention never crosses examples: the model
+  masks by segment id and restarts positions at each segment.
+  """
+  order = np.random.default_rng([seed, 11]).permutation(len(records))
+  rows: list[list] = []
+  room: list[int] = []
+  for i in order:
+    record = records[i]
+    n = len(record.prompt) + len(record.completion)
+    if n > length:
+      raise ValueError(f"an example of {n} tokens cannot be packed into rows of {length}")
+    start = max(0, len(rows) - window)
+    target = next((j for j in range(start, len(rows)) if room[j] >= n), None)
+    if target is None:
+      rows.append([])
+      room.append(length)
+      target = len(rows) - 1
+    rows[target].append(record)
+    room[target] -= n
+  packed = []
+  for members in rows:
+    ids, segments, loss = [], [], []
+    for segment, record in enumerate(members, 1):
+      ids += [record.prompt, record.completion]
+      segments.append(np.full(len(record.prompt) + len(record.completion), segment, np.int32))
+      loss += [np.zeros(len(record.prompt), np.int32), np.ones(len(record.completion), np.int32)]
+    packed.append(PackedSFT(np.concatenate(ids).astype(np.int32), np.concatenate(segments),
+                            np.concatenate(loss)))
+  return packed
+
+
+def collate_packed(records, length: int, pad_id: int = 0) -> dict:
+  n = len(records)
+  batch = {"input_ids": np.full((n, length), pad_id, np.int32),
+           "segment_ids": np.zeros((n, length), np.int32),
+           "loss_mask": np.zeros((n, length), np.int32)}
+  for i, record in enumerate(records):
+    k = len(record.input_ids)
+    batch["input_ids"][i, :k] = record.input_ids
+    batch["segment_ids"][i, :k] = record.segment_ids
+    # A segment's first token is predicted by nothing inside its segment.
+    first = np.r_[True, record.segment_ids[1:] != record.segment_ids[:-1]]
+    batch["loss_mask"][i, :k] = record.loss_mask * ~first
+  batch["attention_mask"] = (batch["segment_ids"] > 0).astype(np.int32)
+  return batch
+
+
+def collate_prompts(records, length: int, pad_id: int = 0) -> dict:
+  """Generation prompts, LEFT-padded so every row's last prompt token sits at the same slot."""
+  prompt_ids = np.full((len(records), length), pad_id, np.int32)
+  prompt_mask = np.zeros((len(records), length), np.int32)
+  for i, record in enumerate(records):
+    n = len(record.prompt)
+    prompt_ids[i, length - n:] = record.prompt
+    prompt_mask[i, length - n:] = 1
+  return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
+
+
 COLLATORS: dict[type, Callable] = {
     TokenizedSFT: collate_sft,
     TokenizedPair: collate_pairs,
     TokenizedUnpaired: collate_unpaired,
     TokenizedRanked: collate_ranked,
+    TokenizedPrompt: collate_prompts,
+    PackedSFT: collate_packed,
 }
 
 

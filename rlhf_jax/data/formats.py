@@ -12,6 +12,7 @@ in whichever form is at hand:
               | Anthropic HH text ("\\n\\nHuman: ... \\n\\nAssistant: ...", turned into messages)
   unpaired    {"prompt", "completion", "label"} (KTO; label is a bool)
   ranked      {"prompt", "completions", "ranks"} (rank 0 is best; equal ranks are ties)
+  prompt      {"prompt"} | {"messages"} ending in a user turn (RL: the policy writes the response)
 
 Errors name the source, the row and the field, and say what was expected (`DataError`).
 """
@@ -30,10 +31,12 @@ __all__ = [
     "PairExample",
     "UnpairedExample",
     "RankedExample",
+    "PromptExample",
     "normalize_sft",
     "normalize_pair",
     "normalize_unpaired",
     "normalize_ranked",
+    "normalize_prompt",
     "NORMALIZERS",
     "parse_hh",
 ]
@@ -79,6 +82,11 @@ class RankedExample:
   prompt: Text
   completions: tuple
   ranks: tuple  # ints, 0 is best
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptExample:
+  prompt: Text
 
 
 class _Row:
@@ -268,9 +276,26 @@ def normalize_ranked(raw, source: str = "<rows>", index: int = 0) -> RankedExamp
   return RankedExample(prompt, completions, tuple(ranks))
 
 
+def normalize_prompt(raw, source: str = "<rows>", index: int = 0) -> PromptExample:
+  row = _Row(raw, source, index)
+  if row.has("prompt"):
+    prompt = row.get("prompt", "text")
+  elif row.has("messages"):
+    prompt = row.get("messages", "messages")
+  else:
+    raise row.error(None, f"no prompt: expected 'prompt' or 'messages'; the row has "
+                          f"{sorted(row.row)}")
+  if isinstance(prompt, tuple) and prompt[-1]["role"] == "assistant":
+    raise row.error("messages" if not row.has("prompt") else "prompt",
+                    "ends with an assistant turn: an RL prompt ends where the policy answers")
+  _check_nonempty(row, "prompt", prompt)
+  return PromptExample(prompt)
+
+
 NORMALIZERS = {
     "sft": normalize_sft,
     "pair": normalize_pair,
     "unpaired": normalize_unpaired,
     "ranked": normalize_ranked,
+    "prompt": normalize_prompt,
 }

@@ -83,7 +83,9 @@ def load_rows(source: Any, *, split: str = "train", kind: str | None = None, num
   if isinstance(source, datasets.Dataset):
     return source, getattr(source, "info", None) and source.info.dataset_name or "<Dataset>"
   if isinstance(source, (list, tuple)):
-    return datasets.Dataset.from_list(list(source)), "<rows>"
+    # Used as they are: Dataset.from_list takes its columns from the first row and would drop
+    # fields that only later rows have.
+    return list(source), "<rows>"
   source = str(source)
   if source.startswith("synthetic:"):
     return _synthetic_rows(source, kind, num_rows), source
@@ -107,7 +109,7 @@ def load_rows(source: Any, *, split: str = "train", kind: str | None = None, num
 
 
 def _synthetic_rows(source: str, kind: str | None, num_rows):
-  """'synthetic:<kind>[:seed]' -> rows of the embedded task (kind: sft | pair | unpaired | ranked)."""
+  """'synthetic:<kind>[:seed]' -> rows of the embedded task (sft|pair|unpaired|ranked|prompt)."""
   import datasets
 
   parts = source.split(":")
@@ -115,7 +117,8 @@ def _synthetic_rows(source: str, kind: str | None, num_rows):
   which = parts[1] if len(parts) > 1 and parts[1] else kind
   n = num_rows or 2048
   makers = {"sft": task.sft_rows, "pair": task.preference_rows,
-            "unpaired": task.unpaired_rows, "ranked": task.ranked_rows}
+            "unpaired": task.unpaired_rows, "ranked": task.ranked_rows,
+            "prompt": task.prompt_rows}
   if which not in makers:
     raise ValueError(f"{source!r}: synthetic kind must be one of {sorted(makers)}")
   return datasets.Dataset.from_list(makers[which](n))

@@ -33,6 +33,8 @@ __all__ = [
     "CATEGORIES",
     "ITEMS",
     "gold_reward",
+    "gold_reward_fn",
+    "prompt_text",
     "sample_response",
     "prompt_messages",
     "build_tokenizer",
@@ -113,6 +115,19 @@ def gold_reward(prompt: str, response: str) -> float:
   return total / len(sentences)
 
 
+def prompt_text(prompt) -> str:
+  """The user's request from a prompt given as text or as messages (last user turn)."""
+  if isinstance(prompt, str):
+    return prompt
+  return [m["content"] for m in prompt if m["role"] == "user"][-1]
+
+
+def gold_reward_fn(prompts, responses) -> np.ndarray:
+  """Batched gold reward with the signature of a Python reward function (verifiable reward)."""
+  return np.array([gold_reward(prompt_text(p), r) for p, r in zip(prompts, responses)],
+                  np.float32)
+
+
 def prompt_messages(item: str) -> tuple:
   return ({"role": "user", "content": f"review the {item}"},)
 
@@ -159,6 +174,10 @@ class SyntheticTask:
     logit = (gold_reward(prompt, a) - gold_reward(prompt, b)) / self.label_temperature
     logit += self.length_bias * (_sentences(a) - _sentences(b))
     return bool(rng.random() < 1.0 / (1.0 + np.exp(-logit)))
+
+  def prompt_rows(self, n: int, stream: int = 0) -> list[dict]:
+    """RL prompts: the policy writes the review."""
+    return [{"prompt": list(prompt_messages(item))} for item in self.prompts(n, 400 + stream)]
 
   def sft_rows(self, n: int, stream: int = 0) -> list[dict]:
     rng = self._rng(stream)

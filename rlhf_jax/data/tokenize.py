@@ -23,8 +23,8 @@ import functools
 
 import numpy as np
 
-from rlhf_jax.data.formats import (DataError, PairExample, RankedExample, SFTExample, Text,
-                                   UnpairedExample)
+from rlhf_jax.data.formats import (DataError, PairExample, PromptExample, RankedExample,
+                                   SFTExample, Text, UnpairedExample)
 
 __all__ = [
     "TokenizeConfig",
@@ -32,6 +32,7 @@ __all__ = [
     "TokenizedPair",
     "TokenizedUnpaired",
     "TokenizedRanked",
+    "TokenizedPrompt",
     "encode_text",
     "render",
     "tokenize_example",
@@ -83,6 +84,13 @@ class TokenizedRanked:
   truncated: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenizedPrompt:
+  prompt: np.ndarray
+  text: Text  # the normalised prompt, for reward functions that read text
+  truncated: bool = False
+
+
 class SkipRow(Exception):
   """Raised for a row that `on_overflow="skip"` drops; carries the reason for the counts."""
 
@@ -96,10 +104,18 @@ def _special_ids(tokenizer):
   return (bos if adds_bos else None), eos
 
 
-def render(tokenizer, prompt: Text, completion: Text) -> tuple[str, str]:
-  """Prompt and completion as the strings the model sees (chat template for messages)."""
-  if isinstance(prompt, str) and isinstance(completion, str):
-    return prompt, completion
+def render(tokenizer, prompt: Text, completion: Text | None) -> tuple[str, str]:
+  """Prompt and completion as the strings the model sees (chat template for messages).
+
+  completion None renders the prompt alone, as the policy sees it when it generates.
+  """
+  if isinstance(prompt, str) and (completion is None or isinstance(completion, str)):
+    return prompt, completion or ""
+  if completion is None:
+    if tokenizer.chat_template is None:
+      raise ValueError("conversational prompts need a tokenizer with a chat template")
+    return tokenizer.apply_chat_template(list(prompt), tokenize=False,
+                                         add_generation_prompt=True), ""
   if tokenizer.chat_template is None:
     raise ValueError("conversational data needs a tokenizer with a chat template "
                      "(tokenizer.chat_template is None)")
@@ -181,6 +197,19 @@ def tokenize_example(example, tokenizer, config: TokenizeConfig, source="<rows>"
     prompt, (completion,), truncated = encode_and_truncate(
         example.prompt, [example.completion])
     return TokenizedUnpaired(prompt, completion, example.label, truncated)
+  if isinstance(example, PromptExample):
+    prompt_ids, _, bos = _encode(tokenizer, example.prompt, [None])
+    limit = config.max_prompt_length or config.max_length
+    truncated = len(prompt_ids) > limit
+    if truncated:
+      if config.max_prompt_length is None or config.on_overflow == "error":
+        raise DataError(source, row, "prompt", f"the prompt is {len(prompt_ids)} tokens, over "
+                        f"the limit of {limit} (set data.max_prompt_length to cut its start)")
+      if config.on_overflow == "skip":
+        raise SkipRow("prompt over max_prompt_length")
+      prompt_ids, _, _ = _truncate(prompt_ids, [prompt_ids[:1]], dataclasses.replace(
+          config, max_length=limit + 1), where, bos)
+    return TokenizedPrompt(prompt_ids, example.prompt, truncated)
   if isinstance(example, RankedExample):
     prompt, completions, truncated = encode_and_truncate(
         example.prompt, list(example.completions))

@@ -27,6 +27,8 @@ __all__ = [
     "load_policy",
     "load_data",
     "load_reference",
+    "load_reward_model",
+    "stop_ids",
     "make_stream",
     "Placement",
     "make_placement",
@@ -59,6 +61,7 @@ class DataSpec:
   max_prompt_length: int | None = None
   on_overflow: str = "truncate"  # "truncate" | "skip" | "error"
   on_bad_row: str = "raise"  # "raise" | "skip" (counted in the logs)
+  packing: bool = False  # SFT only: several examples per row (attention stays within each)
 
 
 def cache_dir() -> pathlib.Path:
@@ -96,6 +99,40 @@ def load_policy(spec: ModelSpec, path: str | None = None):
     overrides["attention_impl"] = spec.attention_impl
   dtype = jnp.dtype(spec.dtype)
   return models.from_pretrained(resolve_model_path(path or spec.path), dtype=dtype, **overrides)
+
+
+def is_sequence_classifier(path: str) -> bool:
+  config_file = pathlib.Path(path) / "config.json"
+  if not config_file.exists():
+    return False
+  import json
+  architectures = json.loads(config_file.read_text()).get("architectures") or []
+  return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
+def load_reward_model(path: str, spec: ModelSpec, num_heads: int = 1, seed: int = 0):
+  """(RewardModel, params): a *ForSequenceClassification checkpoint as it is, or a causal LM with
+  a freshly initialised score head."""
+  path = resolve_model_path(path)
+  if is_sequence_classifier(path):
+    rm, params = models.from_pretrained_reward_model(path, dtype=jnp.dtype(spec.dtype))
+    if rm.num_labels != num_heads:
+      raise ValueError(f"{path} has {rm.num_labels} reward heads, expected {num_heads}")
+    return rm, params
+  model, params = load_policy(spec, path)
+  return models.RewardModel.from_causal_lm(model, params, jax.random.key(seed),
+                                           num_labels=num_heads)
+
+
+def stop_ids(tokenizer, model) -> tuple[int, ...]:
+  """Every id that ends a response: the tokenizer's EOS and the model config's EOS ids."""
+  ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+  config_eos = getattr(model.config, "eos_token_id", None)
+  ids |= set(np.atleast_1d(config_eos).tolist()) if config_eos is not None else set()
+  if not ids:
+    raise ValueError("neither the tokenizer nor the model config defines an EOS token: set "
+                     "tokenizer.eos_token so generation can stop")
+  return tuple(sorted(int(i) for i in ids))
 
 
 def load_data(kind: str, spec: DataSpec, tokenizer, seed: int):

@@ -63,6 +63,9 @@ class Task:
   num_steps: int  # micro-steps in the whole run
   eval_step: Callable[[Any, dict], dict] | None = None  # -> weighted sums incl. "weight"
   eval_batches: Callable[[], Iterable[dict]] | None = None
+  # Extra evaluations at every evaluation: state -> metrics (e.g. sampling the policy and
+  # measuring gold/proxy reward and KL); merged into the eval record.
+  evaluators: list = dataclasses.field(default_factory=list)
   export: Callable[[Any, str], None] | None = None
   count_tokens: Callable[[dict], int] = lambda batch: int(np.sum(batch["attention_mask"]))
   config: dict = dataclasses.field(default_factory=dict)  # the experiment config, for the run dir
@@ -136,14 +139,20 @@ def _check_finite(step: int, metrics: dict, checkpoints: Checkpointer):
 
 
 def evaluate(task: Task, state) -> dict:
-  """Weighted means over every evaluation example (zero-weight filler excluded)."""
-  totals: dict[str, float] = {}
-  for batch in task.eval_batches():
-    sums = jax.device_get(task.eval_step(state, task.put(batch)))
-    for key, value in sums.items():
-      totals[key] = totals.get(key, 0.0) + float(value)
-  weight = totals.pop("weight", 0.0)
-  return {key: value / max(weight, 1e-12) for key, value in totals.items()}
+  """Weighted means over every evaluation example (zero-weight filler excluded), merged with
+  the task's extra evaluators."""
+  metrics: dict[str, float] = {}
+  if task.eval_step is not None:
+    totals: dict[str, float] = {}
+    for batch in task.eval_batches():
+      sums = jax.device_get(task.eval_step(state, task.put(batch)))
+      for key, value in sums.items():
+        totals[key] = totals.get(key, 0.0) + float(value)
+    weight = totals.pop("weight", 0.0)
+    metrics = {key: value / max(weight, 1e-12) for key, value in totals.items()}
+  for evaluator in task.evaluators:
+    metrics.update(evaluator(state))
+  return metrics
 
 
 _RESUME_MUST_MATCH = ("model", "data", "loss", "optimizer")
@@ -206,14 +215,14 @@ def run_loop(task: Task, run: RunConfig) -> dict:
         log.info("step %d %s tokens/s=%.0f", step + 1, _format(last_metrics), throughput)
         window_tokens, window_start = 0, time.perf_counter()
       done = step + 1 == task.num_steps
-      if task.eval_step is not None and (done or run.eval_every and (step + 1) % run.eval_every
-                                         == 0):
+      evaluates = task.eval_step is not None or task.evaluators
+      if evaluates and (done or run.eval_every and (step + 1) % run.eval_every == 0):
         eval_metrics = evaluate(task, state)
         writer.write(step + 1, "eval", eval_metrics)
         log.info("eval step %d %s", step + 1, _format(eval_metrics))
       if done or run.checkpoint_every and (step + 1) % run.checkpoint_every == 0:
         save(step + 1)
-    if start == task.num_steps and task.eval_step is not None:
+    if start == task.num_steps and (task.eval_step is not None or task.evaluators):
       eval_metrics = evaluate(task, state)
   finally:
     bar.close()

@@ -15,8 +15,6 @@ Several heads (`num_heads` > 1) learn several objectives; a pair's `objective` p
 from __future__ import annotations
 
 import dataclasses
-import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -57,26 +55,9 @@ class RewardConfig:
     self.optimizer.validate()
 
 
-def _is_sequence_classifier(path: str) -> bool:
-  config_file = pathlib.Path(path) / "config.json"
-  if not config_file.exists():
-    return False
-  architectures = json.loads(config_file.read_text()).get("architectures") or []
-  return any(a.endswith("ForSequenceClassification") for a in architectures)
-
-
 def load_reward_model(spec: common.ModelSpec, num_heads: int, seed: int):
   """A reward model from a sequence-classification checkpoint, or a causal LM plus a new head."""
-  path = common.resolve_model_path(spec.path)
-  if _is_sequence_classifier(path):
-    rm, params = models.from_pretrained_reward_model(path, dtype=jnp.dtype(spec.dtype))
-    if rm.num_labels != num_heads:
-      raise ValueError(f"{path} has {rm.num_labels} reward heads but loss.num_heads="
-                       f"{num_heads}")
-    return rm, params
-  model, params = common.load_policy(spec)
-  return models.RewardModel.from_causal_lm(model, params, jax.random.key(seed),
-                                           num_labels=num_heads)
+  return common.load_reward_model(spec.path, spec, num_heads, seed)
 
 
 def _pair_rewards(rm, params, batch):

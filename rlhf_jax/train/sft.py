@@ -2,22 +2,28 @@
 
 The prompt and padding are masked out of the loss (`loss_mask`); aggregation is the token mean
 over the whole batch (every completion token weighs the same), or the per-sequence mean then the
-batch mean (every example weighs the same) — `loss.aggregation`.
+batch mean (every example weighs the same) — `loss.aggregation`. With `data.packing`, several
+examples share a row: attention and positions stay within each example (segment ids), so the
+loss equals the unpacked one while padding nearly disappears.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
 
 from rlhf_jax import ops
 from rlhf_jax.config import to_dict
+from rlhf_jax.data.batching import pack_sft
 from rlhf_jax.train import common, loop, steps
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer, make_schedule
 
 __all__ = ["SFTLoss", "SFTConfig", "make_loss_fn", "build_task", "run"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +48,17 @@ class SFTConfig:
   def validate(self):
     self.loss.validate()
     self.optimizer.validate()
+    if self.data.packing and self.loss.aggregation != "token_mean":
+      raise ValueError("data.packing puts several examples in a row: use "
+                       "loss.aggregation=token_mean (a per-row mean would weigh examples by "
+                       "their row-mates)")
 
 
 def completion_nll(model, params, batch, chunk_size: int):
-  """(Σ weighted NLL over completion tokens [B], completion token counts [B])."""
+  """(Σ NLL over completion tokens [B], completion token counts [B]); packed rows (with
+  `segment_ids`) count every example they hold."""
   logps = model.token_logps(params, batch["input_ids"], batch["attention_mask"],
-                            chunk_size=chunk_size)
+                            chunk_size=chunk_size, segment_ids=batch.get("segment_ids"))
   mask = batch["loss_mask"].astype(jnp.float32)
   return -ops.masked_sum(logps, mask, axis=-1), jnp.sum(mask, axis=-1)
 
@@ -80,6 +91,11 @@ def build_task(config: SFTConfig) -> loop.Task:
   model, params = common.load_policy(config.model)
   train_records, eval_records, _ = common.load_data("sft", config.data, tokenizer, run.seed)
   pad = tokenizer.pad_token_id
+  if config.data.packing:
+    packed = pack_sft(train_records, config.data.max_length, run.seed)
+    log.info("packed %d examples into %d rows of %d tokens", len(train_records), len(packed),
+             config.data.max_length)
+    train_records = packed
   train = common.make_stream(train_records, config.data, run.batch_size, pad, run.seed)
   tx = make_optimizer(config.optimizer, run.steps)
   placement = common.make_placement(run.mesh, model.config)

@@ -94,3 +94,35 @@ def test_too_few_examples_for_a_training_batch_is_an_error(pair_records):
   # Evaluation still sees all three, padded with zero-weight filler.
   (batch,) = BatchStream(pair_records[:3], batch_size=4, max_length=48, shuffle=False).epoch()
   np.testing.assert_array_equal(batch["weight"], [1, 1, 1, 0])
+
+
+def test_prompt_batches_are_left_padded(word_tokenizer):
+  rows = [{"prompt": [{"role": "user", "content": "review the cafe"}]},
+          {"messages": [{"role": "user", "content": "review the phone"}]}]
+  records, _ = prepare("prompt", rows, word_tokenizer, TokenizeConfig(max_length=16))
+  assert records[0].text == ({"role": "user", "content": "review the cafe"},)
+  batch = BatchStream(records, batch_size=2, max_length=16, shuffle=False).batch(0)
+  ids, mask = batch["prompt_ids"], batch["prompt_mask"]
+  assert ids.shape == (2, 8)  # bucket 8 holds the 6-token prompts
+  tokens = word_tokenizer.convert_ids_to_tokens(ids[0, 2:].tolist())
+  assert tokens == ["<bos>", "<|user|>", "review", "the", "cafe", "<|assistant|>"]
+  np.testing.assert_array_equal(mask[:, :2], 0)
+  np.testing.assert_array_equal(mask[:, 2:], 1)
+
+
+def test_packing_places_every_example_once_within_the_length(word_tokenizer):
+  from rlhf_jax.data.batching import collate_packed, pack_sft
+  records, _ = prepare("sft", "synthetic:sft", word_tokenizer, TokenizeConfig(max_length=32),
+                       num_rows=200)
+  packed = pack_sft(records, 64)
+  assert all(len(row.input_ids) <= 64 for row in packed)
+  total = sum(len(r.prompt) + len(r.completion) for r in records)
+  assert sum(len(row.input_ids) for row in packed) == total
+  assert len(packed) < 0.5 * len(records)  # ~2.5 examples per 64-token row
+  segments = [row.segment_ids.max() for row in packed]
+  assert sum(segments) == len(records)
+  batch = collate_packed(packed[:4], 64)
+  first_of_segment = np.c_[np.ones((4, 1), bool),
+                           batch["segment_ids"][:, 1:] != batch["segment_ids"][:, :-1]]
+  assert not np.any(batch["loss_mask"] & first_of_segment)
+  assert not np.any(batch["loss_mask"] & (batch["segment_ids"] == 0))

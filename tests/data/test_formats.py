@@ -84,3 +84,12 @@ def test_bad_rows_of_other_kinds(normalize, row, field, message):
   with pytest.raises(DataError, match=message) as info:
     normalize(row, "data.jsonl", 2)
   assert info.value.field == field and info.value.row == 2
+
+
+def test_prompt_rows():
+  assert formats.normalize_prompt({"prompt": "Q: 2+2?"}).prompt == "Q: 2+2?"
+  assert formats.normalize_prompt({"messages": [USER]}).prompt == (USER,)
+  with pytest.raises(DataError, match="ends with an assistant turn"):
+    formats.normalize_prompt({"messages": [USER, GOOD]}, "p.jsonl", 1)
+  with pytest.raises(DataError, match="no prompt"):
+    formats.normalize_prompt({"text": "x"})

@@ -102,3 +102,23 @@ def test_reference_free_losses_load_no_reference(model_spec, data_spec, small_ru
       model=model_spec, data=data_spec("pair"),
       loss=preference.PreferenceLossConfig(name="simpo", beta=2.0), run=small_run(steps=1))
   assert preference.build_task(config).holds_reference is False
+
+
+def test_packed_sft_loss_equals_the_unpacked_loss(model_spec, data_spec):
+  from rlhf_jax.data import BatchStream
+  from rlhf_jax.data.batching import collate_packed, pack_sft
+  from rlhf_jax.train import common
+
+  tokenizer = common.load_tokenizer(model_spec)
+  model, params = common.load_policy(model_spec)
+  records, _, _ = common.load_data("sft", data_spec("sft", num_rows=24), tokenizer, 0)
+  packed = pack_sft(records, 64)
+  members = sum((int(row.segment_ids.max()) for row in packed), 0)
+  assert members == len(records) and len(packed) < len(records)
+  loss_fn = sft.make_loss_fn(model, sft.SFTLoss())
+  packed_batch = {**collate_packed(packed, 64), "weight": np.ones(len(packed), np.float32)}
+  unpacked = BatchStream(records, len(records), 32, shuffle=False).batch(0)
+  packed_loss, packed_aux = loss_fn(params, packed_batch)
+  plain_loss, plain_aux = loss_fn(params, unpacked)
+  assert packed_aux["completion_tokens"] == plain_aux["completion_tokens"]
+  np.testing.assert_allclose(packed_loss, plain_loss, rtol=1e-5)

@@ -1,0 +1,215 @@
+"""Flax Linen building blocks of the decoder: norms, rotary embedding, attention, MLP, block.
+
+Shape letters: B batch, T query tokens, S key slots (T without a cache, the cache length with
+one), D model width, N query heads, K key/value heads, H head dim, F MLP width, L layers.
+
+Numerics: matmuls run in the compute dtype `dtype` (bf16 OK); norms, the rotary rotation and the
+attention softmax run in float32 and cast back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models.config import ModelConfig
+
+__all__ = ["RMSNorm", "LayerNorm", "make_norm", "apply_rope", "Attention", "MLP", "Block",
+           "attention_implementation"]
+
+Dtype = Any
+
+
+def _init(config: ModelConfig):
+  return nn.initializers.normal(stddev=config.initializer_range)
+
+
+def _lift(param_D, x):
+  """A [D] parameter as float32 [1, ..., 1, D] matching x's rank (no implicit rank promotion)."""
+  return param_D.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+
+
+class RMSNorm(nn.Module):
+  """x / sqrt(mean(x²) + eps) · scale, in float32 (Zhang & Sennrich, 2019, arXiv:1910.07467)."""
+
+  eps: float
+  dtype: Dtype
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (normed * _lift(scale, x)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """(x - mean) / sqrt(var + eps) · scale + bias, in float32 (Ba et al., 2016,
+  arXiv:1607.06450)."""
+
+  eps: float
+  dtype: Dtype
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    normed = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    scale, bias = _lift(scale, x), _lift(bias, x)
+    return (normed * scale + bias).astype(self.dtype)
+
+
+def make_norm(config: ModelConfig, dtype, param_dtype, name: str) -> nn.Module:
+  cls = RMSNorm if config.norm == "rmsnorm" else LayerNorm
+  return cls(eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def apply_rope(x_BTNH, sin_BTh, cos_BTh):
+  """Rotary embedding in the "rotate half" layout of HF Llama: x·cos + rotate_half(x)·sin.
+
+  sin/cos are [B, T, H/2] float32; the rotation runs in float32 and casts back to x's dtype.
+  """
+  x = x_BTNH.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  x1, x2 = x[..., :half], x[..., half:]
+  sin, cos = sin_BTh[:, :, None, :], cos_BTh[:, :, None, :]
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_BTNH.dtype)
+
+
+def attention_implementation(config: ModelConfig, dtype, head_dim: int, has_cache: bool,
+                             num_queries: int) -> str:
+  """'xla' or 'cudnn' for `jax.nn.dot_product_attention` (auto: cuDNN where it is supported)."""
+  if config.attention_impl is not None:
+    return config.attention_impl
+  on_gpu = jax.default_backend() == "gpu"
+  cudnn_ok = (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+              and head_dim % 8 == 0 and head_dim <= 128 and num_queries % 2 == 0)
+  return "cudnn" if on_gpu and cudnn_ok and not has_cache else "xla"
+
+
+def _dense(features: int, use_bias: bool, config: ModelConfig, dtype, param_dtype, name: str):
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                  kernel_init=_init(config), name=name)
+
+
+def _attend(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, impl: str, has_cache: bool, auto: bool):
+  """softmax(q·kᵀ/sqrt(H) masked)·v via jax.nn.dot_product_attention (float32 softmax).
+
+  The mask already holds causality; is_causal (no cache only, where query slot t is key slot t)
+  just lets cuDNN skip masked-out blocks. In auto mode a shape or dtype cuDNN rejects while
+  tracing falls back to XLA.
+  """
+  kwargs = dict(mask=mask_B1TS, scale=q_BTNH.shape[-1] ** -0.5)
+  if impl == "cudnn":
+    try:
+      return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=not has_cache,
+                                          implementation="cudnn", **kwargs)
+    except (NotImplementedError, ValueError, RuntimeError):
+      if not auto:
+        raise
+  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, implementation="xla", **kwargs)
+
+
+class Attention(nn.Module):
+  """Multi-head / grouped-query attention through `jax.nn.dot_product_attention`.
+
+  GQA is native there (K < N heads, no repeated K/V). The KV cache, when given, is the whole
+  stacked [L, B, S, K, H] pair; this layer writes its T new keys/values at
+  [layer, :, cache_index:cache_index+T] with `lax.dynamic_update_slice` and attends over the
+  layer's S slots.
+  """
+
+  config: ModelConfig
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x_BTD, rope, mask_B1TS, cache, cache_index, layer):
+    cfg = self.config
+    batch, length, _ = x_BTD.shape
+    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    dense = lambda f, bias, name: _dense(f, bias, cfg, self.dtype, self.param_dtype, name)
+    q_BTNH = dense(n * h, cfg.qkv_bias, "q")(x_BTD).reshape(batch, length, n, h)
+    k_BTKH = dense(k * h, cfg.qkv_bias, "k")(x_BTD).reshape(batch, length, k, h)
+    v_BTKH = dense(k * h, cfg.qkv_bias, "v")(x_BTD).reshape(batch, length, k, h)
+    if rope is not None:
+      q_BTNH = apply_rope(q_BTNH, *rope)
+      k_BTKH = apply_rope(k_BTKH, *rope)
+    has_cache = cache is not None
+    if has_cache:
+      cache_k, cache_v = cache
+      start = (layer, 0, cache_index, 0, 0)
+      cache_k = jax.lax.dynamic_update_slice(cache_k, k_BTKH.astype(cache_k.dtype)[None], start)
+      cache_v = jax.lax.dynamic_update_slice(cache_v, v_BTKH.astype(cache_v.dtype)[None], start)
+      k_BSKH = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False).astype(self.dtype)
+      v_BSKH = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False).astype(self.dtype)
+      cache = (cache_k, cache_v)
+    else:
+      k_BSKH, v_BSKH = k_BTKH, v_BTKH
+    impl = attention_implementation(cfg, self.dtype, h, has_cache, length)
+    out_BTNH = _attend(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, impl, has_cache,
+                       auto=cfg.attention_impl is None)
+    out_BTD = dense(cfg.hidden_size, cfg.out_bias, "o")(out_BTNH.reshape(batch, length, n * h))
+    return out_BTD, cache
+
+
+_ACT = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+class MLP(nn.Module):
+  """SwiGLU down(act(gate·x) ⊙ up·x) (Shazeer, 2020, arXiv:2002.05202), or down(act(up·x))."""
+
+  config: ModelConfig
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.config
+    dense = lambda f, name: _dense(f, cfg.mlp_bias, cfg, self.dtype, self.param_dtype, name)
+    act = _ACT[cfg.activation]
+    if cfg.mlp == "gated":
+      h_BTF = act(dense(cfg.intermediate_size, "gate")(x_BTD)) * dense(cfg.intermediate_size,
+                                                                        "up")(x_BTD)
+    else:
+      h_BTF = act(dense(cfg.intermediate_size, "up")(x_BTD))
+    return dense(cfg.hidden_size, "down")(h_BTF)
+
+
+class Block(nn.Module):
+  """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(x)). Scanned over layers.
+
+  carry = (x_BTD, cache or None); per-layer inputs (layer index, uses-sliding-window flag).
+  """
+
+  config: ModelConfig
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, carry, rope, masks, cache_index, layer_inputs):
+    x_BTD, cache = carry
+    layer, is_sliding = layer_inputs
+    full_mask, window_mask = masks
+    mask = full_mask if window_mask is None else jnp.where(is_sliding, window_mask, full_mask)
+    cfg, dt, pdt = self.config, self.dtype, self.param_dtype
+    h_BTD = make_norm(cfg, dt, pdt, "attn_norm")(x_BTD)
+    attn_BTD, cache = Attention(cfg, dt, pdt, name="attn")(h_BTD, rope, mask, cache, cache_index,
+                                                           layer)
+    x_BTD = x_BTD + attn_BTD
+    x_BTD = x_BTD + MLP(cfg, dt, pdt, name="mlp")(make_norm(cfg, dt, pdt, "mlp_norm")(x_BTD))
+    return (x_BTD, cache), None

@@ -1,0 +1,290 @@
+"""The decoder (`Decoder`, Flax Linen) and its user-facing wrapper `CausalLM`, plus the KV cache.
+
+Shape letters: B batch, T tokens of this call, S key slots (T without a cache, the cache length
+with one), D model width, V vocabulary, K key/value heads, H head dim, L layers.
+
+`CausalLM` hides the Linen `{"params": ...}` wrapper: `params` is the plain nested dict
+  {"embed": {"embedding": [V, D]}, "pos_embed": {"embedding": [P, D]} (learned positions only),
+   "layers": {... every leaf with a leading [L] axis ...}, "final_norm": {...},
+   "lm_head": {"kernel": [D, V]} (untied models only)}.
+Logits are computed outside the Linen module from `unembedding(params)`, so the reward model
+reuses the same decoder without an lm_head.
+
+Attention masking (one boolean [B, 1, T, S] mask): a query in slot i sees slot j iff j <= i,
+the key slot is real (mask 1), and, on sliding-window layers, i - j < window. A query also always
+sees its own slot, so a padding query has a well-defined (ignored) output instead of a softmax
+over nothing. Positions come from the mask, clip(cumsum(mask) - 1, 0), so left padding is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import chex
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import ops
+from rlhf_jax.models.config import ModelConfig, dtype_from_name, rope_inv_freq
+from rlhf_jax.models.layers import Block, make_norm
+
+__all__ = ["Decoder", "CausalLM", "KVCache", "ModelOutput", "TokenScores",
+           "positions_from_mask", "positions_from_segments", "attention_mask_B1TS"]
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Preallocated keys and values, each [L, B, S, K, H] in the cache dtype.
+
+  Holds no index or mask: the caller passes `attention_mask` [B, S] (1 = slot holds, or will
+  hold, a real token) and `cache_index` (slot of the first new token) to every `apply`.
+  """
+
+  k: jax.Array
+  v: jax.Array
+
+
+@flax.struct.dataclass
+class TokenScores:
+  """What `CausalLM.score_tokens` returns: logps [B, T], entropy [B, T] or None, hidden
+  [B, T, D]."""
+
+  logps: jax.Array
+  entropy: jax.Array | None
+  hidden: jax.Array
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  """logits [B, T, V] float32 (None unless computed), hidden [B, T, D] (final normed hidden
+  states, compute dtype), cache (the updated KVCache, or None)."""
+
+  logits: jax.Array | None
+  hidden: jax.Array
+  cache: KVCache | None = None
+
+
+def positions_from_mask(mask_BT: jax.Array) -> jax.Array:
+  """clip(cumsum(mask) - 1, 0): the position of each real token counting only real tokens."""
+  return jnp.maximum(jnp.cumsum(mask_BT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def attention_mask_B1TS(key_mask_BS, query_slots_T, window: int | None,
+                        segment_ids_BS=None) -> jax.Array:
+  """Boolean [B, 1, T, S]: causal over slots, real keys only, optional window, diagonal always;
+  with segment ids (packed rows, no cache), only keys of the query's own segment."""
+  key_slots_S = jnp.arange(key_mask_BS.shape[-1], dtype=jnp.int32)
+  q, k = query_slots_T[:, None], key_slots_S[None, :]
+  allowed_TS = k <= q
+  if window is not None:
+    allowed_TS = allowed_TS & (q - k < window)
+  allowed_BTS = allowed_TS[None] & (key_mask_BS[:, None, :] > 0)
+  if segment_ids_BS is not None:
+    allowed_BTS = allowed_BTS & (segment_ids_BS[:, :, None] == segment_ids_BS[:, None, :])
+  allowed_BTS = allowed_BTS | (k == q)[None]
+  return allowed_BTS[:, None]
+
+
+def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
+  """Position of each token within its segment (packed rows): 0 at every segment start."""
+  t = jnp.arange(segment_ids_BT.shape[-1], dtype=jnp.int32)
+  previous = jnp.pad(segment_ids_BT[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+  starts = jnp.where(segment_ids_BT != previous, t[None], 0)
+  return t[None] - jax.lax.cummax(starts, axis=1)
+
+
+class Decoder(nn.Module):
+  """Embeddings -> L scanned pre-norm blocks -> final norm. Returns (hidden_BTD, cache)."""
+
+  config: ModelConfig
+  dtype: Any = jnp.float32  # compute dtype
+  param_dtype: Any = jnp.float32  # only used by init
+
+  @nn.compact
+  def __call__(self, input_ids_BT, positions_BT, key_mask_BS, cache=None, cache_index=None,
+               segment_ids_BS=None):
+    cfg = self.config
+    init = nn.initializers.normal(stddev=cfg.initializer_range)
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
+                     param_dtype=self.param_dtype, embedding_init=init, name="embed")
+    x_BTD = embed(input_ids_BT)
+    rope = None
+    if cfg.positions == "learned":
+      pos_embed = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype,
+                           param_dtype=self.param_dtype, embedding_init=init, name="pos_embed")
+      x_BTD = x_BTD + pos_embed(positions_BT)
+    else:
+      inv_freq_h = jnp.asarray(rope_inv_freq(cfg))
+      angles_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq_h[None, None]
+      rope = (jnp.sin(angles_BTh), jnp.cos(angles_BTh))
+
+    length = input_ids_BT.shape[1]
+    start = 0 if cache_index is None else cache_index
+    query_slots_T = start + jnp.arange(length, dtype=jnp.int32)
+    sliding = cfg.layer_is_sliding
+    full = (attention_mask_B1TS(key_mask_BS, query_slots_T, None, segment_ids_BS)
+            if not all(sliding) else None)
+    window = (attention_mask_B1TS(key_mask_BS, query_slots_T, cfg.sliding_window, segment_ids_BS)
+              if any(sliding) else None)
+    if full is None:
+      masks = (window, None)
+    elif window is None:
+      masks = (full, None)
+    else:
+      masks = (full, window)
+
+    block = Block
+    if cfg.remat_policy != "none":
+      block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    blocks = nn.scan(
+        block, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers)
+    layer_inputs = (jnp.arange(cfg.num_layers, dtype=jnp.int32), jnp.asarray(sliding))
+    cache_kv = None if cache is None else (cache.k, cache.v)
+    cache_index = None if cache is None else jnp.asarray(cache_index, jnp.int32)
+    (x_BTD, cache_kv), _ = blocks(cfg, self.dtype, self.param_dtype, name="layers")(
+        (x_BTD, cache_kv), rope, masks, cache_index, layer_inputs)
+    hidden_BTD = make_norm(cfg, self.dtype, self.param_dtype, "final_norm")(x_BTD)
+    return hidden_BTD, None if cache is None else KVCache(*cache_kv)
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalLM:
+  """A causal LM: config + pure functions of a plain params dict. Hashable (jit static arg)."""
+
+  config: ModelConfig
+
+  def compute_dtype(self, params) -> Any:
+    if self.config.compute_dtype is not None:
+      return dtype_from_name(self.config.compute_dtype)
+    return params["embed"]["embedding"].dtype
+
+  def _decoder(self, dtype, param_dtype=jnp.float32) -> Decoder:
+    return Decoder(self.config, dtype=dtype, param_dtype=param_dtype)
+
+  def init(self, key: jax.Array, dtype=jnp.float32) -> dict:
+    """Random params (normal(initializer_range) weights, unit norms, zero biases) in `dtype`."""
+    return _jitted_init(self, key, jnp.dtype(dtype))
+
+  def _init(self, key: jax.Array, dtype) -> dict:
+    decoder_key, head_key = jax.random.split(key)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    variables = self._decoder(dtype, dtype).init(decoder_key, ids, ids, jnp.ones_like(ids))
+    params = dict(variables["params"])
+    if not self.config.tie_embeddings:
+      shape = (self.config.hidden_size, self.config.vocab_size)
+      kernel = self.config.initializer_range * jax.random.normal(head_key, shape, jnp.float32)
+      params["lm_head"] = {"kernel": kernel.astype(dtype)}
+    return params
+
+  def unembedding(self, params) -> jax.Array:
+    """[D, V]: the lm_head kernel, or the embedding transposed when tied."""
+    if self.config.tie_embeddings:
+      return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+    """Zeros [L, B, S, K, H] for k and v; dtype None = compute_dtype if set, else float32."""
+    cfg = self.config
+    if dtype is None:
+      dtype = dtype_from_name(cfg.compute_dtype) if cfg.compute_dtype else jnp.float32
+    shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+  def apply(self, params, input_ids_BT, attention_mask=None, *, positions=None, cache=None,
+            cache_index=None, compute_logits: bool = True, segment_ids=None) -> ModelOutput:
+    """Forward pass. See the module docstring and the models contract for mask semantics.
+
+    Without a cache: attention_mask [B, T] (None = all ones); positions default to the mask's.
+    With a cache: attention_mask [B, S] over the cache slots, cache_index = slot of
+    input_ids[:, 0] (int32, may be traced; the caller keeps cache_index + T <= S, since
+    dynamic_update_slice clamps instead of failing); positions default to the mask's positions
+    at those slots. out.cache holds the T new keys/values.
+    Packed rows (no cache): segment_ids [B, T] int, 0 = padding, 1, 2, ... = the examples packed
+    into a row; tokens attend only within their segment and positions restart at each segment.
+    """
+    chex.assert_rank(input_ids_BT, 2)
+    batch, length = input_ids_BT.shape
+    if segment_ids is not None:
+      if cache is not None:
+        raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
+      chex.assert_shape(segment_ids, (batch, length))
+      attention_mask = (segment_ids > 0).astype(jnp.int32)
+      if positions is None:
+        positions = positions_from_segments(segment_ids)
+    if cache is None:
+      key_mask = (jnp.ones((batch, length), jnp.int32) if attention_mask is None
+                  else attention_mask)
+      chex.assert_shape(key_mask, (batch, length))
+      if positions is None:
+        positions = positions_from_mask(key_mask)
+    else:
+      if cache_index is None:
+        raise ValueError("apply with a cache needs cache_index (slot of input_ids[:, 0])")
+      slots = cache.k.shape[2]
+      key_mask = (jnp.ones((batch, slots), jnp.int32) if attention_mask is None
+                  else attention_mask)
+      chex.assert_shape(key_mask, (batch, slots))
+      if positions is None:
+        positions = jax.lax.dynamic_slice_in_dim(positions_from_mask(key_mask),
+                                                 jnp.asarray(cache_index, jnp.int32), length, 1)
+    chex.assert_shape(positions, (batch, length))
+    dtype = self.compute_dtype(params)
+    decoder_params = {k: v for k, v in params.items() if k != "lm_head"}
+    hidden_BTD, new_cache = self._decoder(dtype).apply(
+        {"params": decoder_params}, input_ids_BT, positions.astype(jnp.int32), key_mask,
+        cache, cache_index, segment_ids)
+    logits = None
+    if compute_logits:
+      unembed_DV = self.unembedding(params).astype(dtype)
+      logits = jnp.einsum("btd,dv->btv", hidden_BTD, unembed_DV,
+                          preferred_element_type=jnp.float32)
+    return ModelOutput(logits=logits, hidden=hidden_BTD, cache=new_cache)
+
+  def score_tokens(self, params, input_ids_BT, attention_mask_BT, *, temperature: float = 1.0,
+                   chunk_size: int = 512, entropy: bool = False,
+                   segment_ids=None) -> "TokenScores":
+    """Token log-probs (and optionally entropies) plus the hidden states, from one forward pass.
+
+    logps [B, T] float32: [:, t] = log softmax(logits_{t-1} / temperature)[ids[:, t]]; [:, 0] = 0,
+    and 0 wherever attention_mask_BT is 0 (padding scores nothing). entropy [B, T] (or None):
+    the entropy of the distribution that predicts token t, aligned like logps. Uses
+    ops.chunked_token_logps on the final hidden states, never a full float32 [B, T, V]
+    log-softmax: the one log-prob function of trainer, reference, sampler checks and scoring.
+    """
+    chex.assert_rank([input_ids_BT, attention_mask_BT], 2)
+    chex.assert_equal_shape([input_ids_BT, attention_mask_BT])
+    hidden_BTD = self.apply(params, input_ids_BT, attention_mask_BT, compute_logits=False,
+                            segment_ids=segment_ids).hidden
+    unembed_DV = self.unembedding(params).astype(hidden_BTD.dtype)
+    scored = ops.chunked_token_logps(hidden_BTD[:, :-1], unembed_DV, input_ids_BT[:, 1:],
+                                     temperature=temperature, chunk_size=chunk_size,
+                                     return_entropy=entropy)
+    mask = attention_mask_BT.astype(jnp.float32)
+    if segment_ids is not None:  # a segment's first token is predicted by nothing in it
+      mask = mask * (segment_ids == jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)))).astype(
+          jnp.float32)
+    align = lambda x: jnp.pad(x, ((0, 0), (1, 0))) * mask
+    logps, token_entropy = scored if entropy else (scored, None)
+    return TokenScores(logps=align(logps),
+                       entropy=None if token_entropy is None else align(token_entropy),
+                       hidden=hidden_BTD)
+
+  def token_logps(self, params, input_ids_BT, attention_mask_BT, *, temperature: float = 1.0,
+                  chunk_size: int = 512, segment_ids=None) -> jax.Array:
+    """[B, T] float32 token log-probs: `score_tokens(...).logps`."""
+    return self.score_tokens(params, input_ids_BT, attention_mask_BT, temperature=temperature,
+                             chunk_size=chunk_size, segment_ids=segment_ids).logps
+
+
+# One compiled init per (model, dtype): eager Flax init dispatches hundreds of tiny ops.
+_jitted_init = jax.jit(CausalLM._init, static_argnums=(0, 2))

@@ -1,0 +1,266 @@
+"""The whole RLHF pipeline on the synthetic task, where the true (gold) reward is known.
+
+  SFT on demonstrations  ->  a reward model on labelled pairs (the proxy)  ->
+    PPO against the proxy with a KL penalty to the SFT policy
+    DPO and other direct losses on the same pairs
+    best-of-N against the proxy (no training)
+  -> every policy sampled on the same held-out prompts: gold and proxy reward, KL to the SFT
+     policy, length, gold win rate against the SFT policy.
+
+The labellers are Bradley-Terry on the gold reward with noise and a length bias (they like longer
+answers a little; gold does not), so the proxy can be exploited: the over-optimisation plot shows
+proxy and gold against sqrt(KL) (Gao et al. 2022), the frontier plot gold against KL for each
+method (the DPO paper's Figure 2, at toy scale). `sweep` runs several KL coefficients and betas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+from rlhf_jax.data import BatchStream, TokenizeConfig, prepare, synthetic
+from rlhf_jax.eval import diagnostics, plots, policy_eval
+from rlhf_jax.train import common, loop, ppo, preference, reward, rollout, sft
+from rlhf_jax.train.state import OptimizerConfig
+
+__all__ = ["Stage", "PipelineConfig", "run", "best_of_n_points"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  steps: int
+  batch_size: int = 32
+  learning_rate: float = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  trainer: str = "pipeline"
+  output_dir: str = "runs/pipeline"
+  seed: int = 0
+  model: str = "synthetic:tiny"  # the pretrained starting point
+  label_temperature: float = 0.25  # labeller noise (Bradley-Terry temperature on gold)
+  length_bias: float = 0.5  # labellers' preference per extra sentence; gold has none
+  num_demonstrations: int = 4096
+  num_pairs: int = 4096
+  eval_prompts: int = 128
+  max_new_tokens: int = 24
+  eval_points: int = 3  # evaluations during each training run (trajectories in the plots)
+  sft: Stage = Stage(steps=150, learning_rate=2e-3)
+  reward: Stage = Stage(steps=150, learning_rate=1e-3)
+  ppo: Stage = Stage(steps=40, learning_rate=3e-4)
+  ppo_kl_coefs: tuple[float, ...] = (0.05,)
+  direct: Stage = Stage(steps=100, learning_rate=1e-4)
+  # "loss:beta" for each direct run; IPO's β acts on token-mean log-probs (target margin 1/(2β)
+  # nats per token), so it wants a larger β than DPO's on sums.
+  direct_methods: tuple[str, ...] = ("dpo:0.1", "ipo:0.5")
+  best_of_n: tuple[int, ...] = (2, 4, 8, 16)
+
+  def direct_runs(self) -> list[tuple[str, float]]:
+    from rlhf_jax import losses
+    runs = []
+    for method in self.direct_methods:
+      name, _, beta = method.partition(":")
+      if name not in losses.PREFERENCE_LOSSES or not beta:
+        raise ValueError(f"direct_methods entry {method!r} must be 'loss:beta' with a loss in "
+                         f"PREFERENCE_LOSSES")
+      runs.append((name, float(beta)))
+    return runs
+
+  def validate(self):
+    self.direct_runs()
+
+
+def _run_config(config: PipelineConfig, stage: Stage, name: str, **changes) -> loop.RunConfig:
+  return loop.RunConfig(steps=stage.steps, batch_size=stage.batch_size, log_every=max(
+      stage.steps // 4, 1), output_dir=str(pathlib.Path(config.output_dir) / name),
+      seed=config.seed, progress=False, resume=False, **changes)
+
+
+def _timed(fn, *args):
+  start = time.perf_counter()
+  out = fn(*args)
+  return out, time.perf_counter() - start
+
+
+class _Lab:
+  """What every stage shares: the data files, the tokenizer, the evaluation."""
+
+  def __init__(self, config: PipelineConfig):
+    self.config = config
+    self.out = pathlib.Path(config.output_dir)
+    (self.out / "data").mkdir(parents=True, exist_ok=True)
+    task = synthetic.SyntheticTask(seed=config.seed, label_temperature=config.label_temperature,
+                                   length_bias=config.length_bias)
+    self.files = {}
+    for name, rows in (("sft", task.sft_rows(config.num_demonstrations)),
+                       ("pairs", task.preference_rows(config.num_pairs)),
+                       ("prompts", task.prompt_rows(2048)),
+                       ("eval_prompts", task.prompt_rows(config.eval_prompts, stream=9))):
+      path = self.out / "data" / f"{name}.jsonl"
+      path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+      self.files[name] = str(path)
+    self.base = common.ModelSpec(path=config.model)
+    self.tokenizer = common.load_tokenizer(self.base)
+
+  def data(self, name, max_length, buckets, eval_fraction=0.05):
+    return common.DataSpec(train=self.files[name], max_length=max_length, buckets=buckets,
+                           eval_fraction=eval_fraction)
+
+  def make_evaluator(self, sft_dir, rm_dir):
+    """One PolicyEvaluator (the same prompts, key, proxy, gold and reference for every method)."""
+    spec = common.ModelSpec(path=sft_dir)
+    model, sft_params = common.load_policy(spec)
+    rm, rm_params = common.load_reward_model(rm_dir, spec)
+    self.proxy = rollout.ModelScorer(rm, rm_params)
+    records, _ = prepare("prompt", self.files["eval_prompts"], self.tokenizer,
+                         TokenizeConfig(max_length=16))
+    self.model, self.sft_params = model, sft_params
+    self.evaluator = policy_eval.PolicyEvaluator(
+        model, sft_params, self.tokenizer, records, batch_size=64,
+        max_new_tokens=self.config.max_new_tokens, eos_ids=common.stop_ids(self.tokenizer, model),
+        proxy=self.proxy, gold_fn=synthetic.gold_reward_fn, seed=self.config.seed)
+    self.records = records
+    self.sft_samples = self.evaluator.samples(sft_params)
+    return self.evaluator
+
+
+def _final(lab: _Lab, params, name: str, seconds: float, trajectory) -> dict:
+  samples = lab.evaluator.samples(params)
+  row = {"method": name, **policy_eval.summarize(samples, lab.sft_samples), "seconds": seconds,
+         "trajectory": trajectory}
+  log.info("%s: %s", name, {k: v for k, v in row.items() if k != "trajectory"})
+  return row
+
+
+def _trajectory(run_dir: pathlib.Path) -> list[dict]:
+  lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+  return [json.loads(line) for line in lines if json.loads(line)["split"] == "eval"
+          and "gold_reward" in json.loads(line)]
+
+
+def run(config: PipelineConfig) -> dict:
+  config.validate()
+  start = time.perf_counter()
+  lab = _Lab(config)
+  out, rows = lab.out, []
+  eval_every = lambda stage: max(stage.steps // config.eval_points, 1)
+
+  # 1. SFT on demonstrations.
+  sft_config = sft.SFTConfig(
+      model=lab.base, data=lab.data("sft", 32, (32,)),
+      optimizer=OptimizerConfig(learning_rate=config.sft.learning_rate, warmup_steps=10),
+      run=_run_config(config, config.sft, "sft"))
+  _, sft_seconds = _timed(sft.run, sft_config)
+  sft_dir = str(out / "sft" / "hf")
+
+  # 2. The proxy reward model on the labelled pairs, from the SFT model.
+  rm_config = reward.RewardConfig(
+      model=common.ModelSpec(path=sft_dir), data=lab.data("pairs", 32, (32,)),
+      loss=reward.RewardLoss(center_coef=0.01),
+      optimizer=OptimizerConfig(learning_rate=config.reward.learning_rate, warmup_steps=10),
+      run=_run_config(config, config.reward, "reward"))
+  rm_summary, rm_seconds = _timed(reward.run, rm_config)
+  rm_dir = str(out / "reward" / "hf")
+  evaluator = lab.make_evaluator(sft_dir, rm_dir)
+  rows.append({"method": "SFT", **policy_eval.summarize(lab.sft_samples, lab.sft_samples),
+               "seconds": sft_seconds, "trajectory": []})
+  log.info("reward model: held-out accuracy %.3f", rm_summary["eval"].get("accuracy", np.nan))
+
+  # 3. PPO against the proxy, from the SFT policy, one run per KL coefficient.
+  for kl_coef in config.ppo_kl_coefs:
+    name = f"PPO kl={kl_coef:g}"
+    ppo_config = ppo.PPOConfig(
+        model=common.ModelSpec(path=sft_dir),
+        data=dataclasses.replace(lab.data("prompts", 16, (16,), eval_fraction=0.0)),
+        generation=rollout.GenerationConfig(max_new_tokens=config.max_new_tokens),
+        reward=rollout.RewardSpec(kind="model", path=rm_dir),
+        loss=ppo.PPOLoss(kl_coef=kl_coef),
+        optimizer=OptimizerConfig(learning_rate=config.ppo.learning_rate),
+        run=_run_config(config, config.ppo, f"ppo-{kl_coef:g}",
+                        eval_every=eval_every(config.ppo), export=False))
+    task = ppo.build_task(ppo_config)
+    task.evaluators.append(_as_evaluator(evaluator, lambda s: s.params["policy"]))
+    summary, seconds = _timed(loop.run_loop, task, ppo_config.run)
+    rows.append(_final(lab, summary["state"].params["policy"], name, seconds,
+                       _trajectory(pathlib.Path(ppo_config.run.output_dir))))
+
+  # 4. Direct methods on the same pairs, from the SFT policy.
+  for loss_name, beta in config.direct_runs():
+    name = f"{loss_name.upper()} β={beta:g}"
+    direct_config = preference.PreferenceConfig(
+        model=common.ModelSpec(path=sft_dir), data=lab.data("pairs", 32, (32,)),
+        loss=preference.PreferenceLossConfig(name=loss_name, beta=beta),
+        optimizer=OptimizerConfig(learning_rate=config.direct.learning_rate, warmup_steps=5),
+        run=_run_config(config, config.direct, f"{loss_name}-{beta:g}",
+                        eval_every=eval_every(config.direct), export=False))
+    task = preference.build_task(direct_config)
+    task.evaluators.append(_as_evaluator(evaluator, lambda s: s.params))
+    summary, seconds = _timed(loop.run_loop, task, direct_config.run)
+    rows.append(_final(lab, summary["state"].params, name, seconds,
+                       _trajectory(pathlib.Path(direct_config.run.output_dir))))
+
+  # 5. Best-of-N against the proxy: no training; KL is log N - (N-1)/N.
+  bon = best_of_n_points(lab, config)
+  result = {"rows": rows, "best_of_n": bon, "reward_model": rm_summary["eval"],
+            "seconds": time.perf_counter() - start, "rm_seconds": rm_seconds}
+  table = plots.comparison_table(rows, bon)
+  print(table)
+  (out / "table.md").write_text(table + "\n")
+  (out / "results.json").write_text(json.dumps(result, indent=2, default=float))
+  plots.frontier(rows, bon, out / "frontier.png")
+  plots.overoptimization(rows, out / "overoptimization.png", bon)
+  log.info("pipeline done in %.0fs: %s", result["seconds"], out)
+  return result
+
+
+def _as_evaluator(evaluator, params_of):
+  def evaluate(state):
+    return policy_eval.summarize(evaluator.samples(params_of(state)))
+  return evaluate
+
+
+def best_of_n_points(lab: _Lab, config: PipelineConfig) -> list[dict]:
+  """Gold and proxy of best-of-N for each N, with the analytic and the estimated KL.
+
+  2·N_max samples per prompt: the first N_max are the candidates (best-of-n uses the first n),
+  the other N_max estimate the proxy's CDF for the KL estimate, independently of the winners.
+  """
+
+  n_max = max(config.best_of_n)
+  draws = 2 * n_max
+  sample = rollout.make_sampler(lab.model, rollout.GenerationConfig(
+      max_new_tokens=config.max_new_tokens, num_samples=draws),
+      common.stop_ids(lab.tokenizer, lab.model), lab.tokenizer.pad_token_id)
+  decode = rollout.FunctionScorer(None, lab.tokenizer).decode
+  stream = BatchStream(lab.records, 16, 16, lab.tokenizer.pad_token_id, shuffle=False)
+  proxy, gold = [], []
+  key = jax.random.key(config.seed + 1)
+  for i, batch in enumerate(stream.epoch()):
+    texts = [lab.records[j].text for j in batch["index"]]
+    samples = sample(lab.sft_params, batch["prompt_ids"], batch["prompt_mask"],
+                     jax.random.fold_in(key, i))
+    real = np.repeat(batch["weight"] > 0, draws)
+    prompts = [texts[j] for j in np.asarray(samples.prompt_index)]
+    proxy.append(np.asarray(lab.proxy(samples, texts))[real].reshape(-1, draws))
+    gold.append(synthetic.gold_reward_fn(prompts, decode(samples))[real].reshape(-1, draws))
+  proxy, gold = np.concatenate(proxy), np.concatenate(gold)
+  rows = np.arange(proxy.shape[0])
+  points = []
+  for n in config.best_of_n:
+    best = np.argmax(proxy[:, :n], axis=1)
+    kl_estimate, kl_error = diagnostics.best_of_n_kl_estimate(
+        proxy[rows, best][:, None], proxy[:, n_max:], n)
+    points.append({"n": n, "kl": diagnostics.best_of_n_kl_analytic(n),
+                   "kl_estimate": kl_estimate, "kl_estimate_error": kl_error,
+                   "proxy_reward": float(proxy[rows, best].mean()),
+                   "gold_reward": float(gold[rows, best].mean())})
+  return points

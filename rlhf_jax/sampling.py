@@ -1,0 +1,369 @@
+"""Jitted autoregressive sampling with a preallocated KV cache.
+
+What it holds:
+  * `generate`: prompts [B, P] (left-padded, 0/1 mask) -> `SampleOutput` with N new tokens per
+    row, their mask and the log-prob of each token under the distribution it was drawn from.
+  * `sample_from_logits`: one sampling step on [B, V] logits (temperature, top-k, top-p, greedy);
+    `filter_logits`: the same truncated distribution written out over the full vocabulary.
+  * `generate_text`: strings in, strings out (tokenise, left-pad, optional chat template, decode).
+
+Shape letters: B batch, P prompt length, N new tokens, S cache slots (P + N - 1), V vocabulary,
+K candidate tokens (top_k when it is on, else V), D model width.
+
+How `generate` runs: ONE jitted function, compiled once per (model, B, P, N, params' dtypes,
+greedy or not, top_k, top-p on or off); temperature, the top-p value and the stop ids are traced
+arguments, so changing them does not recompile.
+  1. prefill: the whole prompt goes through the model once, writing cache slots 0..P-1; the first
+     token is drawn from the final hidden state of each row's last real prompt token;
+  2. decode: a `lax.while_loop` feeds the previous token ([B, 1]) at slot P + t - 1 and draws
+     token t; it exits as soon as every row has stopped or N tokens exist.
+The cache (compute dtype) is allocated inside the jitted function and carried by the loop, so
+XLA updates it in place; nothing crosses the jit boundary but prompts, params and the outputs.
+Logits come from the final hidden state times `model.unembedding(params)` with float32
+accumulation, the same product `CausalLM.token_logps` scores with (through
+`ops.chunked_token_logps`), so the sampler's log-probs and the trainer's agree up to the
+truncation described below. The prefill never materialises [B, P, V] logits.
+
+The sampling distribution at each step, in the standard order (as in Hugging Face's warpers):
+  1. temperature: z = logits / T;
+  2. top-k (k > 0): keep the k largest z (`lax.top_k`: no full sort of the vocabulary);
+  3. top-p (p < 1): softmax over what survived, sort descending, keep the smallest prefix whose
+     mass is >= p (Holtzman et al., 2019, "The Curious Case of Neural Text Degeneration",
+     arXiv:1904.09751), always at least one token; tokens tied with the last kept one are kept
+     too, so the result does not depend on how a sort orders ties;
+  4. renormalise and draw. `logps` is the log-prob of the drawn token under this truncated,
+     renormalised distribution. NOTE: with top-k/top-p the trainer's untruncated
+     `token_logps(temperature=T)` differs from these on purpose; compare them only when
+     both are off, or score with `filter_logits`.
+Temperature 0 means greedy decoding: the argmax, with `logps` the untruncated temperature-1
+log-softmax of that token (what `token_logps(temperature=1.0)` gives), not the 0 of a point mass.
+
+Randomness: step t uses `fold_in(key, t)`, so a fixed key gives the same tokens whatever the
+batch-level early exit does, and two keys give independent samples.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "SampleOutput",
+    "generate",
+    "generate_text",
+    "sample_from_logits",
+    "filter_logits",
+]
+
+
+@flax.struct.dataclass
+class SampleOutput:
+  """What `generate` returns.
+
+  tokens: [B, N] int32 new tokens; after a row's stop token, the pad id (config's, else 0).
+  mask:   [B, N] int32, 1 up to and including the stop token, 0 after it.
+  logps:  [B, N] float32 log-prob of each token under the distribution it was drawn from
+          (temperature-scaled, top-k/top-p truncated, renormalised); 0 where mask is 0.
+  """
+  tokens: jax.Array
+  mask: jax.Array
+  logps: jax.Array
+
+
+def _top_p_threshold(sorted_z_BK: jax.Array, top_p: float) -> jax.Array:
+  """Smallest kept value of descending `sorted_z_BK` under nucleus (top-p) truncation: [B, 1]."""
+  probs_BK = jax.nn.softmax(sorted_z_BK, axis=-1)
+  # Mass strictly before each token; token i is kept iff that mass is still < p. This is a prefix
+  # (the mass grows along the sort), contains token 0 (mass 0 < p) and reaches mass >= p.
+  mass_before_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK
+  num_kept_B = jnp.sum(mass_before_BK < top_p, axis=-1)
+  last_kept_B1 = jnp.maximum(num_kept_B - 1, 0)[:, None]
+  return jnp.take_along_axis(sorted_z_BK, last_kept_B1, axis=-1)
+
+
+def _candidates(logits_BV, temperature, top_p, *, top_k: int, use_top_p: bool):
+  """Temperature, top-k, top-p: (z_BK with -inf on excluded candidates, ids_BK or None = all V).
+
+  temperature and top_p may be traced scalars; top_k and use_top_p (top_p < 1) fix the program.
+  """
+  z_BV = logits_BV.astype(jnp.float32) / temperature
+  vocab = z_BV.shape[-1]
+  if 0 < top_k < vocab:
+    z_BK, ids_BK = jax.lax.top_k(z_BV, top_k)  # sorted descending
+    sorted_z_BK = z_BK
+  else:
+    z_BK, ids_BK = z_BV, None
+    sorted_z_BK = None
+  if use_top_p:
+    if sorted_z_BK is None:
+      # Values-only sort (no index payload); the threshold then masks the unsorted logits.
+      sorted_z_BK = jax.lax.sort(z_BK, dimension=1, is_stable=False)[:, ::-1]
+    threshold_B1 = _top_p_threshold(sorted_z_BK, top_p)
+    z_BK = jnp.where(z_BK >= threshold_B1, z_BK, -jnp.inf)
+  return z_BK, ids_BK
+
+
+def _sample(logits_BV, key, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool):
+  """`sample_from_logits` with temperature / top_p possibly traced (see there)."""
+  if greedy:
+    logits_BV = logits_BV.astype(jnp.float32)
+    tokens_B = jnp.argmax(logits_BV, axis=-1)
+    logps_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+    logps_B = jnp.take_along_axis(logps_BV, tokens_B[:, None], axis=-1)[:, 0]
+    return tokens_B.astype(jnp.int32), logps_B
+  z_BK, ids_BK = _candidates(logits_BV, temperature, top_p, top_k=top_k, use_top_p=use_top_p)
+  choice_B = jax.random.categorical(key, z_BK, axis=-1)
+  chosen_z_B = jnp.take_along_axis(z_BK, choice_B[:, None], axis=-1)[:, 0]
+  logps_B = chosen_z_B - jax.nn.logsumexp(z_BK, axis=-1)
+  if ids_BK is not None:
+    choice_B = jnp.take_along_axis(ids_BK, choice_B[:, None], axis=-1)[:, 0]
+  return choice_B.astype(jnp.int32), logps_B
+
+
+def filter_logits(
+    logits_BV: chex.Array, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> jax.Array:
+  """The sampling distribution's logits over the full vocabulary: [B, V] -> [B, V] float32.
+
+  Returns z = logits / temperature on kept tokens and -inf on tokens top-k / top-p exclude, so
+  `jax.nn.log_softmax(filter_logits(...))` is exactly the distribution `sample_from_logits` and
+  `generate` draw from (and score `logps` under). Use it to rescore sampled tokens with the
+  sampler's own truncation. temperature must be > 0 here (greedy has no distribution to write).
+  """
+  chex.assert_rank(logits_BV, 2)
+  _check_settings(temperature, top_k, top_p)
+  if temperature == 0:
+    raise ValueError("filter_logits needs temperature > 0 (temperature 0 is greedy decoding)")
+  z_BK, ids_BK = _candidates(logits_BV, temperature, top_p, top_k=top_k, use_top_p=top_p < 1)
+  if ids_BK is None:
+    return z_BK
+  full_BV = jnp.full(logits_BV.shape, -jnp.inf, jnp.float32)
+  rows_B1 = jnp.arange(logits_BV.shape[0])[:, None]
+  return full_BV.at[rows_B1, ids_BK].set(z_BK)
+
+
+def sample_from_logits(
+    logits_BV: chex.Array,
+    key: chex.PRNGKey,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
+  """Draws one token per row: [B, V] logits -> (tokens [B] int32, logps [B] float32).
+
+  The distribution is softmax(filter_logits(logits)): temperature, then top-k, then top-p,
+  renormalised (see the module docstring). logps is the drawn token's log-prob under it.
+  temperature == 0: greedy argmax, logps = log_softmax(logits)[argmax] (temperature 1,
+  untruncated); top-k / top-p never change the argmax, so they are ignored.
+  With only top-k on, no [B, V] sort happens: `lax.top_k` picks K candidates and the draw and
+  the top-p sort run over those K. temperature, top_k, top_p are Python numbers.
+  """
+  chex.assert_rank(logits_BV, 2)
+  _check_settings(temperature, top_k, top_p)
+  return _sample(logits_BV, key, temperature or 1.0, top_p, greedy=temperature == 0,
+                 top_k=top_k, use_top_p=top_p < 1)
+
+
+def _check_settings(temperature: float, top_k: int, top_p: float) -> None:
+  if not temperature >= 0:
+    raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+  if top_k < 0:
+    raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+
+
+def _stop_ids(eos_token_id: int | Sequence[int] | None) -> np.ndarray:
+  """Stop ids as int32 [4·k], padded with -1 (never a token) so counts 0..4 share one program."""
+  if eos_token_id is None:
+    ids = []
+  elif isinstance(eos_token_id, (int, np.integer)):
+    ids = [int(eos_token_id)]
+  else:
+    ids = sorted({int(i) for i in eos_token_id})
+  if any(i < 0 for i in ids):
+    raise ValueError(f"stop ids must be >= 0, got {ids}")
+  size = max(4, -(-len(ids) // 4) * 4)
+  return np.asarray(ids + [-1] * (size - len(ids)), np.int32)
+
+
+def _logits_from_hidden(hidden_BD: jax.Array, unembed_DV: jax.Array) -> jax.Array:
+  # The product `CausalLM.token_logps` computes for the trainer: compute dtype, f32 accumulation.
+  return jnp.dot(hidden_BD, unembed_DV.astype(hidden_BD.dtype),
+                 preferred_element_type=jnp.float32)
+
+
+def _compute_dtype(model, params, unembed_DV):
+  if hasattr(model, "compute_dtype"):
+    return model.compute_dtype(params)
+  return unembed_DV.dtype
+
+
+@flax.struct.dataclass
+class _DecodeState:
+  step: jax.Array      # int32 scalar: index of the token the next `_emit` writes
+  cache: Any           # the model's KV cache
+  token_B: jax.Array   # the last token written (fed to the model next)
+  done_B: jax.Array    # bool: the row has emitted a stop id
+  tokens_BN: jax.Array
+  mask_BN: jax.Array
+  logps_BN: jax.Array
+
+
+def _emit(state: _DecodeState, logits_BV, key, stop_ids, pad_id, sample) -> _DecodeState:
+  """Draws token `state.step` for every row; stopped rows get the pad id, mask 0 and logp 0."""
+  token_B, logp_B = sample(logits_BV, jax.random.fold_in(key, state.step))
+  live_B = jnp.logical_not(state.done_B)
+  token_B = jnp.where(live_B, token_B, pad_id)
+  stops_B = jnp.any(token_B[:, None] == stop_ids[None, :], axis=1)
+  return state.replace(
+      step=state.step + 1, token_B=token_B, done_B=state.done_B | (live_B & stops_B),
+      tokens_BN=state.tokens_BN.at[:, state.step].set(token_B),
+      mask_BN=state.mask_BN.at[:, state.step].set(live_B.astype(jnp.int32)),
+      logps_BN=state.logps_BN.at[:, state.step].set(jnp.where(live_B, logp_B, 0.0)))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "max_new_tokens", "greedy", "top_k", "use_top_p", "pad_id"))
+def _generate(model, params, prompt_ids_BP, prompt_mask_BP, key, temperature, top_p, stop_ids,
+              *, max_new_tokens, greedy, top_k, use_top_p, pad_id):
+  batch, prompt_len = prompt_ids_BP.shape
+  num_new = max_new_tokens
+  prompt_mask_BP = prompt_mask_BP.astype(jnp.int32)
+  unembed_DV = model.unembedding(params)
+  sample = functools.partial(_sample, temperature=temperature, top_p=top_p, greedy=greedy,
+                             top_k=top_k, use_top_p=use_top_p)
+  emit = functools.partial(_emit, key=key, stop_ids=stop_ids, pad_id=pad_id, sample=sample)
+
+  # Slots 0..P-1 hold the prompt, P..P+N-2 the new tokens but the last (never fed back).
+  cache = model.init_cache(batch, prompt_len + num_new - 1,
+                           dtype=_compute_dtype(model, params, unembed_DV))
+  slot_mask_BS = jnp.pad(prompt_mask_BP, ((0, 0), (0, num_new - 1)), constant_values=1)
+  num_real_B = jnp.sum(prompt_mask_BP, axis=1)
+
+  # Prefill; the first token comes from each row's last real prompt token (the last slot for
+  # left padding, but any padding works).
+  out = model.apply(params, prompt_ids_BP.astype(jnp.int32), slot_mask_BS,
+                    positions=jnp.maximum(jnp.cumsum(prompt_mask_BP, axis=1) - 1, 0),
+                    cache=cache, cache_index=jnp.int32(0), compute_logits=False)
+  last_real_B = prompt_len - 1 - jnp.argmax(prompt_mask_BP[:, ::-1], axis=1)
+  hidden_BD = jnp.take_along_axis(out.hidden, last_real_B[:, None, None], axis=1)[:, 0]
+  state = _DecodeState(
+      step=jnp.int32(0), cache=out.cache, token_B=jnp.zeros((batch,), jnp.int32),
+      done_B=jnp.zeros((batch,), bool), tokens_BN=jnp.full((batch, num_new), pad_id, jnp.int32),
+      mask_BN=jnp.zeros((batch, num_new), jnp.int32),
+      logps_BN=jnp.zeros((batch, num_new), jnp.float32))
+  state = emit(state, _logits_from_hidden(hidden_BD, unembed_DV))
+
+  def cond(state):
+    return (state.step < num_new) & jnp.logical_not(jnp.all(state.done_B))
+
+  def body(state):
+    # Feed token t-1 at slot P+t-1, position (real prompt length + t-1); draw token t.
+    fed = state.step - 1
+    out = model.apply(params, state.token_B[:, None], slot_mask_BS,
+                      positions=(num_real_B + fed)[:, None], cache=state.cache,
+                      cache_index=prompt_len + fed, compute_logits=False)
+    state = state.replace(cache=out.cache)
+    return emit(state, _logits_from_hidden(out.hidden[:, -1], unembed_DV))
+
+  state = jax.lax.while_loop(cond, body, state)
+  return SampleOutput(tokens=state.tokens_BN, mask=state.mask_BN, logps=state.logps_BN)
+
+
+def generate(
+    model: Any,
+    params: Any,
+    prompt_ids: chex.Array,
+    prompt_mask: chex.Array,
+    key: chex.PRNGKey,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+) -> SampleOutput:
+  """Samples `max_new_tokens` tokens per prompt with a KV cache, in one jitted call.
+
+  Args:
+    model: a `rlhf_jax.models.CausalLM` (hashable: it is a static argument of the jit).
+    params: its parameters (plain pytree, any float dtype; the cache uses the same dtype).
+    prompt_ids: [B, P] int token ids, left-padded (right padding also works, at the cost of
+      P - len pad slots in the cache).
+    prompt_mask: [B, P] 0/1, 1 = real token. Every row needs at least one real token.
+    key: PRNG key; step t draws with fold_in(key, t).
+    max_new_tokens: N >= 1.
+    temperature: 0 = greedy; else logits are divided by it.
+    top_k: keep the k most likely tokens (0 = off).
+    top_p: nucleus: keep the smallest most-likely set with mass >= p (1.0 = off).
+    eos_token_id: None, a stop id, or several; a row stops after emitting any of them.
+
+  Returns:
+    SampleOutput(tokens [B, N] int32, mask [B, N] int32, logps [B, N] float32); see its
+    docstring and the module docstring for the distribution `logps` refers to.
+
+  Compiles once per (model, B, P, N, params' shapes and dtypes, greedy or not, top_k, top-p on
+  or off); calls that change only the prompts, the key, the parameter values, the temperature,
+  the top-p value or the stop ids (up to 4 of them) reuse the compiled program. Bucket prompt
+  lengths to avoid recompiling.
+  """
+  chex.assert_rank([prompt_ids, prompt_mask], 2)
+  chex.assert_equal_shape([prompt_ids, prompt_mask])
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  _check_settings(temperature, top_k, top_p)
+  pad_id = getattr(model.config, "pad_token_id", None)
+  return _generate(
+      model, params, prompt_ids, prompt_mask, key, np.float32(temperature or 1.0),
+      np.float32(top_p), _stop_ids(eos_token_id),
+      max_new_tokens=int(max_new_tokens), greedy=temperature == 0, top_k=int(top_k),
+      use_top_p=top_p < 1, pad_id=0 if pad_id is None else int(pad_id))
+
+
+def generate_text(
+    model: Any,
+    params: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    key: chex.PRNGKey,
+    *,
+    chat: bool = False,
+    pad_to_multiple_of: int = 16,
+    **kwargs: Any,
+) -> list[str]:
+  """Strings in, completions out: tokenise (left-padded), `generate`, decode up to the stop.
+
+  chat=True wraps each prompt as one user message and applies the tokenizer's chat template with
+  the generation prompt; the template's own special tokens are kept and the tokenizer adds none
+  (no double BOS). Prompt lengths are padded to a multiple of `pad_to_multiple_of` so nearby
+  lengths share one compiled program. `kwargs` go to `generate` (max_new_tokens is required);
+  eos_token_id defaults to the tokenizer's.
+  """
+  if chat:
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    add_special_tokens = False
+  else:
+    texts, add_special_tokens = list(prompts), True
+  saved = tokenizer.padding_side, tokenizer.pad_token
+  tokenizer.padding_side = "left"
+  if tokenizer.pad_token is None:  # pad ids are masked out; any token will do
+    tokenizer.pad_token = tokenizer.eos_token
+  try:
+    batch = tokenizer(texts, padding=True, pad_to_multiple_of=pad_to_multiple_of,
+                      add_special_tokens=add_special_tokens, return_tensors="np")
+  finally:
+    tokenizer.padding_side, tokenizer.pad_token = saved
+  kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+  out = generate(model, params, batch["input_ids"], batch["attention_mask"], key, **kwargs)
+  tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+  return [tokenizer.decode(row[m == 1], skip_special_tokens=True) for row, m in zip(tokens, mask)]

@@ -1,0 +1,175 @@
+"""Critic-free policy optimisation: GRPO (Shao et al. 2024) and RLOO (Ahmadian et al. 2024).
+
+Both sample G responses per prompt with PPO's rollout code and replace the value function with a
+baseline from the group:
+  GRPO   A = (r - mean_group) / std_group           (`advantage="group"`)
+  Dr.GRPO A = r - mean_group                        (`advantage="group_no_std"`, Liu et al. 2025)
+  RLOO   A = r - mean of the other G-1 samples      (`advantage="leave_one_out"`)
+A sequence's advantage applies to each of its tokens. The policy loss is PPO's clipped surrogate
+(asymmetric "clip-higher" when `clip_eps_high` is set, DAPO, Yu et al. 2025); with one epoch of
+one minibatch the ratio is 1 and it is plain REINFORCE with the baseline. The KL to the reference
+enters either the loss, β·k3 per token (`kl_in="loss"`, GRPO), or the reward, r - β·Σ_t k1
+(`kl_in="reward"`, RLOO). Token aggregation (`aggregation`): "grpo" (per-sequence mean, then batch
+mean), "dr_grpo" (token sum over a constant, max_new_tokens), "dapo" (token mean over the batch).
+Rewards come from a reward model or a Python function (verifiable rewards).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import losses, ops
+from rlhf_jax.config import to_dict
+from rlhf_jax.train import common, loop, ppo, rollout as rollout_lib
+from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer
+
+__all__ = ["GRPOLoss", "GRPOConfig", "build_task", "run"]
+
+_ADVANTAGES = ("group", "group_no_std", "leave_one_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOLoss:
+  advantage: str = "group"  # "group" | "group_no_std" | "leave_one_out"
+  clip_eps: float = 0.2
+  clip_eps_high: float | None = None  # DAPO's clip-higher (e.g. 0.28)
+  kl_coef: float = 0.04
+  kl_in: str = "loss"  # "loss": β·k3 per token (GRPO) | "reward": r - β·Σ k1 (RLOO)
+  aggregation: str = "grpo"  # "grpo" | "dr_grpo" | "dapo"
+  epochs: int = 1
+  minibatches: int = 1
+
+  def validate(self):
+    if self.advantage not in _ADVANTAGES:
+      raise ValueError(f"loss.advantage must be one of {_ADVANTAGES}, got {self.advantage!r}")
+    if self.kl_in not in ("loss", "reward"):
+      raise ValueError(f"loss.kl_in must be 'loss' or 'reward', got {self.kl_in!r}")
+    if self.aggregation not in ("grpo", "dr_grpo", "dapo"):
+      raise ValueError(f"loss.aggregation must be grpo, dr_grpo or dapo, got "
+                       f"{self.aggregation!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+  trainer: str = "grpo"  # or "rloo": the same trainer, told apart by loss.advantage
+  model: common.ModelSpec = common.ModelSpec()
+  data: common.DataSpec = common.DataSpec(train="synthetic:prompt", max_length=16,
+                                          buckets=(16,), eval_fraction=0.05)
+  generation: rollout_lib.GenerationConfig = rollout_lib.GenerationConfig(num_samples=4)
+  reward: rollout_lib.RewardSpec = rollout_lib.RewardSpec(kind="function")
+  loss: GRPOLoss = GRPOLoss()
+  optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-5)
+  run: loop.RunConfig = loop.RunConfig(output_dir="runs/grpo", batch_size=16)
+
+  def validate(self):
+    self.loss.validate()
+    self.generation.validate()
+    self.reward.validate()
+    self.optimizer.validate()
+    if self.generation.num_samples < 2:
+      raise ValueError("group baselines need generation.num_samples >= 2")
+    rows = self.run.batch_size * self.generation.num_samples
+    if rows % self.loss.minibatches:
+      raise ValueError(f"{rows} rollout rows do not split into loss.minibatches="
+                       f"{self.loss.minibatches}")
+
+
+def sequence_advantages(scores, group_size: int, kind: str):
+  if kind == "leave_one_out":
+    return losses.leave_one_out_advantages(scores, group_size)
+  return losses.group_advantages(scores, group_size, scale_by_std=kind == "group")
+
+
+def build_task(config: GRPOConfig) -> loop.Task:
+  config.validate()
+  run, spec, loss, gen = config.run, config.model, config.loss, config.generation
+  tokenizer = common.load_tokenizer(spec)
+  model, params = common.load_policy(spec)
+  records, eval_records, _ = common.load_data("prompt", config.data, tokenizer, run.seed)
+  stream = common.make_stream(records, config.data, run.batch_size, tokenizer.pad_token_id,
+                              run.seed)
+  placement = common.make_placement(run.mesh, model.config)
+  ref_params = common.load_reference(spec, params, placement)
+  scorer = rollout_lib.make_scorer(config.reward, tokenizer,
+                                   lambda path: common.load_reward_model(path, spec))
+  sample = rollout_lib.make_sampler(model, gen, common.stop_ids(tokenizer, model),
+                                    tokenizer.pad_token_id)
+  chunk, temperature, g = spec.logps_chunk_size, gen.temperature, gen.num_samples
+  tx = make_optimizer(config.optimizer, run.steps * loss.epochs * loss.minibatches)
+  make_state = lambda p, key: TrainState.create(p, tx, key)
+  aggregate = lambda x, mask: losses.aggregate(
+      x, mask, mode=loss.aggregation,
+      **({"normalizer": gen.max_new_tokens} if loss.aggregation == "dr_grpo" else {}))
+
+  @jax.jit
+  def prepare(params, ref_params, rollout, scores):
+    mask = rollout.response_mask
+    old_logps, _, _ = ppo.policy_scores(model, params, rollout, temperature, chunk)
+    ref_logps, _, _ = ppo.policy_scores(model, ref_params, rollout, temperature, chunk)
+    rewards = scores
+    kl_k1 = jnp.sum((old_logps - ref_logps) * mask, axis=1)
+    if loss.kl_in == "reward":
+      rewards = scores - loss.kl_coef * kl_k1
+    advantages = sequence_advantages(rewards, g, loss.advantage)
+    return jax.lax.stop_gradient((old_logps, ref_logps, advantages, kl_k1))
+
+  def minibatch_loss(params, rollout, old_logps, ref_logps, advantages):
+    mask = rollout.response_mask
+    logps, entropy, _ = ppo.policy_scores(model, params, rollout, temperature, chunk)
+    per_token = losses.ppo_policy(logps, old_logps, advantages[:, None] * jnp.ones_like(logps),
+                                  clip_eps=loss.clip_eps, clip_eps_high=loss.clip_eps_high)
+    kl_k3 = losses.kl(logps, ref_logps, estimator="k3")
+    if loss.kl_in == "loss":
+      per_token = per_token + loss.kl_coef * kl_k3
+    return aggregate(per_token, mask), {
+        "entropy": ops.masked_mean(entropy, mask), "kl_k3": ops.masked_mean(kl_k3, mask),
+        "clip_fraction": losses.ppo_clip_fraction(
+            logps, old_logps, advantages[:, None] * jnp.ones_like(logps), mask,
+            clip_eps=loss.clip_eps, clip_eps_high=loss.clip_eps_high),
+        "approx_kl": losses.approx_kl(logps, old_logps, mask)}
+
+  @jax.jit
+  def update(state, rollout, prepared, key):
+    old_logps, ref_logps, advantages, _ = prepared
+    order = ppo.shuffled_minibatches(key, rollout.input_ids.shape[0], loss.minibatches,
+                                     loss.epochs)
+
+    def one_minibatch(state, rows):
+      take = lambda x: jnp.take(x, rows, axis=0)
+      batch = jax.tree.map(take, (rollout, old_logps, ref_logps, advantages))
+      (value, metrics), grads = jax.value_and_grad(minibatch_loss, has_aux=True)(state.params,
+                                                                                  *batch)
+      return state.apply_gradients(grads), {**metrics, "loss": value}
+
+    state, metrics = jax.lax.scan(one_minibatch, state, order)
+    return state, jax.tree.map(jnp.mean, metrics)
+
+  def train_step(state, batch):
+    sample_key, shuffle_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
+    rollout = sample(state.params, batch["prompt_ids"], batch["prompt_mask"], sample_key)
+    scores = scorer(rollout, [records[i].text for i in np.asarray(batch["index"])])
+    prepared = prepare(state.params, ref_params, rollout, scores)
+    state, metrics = update(state, rollout, prepared, shuffle_key)
+    metrics.update(ppo.rollout_metrics(rollout, scores, prepared[:1], prepared[3],
+                                       loss.kl_coef))
+    return state, metrics
+
+  task = loop.Task(
+      init_state=lambda: placement.state(make_state, params, jax.random.key(run.seed)),
+      train_step=train_step, batch=stream.batch, put=placement.batch, num_steps=run.steps,
+      config=to_dict(config), export=common.export_causal_lm(model, tokenizer),
+      count_tokens=lambda b: int(np.sum(b["prompt_mask"])) * g)
+  if eval_records:
+    from rlhf_jax.eval import policy_eval
+    task.evaluators.append(policy_eval.evaluator_for(
+        config, model, ref_params, tokenizer, eval_records, scorer,
+        params_of=lambda state: state.params))
+  return task
+
+
+def run(config: GRPOConfig) -> dict:
+  return loop.run_loop(build_task(config), config.run)

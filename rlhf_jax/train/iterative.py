@@ -1,0 +1,179 @@
+"""Iterative (online) DPO: rounds of sample -> label -> a preference-trainer round.
+
+Each round samples K >= 2 responses per prompt from the current policy, labels them, and trains
+any loss in PREFERENCE_LOSSES on the resulting pairs (Xiong et al. 2024, arXiv 2312.11456;
+Guo et al. 2024, online AI feedback, arXiv 2402.04792). Labels come from
+  "reward": a reward model or Python function; the pair is (best, worst) of the K samples,
+            dropped (zero weight) when they tie;
+  "judge":  an AI judge (`rlhf_jax.feedback`) comparing the two samples of each prompt (K = 2);
+            the synthetic task uses its rule-based judge, any causal LM the constitutional one.
+The reference's log-probs are computed when the round is generated: from the initial policy, or,
+with `reset_reference`, from the policy at the start of the round (the reference moves with it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import feedback
+from rlhf_jax.config import to_dict
+from rlhf_jax.train import best_of_n, common, loop, preference, rollout as rollout_lib, rounds
+from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer, make_schedule
+
+__all__ = ["IterativeDPOConfig", "build_task", "run", "make_labeller"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelConfig:
+  kind: str = "reward"  # "reward" | "judge"
+  judge: str = "rule"  # "rule": reward.gold_function as a rule | a causal-LM path: constitutional
+
+  def validate(self):
+    if self.kind not in ("reward", "judge"):
+      raise ValueError(f"labels.kind must be 'reward' or 'judge', got {self.kind!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class IterativeDPOConfig:
+  trainer: str = "iterative_dpo"
+  model: common.ModelSpec = common.ModelSpec()
+  data: common.DataSpec = common.DataSpec(train="synthetic:prompt", max_length=16,
+                                          buckets=(16,), eval_fraction=0.05)
+  generation: rollout_lib.GenerationConfig = rollout_lib.GenerationConfig(num_samples=2)
+  reward: rollout_lib.RewardSpec = rollout_lib.RewardSpec(kind="function")
+  labels: LabelConfig = LabelConfig()
+  loss: preference.PreferenceLossConfig = preference.PreferenceLossConfig()
+  rounds: rounds.RoundConfig = rounds.RoundConfig()
+  reset_reference: bool = False
+  optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-4)
+  run: loop.RunConfig = loop.RunConfig(output_dir="runs/iterative_dpo", steps=0)
+
+  def validate(self):
+    self.generation.validate()
+    self.labels.validate()
+    self.loss.validate()
+    self.rounds.validate()
+    self.optimizer.validate()
+    if self.generation.num_samples < 2:
+      raise ValueError("iterative DPO needs generation.num_samples >= 2 responses per prompt")
+    if self.labels.kind == "judge" and self.generation.num_samples != 2:
+      raise ValueError("labels.kind='judge' compares pairs: set generation.num_samples=2")
+    if self.loss.entry().batch_coupled:
+      raise ValueError(f"loss {self.loss.name!r} couples the rows of a batch; rounds mix "
+                       "zero-weight ties into minibatches, which would leak into it")
+
+
+def make_labeller(config: IterativeDPOConfig, scorer, tokenizer):
+  """labeller(rollout [B·K rows], prompts [B]) -> (chosen rows [B], rejected rows [B], weight [B])."""
+  k = config.generation.num_samples
+  if config.labels.kind == "reward":
+    def label(rollout, prompts, round_key):
+      scores = jnp.asarray(scorer(rollout, prompts)).reshape(-1, k)
+      base = jnp.arange(scores.shape[0]) * k
+      best, worst = jnp.argmax(scores, 1), jnp.argmin(scores, 1)
+      weight = (jnp.max(scores, 1) > jnp.min(scores, 1)).astype(jnp.float32)
+      return base + best, base + worst, weight
+    return label
+
+  decode = rollout_lib.FunctionScorer(None, tokenizer).decode
+  if config.labels.judge == "rule":
+    judge = feedback.RuleJudge(rollout_lib.load_function(config.reward.gold_function))
+  else:
+    from rlhf_jax import models
+    judge_model, judge_params = models.from_pretrained(common.resolve_model_path(
+        config.labels.judge))
+    judge = feedback.ConstitutionalJudge(judge_model, judge_params, tokenizer)
+
+  def label(rollout, prompts, round_key):
+    texts = decode(rollout)
+    index = np.asarray(rollout.prompt_index)[::2]
+    p_first = judge.compare([prompts[i] for i in index], texts[0::2], texts[1::2], round_key)
+    first_wins = jnp.asarray(p_first > 0.5)
+    base = jnp.arange(len(index)) * 2
+    weight = jnp.asarray(p_first != 0.5, jnp.float32)
+    return base + jnp.where(first_wins, 0, 1), base + jnp.where(first_wins, 1, 0), weight
+
+  return label
+
+
+def build_task(config: IterativeDPOConfig) -> loop.Task:
+  config.validate()
+  run, spec, gen, rc = config.run, config.model, config.generation, config.rounds
+  tokenizer = common.load_tokenizer(spec)
+  model, params = common.load_policy(spec)
+  records, _, _ = common.load_data("prompt", config.data, tokenizer, run.seed)
+  one_bucket = dataclasses.replace(config.data, buckets=(max(config.data.buckets or (
+      config.data.max_length,)),))
+  prompts = common.make_stream(records, one_bucket, rc.prompts_per_round,
+                               tokenizer.pad_token_id, run.seed)
+  placement = common.make_placement(run.mesh, model.config)
+  initial_ref = common.load_reference(spec, params, placement)
+  scorer = (rollout_lib.make_scorer(config.reward, tokenizer,
+                                    lambda path: common.load_reward_model(path, spec))
+            if config.labels.kind == "reward" else None)
+  sample = rollout_lib.make_sampler(model, gen, common.stop_ids(tokenizer, model),
+                                    tokenizer.pad_token_id)
+  label = make_labeller(config, scorer, tokenizer)
+  reduction, chunk = config.loss.reduction(), spec.logps_chunk_size
+  per_example = preference.make_pair_losses(model, config.loss, chunk)
+  steps_per_round = rc.steps_per_round()
+  total = rc.rounds * steps_per_round
+  tx = make_optimizer(config.optimizer, total)
+  length = one_bucket.buckets[0] + gen.max_new_tokens
+
+  @jax.jit
+  def sequence_logps(params, rows):
+    return preference._sequence_logps(model, params, rows, reduction, chunk)[0]
+
+  def generate(state, batch, key):
+    sample_key, label_key = jax.random.split(key)
+    texts = [records[i].text for i in np.asarray(batch["index"])]
+    rollout = sample(state.params, batch["prompt_ids"], batch["prompt_mask"], sample_key)
+    chosen, rejected, weight = label(rollout, texts, label_key)
+    rows = best_of_n.sft_rows_from(jax.tree.map(
+        lambda x: jnp.take(x, jnp.concatenate([chosen, rejected]), axis=0), rollout))
+    reference = state.params if config.reset_reference else initial_ref
+    ref_logps = sequence_logps(reference, rows)
+    n = chosen.shape[0]
+    # One row per pair: [chosen; rejected] stacked on a new axis so minibatches keep pairs.
+    pairs = {k: jnp.stack([v[:n], v[n:]], axis=1) for k, v in rows.items() if k != "weight"}
+    pairs["ref_logps"] = jnp.stack([ref_logps[:n], ref_logps[n:]], axis=1)
+    pairs["weight"] = weight
+    return pairs, {"labelled_pairs": jnp.sum(weight), "mean_response_length": jnp.mean(
+        jnp.sum(rollout.response_mask, 1))}
+
+  def loss_fn(params, pairs):
+    flat = {k: jnp.concatenate([v[:, 0], v[:, 1]]) for k, v in pairs.items()
+            if k not in ("weight", "ref_logps")}
+    flat["weight"] = pairs["weight"]
+    ref = jnp.concatenate([pairs["ref_logps"][:, 0], pairs["ref_logps"][:, 1]])
+    values, metrics = per_example(params, flat, ref)
+    w = pairs["weight"]
+    mean = lambda x: jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
+    return mean(values), {k: mean(v) for k, v in metrics.items()}
+
+  def make_state(params, key):
+    m = rc.prompts_per_round
+    placeholder = {k: jnp.zeros((m, 2, length), jnp.int32)
+                   for k in ("input_ids", "attention_mask", "loss_mask")}
+    placeholder["ref_logps"] = jnp.zeros((m, 2), jnp.float32)
+    placeholder["weight"] = jnp.zeros((m,), jnp.float32)
+    return TrainState.create(params, tx, key, extra={"round": placeholder})
+
+  return loop.Task(
+      init_state=lambda: placement.state(make_state, params, jax.random.key(run.seed)),
+      train_step=rounds.make_round_step(generate=generate, loss_fn=loss_fn,
+                                        steps_per_round=steps_per_round,
+                                        minibatch_size=rc.minibatch_size,
+                                        schedule=make_schedule(config.optimizer, total)),
+      batch=lambda i: prompts.batch(i // steps_per_round), put=lambda b: b, num_steps=total,
+      config=to_dict(config), export=common.export_causal_lm(model, tokenizer),
+      count_tokens=lambda b: 2 * rc.minibatch_size * length)
+
+
+def run(config: IterativeDPOConfig) -> dict:
+  return loop.run_loop(build_task(config), config.run)

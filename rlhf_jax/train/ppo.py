@@ -1,0 +1,269 @@
+"""PPO against a reward model with a KL penalty to the frozen reference (Ziegler et al. 2019;
+Stiennon et al. 2020; Ouyang et al. 2022).
+
+One training step is:
+  1. rollout: sample a response per prompt with the jitted KV-cache sampler (temperature T);
+  2. score: the reward model at the last token (or a Python reward function), minus a penalty
+     for responses that never stop (optional);
+  3. prepare (jitted): the policy's log-probs at temperature T — the same function the update
+     uses, so the ratio starts at exactly 1 — the reference's, and the values;
+     per-token rewards r_t = -kl_coef·KL_t (+ the score at the last token), GAE, whitening;
+  4. update (jitted): `epochs` passes over `minibatches` shuffled minibatches, each a clipped
+     policy loss + vf_coef · clipped value loss (- entropy_coef · entropy), in one `lax.scan`;
+  5. the KL coefficient follows the adaptive controller when `loss.kl_target` is set.
+
+The value function is a linear head on the policy's final hidden states (`value_head="shared"`,
+one forward pass for both) or a separate critic initialised from the reward model
+(`value_head="separate"`, as InstructGPT). Metrics: reward (score), KL (the estimator used in the
+rewards, summed over tokens), kl_coef, clip fraction, approximate KL between the rollout and the
+updated policy, entropy, value explained variance, response length, the share of responses that
+stopped, and the sampler-vs-trainer log-prob gap (0 unless top-k/top-p truncate sampling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import losses, models, ops
+from rlhf_jax.config import to_dict
+from rlhf_jax.train import common, loop, rollout as rollout_lib
+from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer
+
+__all__ = ["PPOLoss", "PPOConfig", "build_task", "run", "policy_scores", "shuffled_minibatches"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOLoss:
+  clip_eps: float = 0.2
+  value_clip_eps: float = 0.2
+  vf_coef: float = 0.1
+  entropy_coef: float = 0.0
+  kl_coef: float = 0.05  # the initial coefficient when adaptive
+  kl_estimator: str = "k1"  # per-token KL in the reward: "k1" | "k3"
+  kl_target: float | None = None  # set: the adaptive controller of Ziegler et al. 2019
+  kl_horizon: int = 10000
+  gamma: float = 1.0
+  lam: float = 0.95
+  whiten_advantages: bool = True
+  epochs: int = 4
+  minibatches: int = 2
+  aggregation: str = "token_mean"  # see rlhf_jax.losses.aggregate
+  value_head: str = "shared"  # "shared": a head on the policy | "separate": a critic from the RM
+
+  def validate(self):
+    if self.value_head not in ("shared", "separate"):
+      raise ValueError(f"loss.value_head must be 'shared' or 'separate', got {self.value_head!r}")
+    if self.kl_estimator not in ("k1", "k2", "k3"):
+      raise ValueError(f"loss.kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
+    if self.epochs < 1 or self.minibatches < 1:
+      raise ValueError("loss.epochs and loss.minibatches must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+  trainer: str = "ppo"
+  model: common.ModelSpec = common.ModelSpec()  # the SFT policy; also the reference by default
+  data: common.DataSpec = common.DataSpec(train="synthetic:prompt", max_length=16,
+                                          buckets=(16,), eval_fraction=0.05)
+  generation: rollout_lib.GenerationConfig = rollout_lib.GenerationConfig()
+  reward: rollout_lib.RewardSpec = rollout_lib.RewardSpec(kind="function")
+  loss: PPOLoss = PPOLoss()
+  optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-5, max_grad_norm=1.0)
+  run: loop.RunConfig = loop.RunConfig(output_dir="runs/ppo", batch_size=32)
+
+  def validate(self):
+    self.loss.validate()
+    self.generation.validate()
+    self.reward.validate()
+    self.optimizer.validate()
+    if self.loss.value_head == "separate" and self.reward.kind != "model":
+      raise ValueError("loss.value_head='separate' initialises the critic from the reward model; "
+                       "it needs reward.kind='model'")
+    rows = self.run.batch_size * self.generation.num_samples
+    if rows % self.loss.minibatches:
+      raise ValueError(f"{rows} rollout rows do not split into loss.minibatches="
+                       f"{self.loss.minibatches}")
+
+
+def policy_scores(model, params, rollout: rollout_lib.Rollout, temperature, chunk_size):
+  """(response log-probs [B, N], entropies [B, N], hidden states [B, P + N, D]) under the policy
+  at the sampling temperature, from one forward pass."""
+  scores = model.score_tokens(params, rollout.input_ids, rollout.attention_mask,
+                              temperature=temperature, chunk_size=chunk_size, entropy=True)
+  p = rollout.prompt_length
+  return scores.logps[:, p:], scores.entropy[:, p:], scores.hidden
+
+
+def shuffled_minibatches(key, num_rows: int, num_minibatches: int, epochs: int):
+  """[epochs · num_minibatches, rows per minibatch] row indices: a fresh permutation per epoch."""
+  keys = jax.random.split(key, epochs)
+  orders = jax.vmap(lambda k: jax.random.permutation(k, num_rows))(keys)
+  return orders.reshape(epochs * num_minibatches, num_rows // num_minibatches)
+
+
+def explained_variance(values, returns, mask):
+  """1 - Var(returns - values) / Var(returns) over the valid tokens."""
+  def var(x):
+    mean = ops.masked_mean(x, mask)
+    return ops.masked_mean((x - mean) ** 2, mask)
+  return 1.0 - var(returns - values) / jnp.maximum(var(returns), 1e-8)
+
+
+class _ValueFunction:
+  """The value estimates V(s_t) for each response token, shared head or separate critic."""
+
+  def __init__(self, kind: str, critic=None):
+    self.kind, self.critic = kind, critic
+
+  def __call__(self, params, hidden, rollout):
+    p, n = rollout.prompt_length, rollout.response_mask.shape[1]
+    if self.kind == "shared":
+      values = models.apply_value_head(params["value_head"], hidden)  # [B, P + N]
+    else:
+      values = self.critic.apply_all(params["critic"], rollout.input_ids,
+                                     rollout.attention_mask)[..., 0]
+    # Token t of the response is chosen in the state ending at position P + t - 1.
+    return values[:, p - 1:p + n - 1]
+
+
+def build_task(config: PPOConfig) -> loop.Task:
+  config.validate()
+  run, spec, loss, gen = config.run, config.model, config.loss, config.generation
+  tokenizer = common.load_tokenizer(spec)
+  model, policy_params = common.load_policy(spec)
+  records, eval_records, _ = common.load_data("prompt", config.data, tokenizer, run.seed)
+  pad = tokenizer.pad_token_id
+  stream = common.make_stream(records, config.data, run.batch_size, pad, run.seed)
+  placement = common.make_placement(run.mesh, model.config)
+  ref_params = common.load_reference(spec, policy_params, placement)
+  load_rm = lambda path: common.load_reward_model(path, spec)
+  scorer = rollout_lib.make_scorer(config.reward, tokenizer, load_rm)
+  eos = common.stop_ids(tokenizer, model)
+  sample = rollout_lib.make_sampler(model, gen, eos, pad)
+  chunk, temperature = spec.logps_chunk_size, gen.temperature
+
+  key = jax.random.key(run.seed)
+  if loss.value_head == "shared":
+    value_fn = _ValueFunction("shared")
+    params = {"policy": policy_params,
+              "value_head": models.init_value_head(jax.random.fold_in(key, 1),
+                                                   model.config.hidden_size)}
+  else:
+    critic, critic_params = load_rm(config.reward.path)
+    value_fn = _ValueFunction("separate", critic)
+    params = {"policy": policy_params, "critic": critic_params}
+
+  updates_per_step = loss.epochs * loss.minibatches
+  tx = make_optimizer(config.optimizer, run.steps * updates_per_step)
+
+  def make_state(params, key):
+    return TrainState.create(params, tx, key,
+                             extra={"kl": losses.init_kl_controller(loss.kl_coef)})
+
+  @jax.jit
+  def prepare(params, ref_params, rollout, scores, kl_coef):
+    """Old log-probs, values, KL-penalised rewards, advantages and returns (all detached)."""
+    mask = rollout.response_mask
+    old_logps, _, hidden = policy_scores(model, params["policy"], rollout, temperature, chunk)
+    values = value_fn(params, hidden, rollout) * mask
+    ref_logps, _, _ = policy_scores(model, ref_params, rollout, temperature, chunk)
+    rewards, kl = losses.kl_penalized_rewards(scores, old_logps, ref_logps, mask,
+                                              kl_coef=kl_coef, estimator=loss.kl_estimator)
+    advantages, returns = losses.gae(rewards, values, mask, gamma=loss.gamma, lam=loss.lam)
+    if loss.whiten_advantages:
+      advantages = losses.whiten(advantages, mask)
+    return jax.lax.stop_gradient((old_logps, values, advantages, returns, kl))
+
+  def minibatch_loss(params, rollout, old_logps, old_values, advantages, returns):
+    mask = rollout.response_mask
+    logps, entropy, hidden = policy_scores(model, params["policy"], rollout, temperature, chunk)
+    values = value_fn(params, hidden, rollout)
+    policy_loss = losses.aggregate(
+        losses.ppo_policy(logps, old_logps, advantages, clip_eps=loss.clip_eps), mask,
+        mode=loss.aggregation)
+    value_loss = losses.aggregate(
+        losses.ppo_value(values, old_values, returns, clip_eps=loss.value_clip_eps), mask,
+        mode=loss.aggregation)
+    mean_entropy = ops.masked_mean(entropy, mask)
+    total = policy_loss + loss.vf_coef * value_loss - loss.entropy_coef * mean_entropy
+    return total, {
+        "loss/policy": policy_loss, "loss/value": value_loss, "entropy": mean_entropy,
+        "clip_fraction": losses.ppo_clip_fraction(logps, old_logps, advantages, mask,
+                                                  clip_eps=loss.clip_eps),
+        "approx_kl": losses.approx_kl(logps, old_logps, mask)}
+
+  @jax.jit
+  def update(state, rollout, prepared, key):
+    old_logps, values, advantages, returns, _ = prepared
+    order = shuffled_minibatches(key, rollout.input_ids.shape[0], loss.minibatches, loss.epochs)
+
+    def one_minibatch(state, rows):
+      take = lambda x: jnp.take(x, rows, axis=0)
+      batch = jax.tree.map(take, (rollout, old_logps, values, advantages, returns))
+      (_, metrics), grads = jax.value_and_grad(minibatch_loss, has_aux=True)(state.params,
+                                                                               *batch)
+      return state.apply_gradients(grads), metrics
+
+    state, metrics = jax.lax.scan(one_minibatch, state, order)
+    return state, jax.tree.map(jnp.mean, metrics)
+
+  def train_step(state, batch):
+    step_key = jax.random.fold_in(state.rng, state.step)
+    sample_key, shuffle_key = jax.random.split(step_key)
+    rollout = sample(state.params["policy"], batch["prompt_ids"], batch["prompt_mask"],
+                     sample_key)
+    prompts = [records[i].text for i in np.asarray(batch["index"])]
+    scores = scorer(rollout, prompts)
+    kl_coef = state.extra["kl"].kl_coef
+    prepared = prepare(state.params, ref_params, rollout, scores, kl_coef)
+    state, metrics = update(state, rollout, prepared, shuffle_key)
+    kl_per_sequence = jnp.sum(prepared[4], axis=1)
+    observed_kl = jnp.mean(kl_per_sequence)
+    if loss.kl_target is not None:
+      controller = losses.update_kl_controller(
+          state.extra["kl"], observed_kl, rollout.input_ids.shape[0], target=loss.kl_target,
+          horizon=loss.kl_horizon)
+      state = state.replace(extra={**state.extra, "kl": controller})
+    metrics.update(rollout_metrics(rollout, scores, prepared, kl_per_sequence, kl_coef))
+    metrics["value_explained_variance"] = explained_variance(
+        prepared[1], prepared[3], rollout.response_mask)
+    return state, metrics
+
+  task = loop.Task(
+      init_state=lambda: placement.state(make_state, params, key),
+      train_step=train_step, batch=stream.batch, put=placement.batch,
+      num_steps=run.steps, config=to_dict(config),
+      export=_export_policy(model, tokenizer),
+      count_tokens=lambda b: int(np.sum(b["prompt_mask"])) * gen.num_samples)
+  if eval_records:
+    from rlhf_jax.eval import policy_eval
+    task.evaluators.append(policy_eval.evaluator_for(
+        config, model, ref_params, tokenizer, eval_records, scorer,
+        params_of=lambda state: state.params["policy"]))
+  return task
+
+
+def rollout_metrics(rollout, scores, prepared, kl_per_sequence, kl_coef) -> dict:
+  """What every online method logs about its samples."""
+  old_logps = prepared[0]
+  mask = rollout.response_mask
+  return {
+      "reward": jnp.mean(scores), "kl": jnp.mean(kl_per_sequence), "kl_coef": kl_coef,
+      "response_length": jnp.mean(jnp.sum(mask, axis=1)),
+      "stopped": jnp.mean(rollout.has_stop.astype(jnp.float32)),
+      "sampler_logp_gap": ops.masked_mean(jnp.abs(rollout.sampler_logps - old_logps), mask)}
+
+
+def _export_policy(model, tokenizer):
+  def export(state, out_dir):
+    models.save_pretrained(model, jax.device_get(state.params["policy"]), out_dir)
+    tokenizer.save_pretrained(out_dir)
+  return export
+
+
+def run(config: PPOConfig) -> dict:
+  return loop.run_loop(build_task(config), config.run)
