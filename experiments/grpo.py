@@ -32,8 +32,9 @@ def get_config(arg=None):
                     eval_fraction=0.05),
       generation=GenerationConfig(max_new_tokens=24, num_samples=4),
       reward=RewardSpec(kind="function"),
-      loss=GRPOLoss(advantage="group", kl_in="loss", kl_coef=0.02, aggregation="grpo"),
-      optimizer=OptimizerConfig(learning_rate=3e-4),
+      loss=GRPOLoss(advantage="group", kl_in="loss", kl_coef=0.02, aggregation="grpo",
+                    epochs=2, minibatches=2),  # 4 clipped updates per batch of samples
+      optimizer=OptimizerConfig(learning_rate=2e-4),
       run=RunConfig(steps=60, batch_size=16, log_every=5, eval_every=20,
                     output_dir="runs/grpo"))
   if arg == "dr_grpo":  # Liu et al. 2025: no std scaling, a constant token normaliser

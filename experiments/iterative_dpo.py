@@ -4,10 +4,10 @@
     python -m rlhf_jax run experiments/iterative_dpo.py --arg judge     # AI-judge labels
     python -m rlhf_jax run experiments/iterative_dpo.py --arg runlocal  # smoke test
 
-Each of 4 rounds samples 2 responses for 64 prompts, labels them (the reward function, a reward
+Each of 4 rounds samples 2 responses for 256 prompts, labels them (the reward function, a reward
 model with reward.kind=model, or a judge with labels.kind=judge: the rule judge here, or any
-causal LM via labels.judge=<path> with the constitutional judge), and runs 2 epochs of DPO on the
-pairs. loss.name picks any PREFERENCE_LOSSES entry; reset_reference=true moves the reference to
+causal LM via labels.judge=<path> with the constitutional judge), and runs 4 epochs of DPO on the
+pairs (fewer leave the margins near 0 and gold unchanged). loss.name picks any PREFERENCE_LOSSES entry; reset_reference=true moves the reference to
 the policy at the start of each round. Expected: the gold reward rises round over round.
 """
 
@@ -30,8 +30,8 @@ def get_config(arg=None):
       generation=GenerationConfig(max_new_tokens=24, num_samples=2),
       reward=RewardSpec(kind="function"),
       loss=PreferenceLossConfig(name="dpo", beta=0.1),
-      rounds=RoundConfig(rounds=4, prompts_per_round=64, minibatch_size=16, epochs_per_round=2),
-      optimizer=OptimizerConfig(learning_rate=3e-4),
+      rounds=RoundConfig(rounds=4, prompts_per_round=256, minibatch_size=32, epochs_per_round=4),
+      optimizer=OptimizerConfig(learning_rate=2e-4),
       run=RunConfig(steps=0, log_every=8, output_dir="runs/iterative_dpo"))
   if arg == "judge":
     config = dataclasses.replace(config, labels=LabelConfig(kind="judge", judge="rule"))

@@ -37,7 +37,7 @@ def get_config(arg=None):
       generation=GenerationConfig(max_new_tokens=24, temperature=1.0),
       reward=RewardSpec(kind="model", path="runs/reward/hf"),
       loss=PPOLoss(kl_coef=0.05, epochs=4, minibatches=2),
-      optimizer=OptimizerConfig(learning_rate=3e-4, max_grad_norm=1.0),
+      optimizer=OptimizerConfig(learning_rate=2e-4, max_grad_norm=1.0),
       run=RunConfig(steps=60, batch_size=32, log_every=5, eval_every=20, output_dir="runs/ppo"))
   if arg in ("gold", "runlocal"):  # no reward model needed: the verifiable gold reward
     config = dataclasses.replace(config, reward=RewardSpec(kind="function"))

@@ -27,8 +27,8 @@ def get_config(arg=None):
       generation=GenerationConfig(max_new_tokens=24, num_samples=4),
       reward=RewardSpec(kind="function"),
       loss=GRPOLoss(advantage="leave_one_out", kl_in="reward", kl_coef=0.02,
-                    aggregation="dr_grpo"),
-      optimizer=OptimizerConfig(learning_rate=3e-4),
+                    aggregation="dr_grpo", epochs=2, minibatches=2),
+      optimizer=OptimizerConfig(learning_rate=2e-4),
       run=RunConfig(steps=60, batch_size=16, log_every=5, eval_every=20,
                     output_dir="runs/rloo"))
   if arg == "runlocal":

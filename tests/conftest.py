@@ -14,6 +14,11 @@ import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 
+# 8 fake CPU devices share 2 cores: two sharded programs in flight at once can each hold threads
+# in their all-reduce rendezvous and deadlock (XLA aborts after 40 s). Synchronous CPU dispatch
+# runs one program at a time. (Real accelerators have no such limit.)
+jax.config.update("jax_cpu_enable_async_dispatch", False)
+
 # Trainers rebuilt from the same config (resume tests, sharded-vs-single) compile identical
 # programs: the persistent cache makes the second and later builds cheap.
 jax.config.update("jax_compilation_cache_dir",

@@ -115,7 +115,8 @@ def build_task(config: GRPOConfig) -> loop.Task:
     if loss.kl_in == "reward":
       rewards = scores - loss.kl_coef * kl_k1
     advantages = sequence_advantages(rewards, g, loss.advantage)
-    return jax.lax.stop_gradient((old_logps, ref_logps, advantages, kl_k1))
+    metrics = ppo.rollout_metrics(rollout, scores, old_logps, kl_k1, loss.kl_coef)
+    return jax.lax.stop_gradient((old_logps, ref_logps, advantages)), metrics
 
   def minibatch_loss(params, rollout, old_logps, ref_logps, advantages):
     mask = rollout.response_mask
@@ -134,7 +135,7 @@ def build_task(config: GRPOConfig) -> loop.Task:
 
   @jax.jit
   def update(state, rollout, prepared, key):
-    old_logps, ref_logps, advantages, _ = prepared
+    old_logps, ref_logps, advantages = prepared
     order = ppo.shuffled_minibatches(key, rollout.input_ids.shape[0], loss.minibatches,
                                      loss.epochs)
 
@@ -152,11 +153,9 @@ def build_task(config: GRPOConfig) -> loop.Task:
     sample_key, shuffle_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
     rollout = sample(state.params, batch["prompt_ids"], batch["prompt_mask"], sample_key)
     scores = scorer(rollout, [records[i].text for i in np.asarray(batch["index"])])
-    prepared = prepare(state.params, ref_params, rollout, scores)
+    prepared, rollout_stats = prepare(state.params, ref_params, rollout, scores)
     state, metrics = update(state, rollout, prepared, shuffle_key)
-    metrics.update(ppo.rollout_metrics(rollout, scores, prepared[:1], prepared[3],
-                                       loss.kl_coef))
-    return state, metrics
+    return state, {**metrics, **rollout_stats}
 
   task = loop.Task(
       init_state=lambda: placement.state(make_state, params, jax.random.key(run.seed)),

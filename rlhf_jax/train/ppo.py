@@ -166,7 +166,8 @@ def build_task(config: PPOConfig) -> loop.Task:
 
   @jax.jit
   def prepare(params, ref_params, rollout, scores, kl_coef):
-    """Old log-probs, values, KL-penalised rewards, advantages and returns (all detached)."""
+    """Old log-probs, values, KL-penalised rewards, advantages and returns (all detached), and
+    the rollout's metrics."""
     mask = rollout.response_mask
     old_logps, _, hidden = policy_scores(model, params["policy"], rollout, temperature, chunk)
     values = value_fn(params, hidden, rollout) * mask
@@ -176,7 +177,10 @@ def build_task(config: PPOConfig) -> loop.Task:
     advantages, returns = losses.gae(rewards, values, mask, gamma=loss.gamma, lam=loss.lam)
     if loss.whiten_advantages:
       advantages = losses.whiten(advantages, mask)
-    return jax.lax.stop_gradient((old_logps, values, advantages, returns, kl))
+    metrics = rollout_metrics(rollout, scores, old_logps, jnp.sum(kl, axis=1), kl_coef)
+    metrics["value_explained_variance"] = explained_variance(values, returns, mask)
+    prepared = jax.lax.stop_gradient((old_logps, values, advantages, returns))
+    return prepared, metrics
 
   def minibatch_loss(params, rollout, old_logps, old_values, advantages, returns):
     mask = rollout.response_mask
@@ -197,8 +201,8 @@ def build_task(config: PPOConfig) -> loop.Task:
         "approx_kl": losses.approx_kl(logps, old_logps, mask)}
 
   @jax.jit
-  def update(state, rollout, prepared, key):
-    old_logps, values, advantages, returns, _ = prepared
+  def update(state, rollout, prepared, key, observed_kl):
+    old_logps, values, advantages, returns = prepared
     order = shuffled_minibatches(key, rollout.input_ids.shape[0], loss.minibatches, loss.epochs)
 
     def one_minibatch(state, rows):
@@ -209,29 +213,25 @@ def build_task(config: PPOConfig) -> loop.Task:
       return state.apply_gradients(grads), metrics
 
     state, metrics = jax.lax.scan(one_minibatch, state, order)
+    if loss.kl_target is not None:  # Ziegler et al.'s controller, on the rollout's KL
+      controller = losses.update_kl_controller(
+          state.extra["kl"], observed_kl, rollout.input_ids.shape[0], target=loss.kl_target,
+          horizon=loss.kl_horizon)
+      state = state.replace(extra={**state.extra, "kl": controller})
     return state, jax.tree.map(jnp.mean, metrics)
 
   def train_step(state, batch):
+    # Host orchestration only: every array operation happens inside the jitted functions.
     step_key = jax.random.fold_in(state.rng, state.step)
     sample_key, shuffle_key = jax.random.split(step_key)
     rollout = sample(state.params["policy"], batch["prompt_ids"], batch["prompt_mask"],
                      sample_key)
     prompts = [records[i].text for i in np.asarray(batch["index"])]
     scores = scorer(rollout, prompts)
-    kl_coef = state.extra["kl"].kl_coef
-    prepared = prepare(state.params, ref_params, rollout, scores, kl_coef)
-    state, metrics = update(state, rollout, prepared, shuffle_key)
-    kl_per_sequence = jnp.sum(prepared[4], axis=1)
-    observed_kl = jnp.mean(kl_per_sequence)
-    if loss.kl_target is not None:
-      controller = losses.update_kl_controller(
-          state.extra["kl"], observed_kl, rollout.input_ids.shape[0], target=loss.kl_target,
-          horizon=loss.kl_horizon)
-      state = state.replace(extra={**state.extra, "kl": controller})
-    metrics.update(rollout_metrics(rollout, scores, prepared, kl_per_sequence, kl_coef))
-    metrics["value_explained_variance"] = explained_variance(
-        prepared[1], prepared[3], rollout.response_mask)
-    return state, metrics
+    prepared, rollout_stats = prepare(state.params, ref_params, rollout, scores,
+                                      state.extra["kl"].kl_coef)
+    state, metrics = update(state, rollout, prepared, shuffle_key, rollout_stats["kl"])
+    return state, {**metrics, **rollout_stats}
 
   task = loop.Task(
       init_state=lambda: placement.state(make_state, params, key),
@@ -247,9 +247,8 @@ def build_task(config: PPOConfig) -> loop.Task:
   return task
 
 
-def rollout_metrics(rollout, scores, prepared, kl_per_sequence, kl_coef) -> dict:
-  """What every online method logs about its samples."""
-  old_logps = prepared[0]
+def rollout_metrics(rollout, scores, old_logps, kl_per_sequence, kl_coef) -> dict:
+  """What every online method logs about its samples (call inside jit)."""
   mask = rollout.response_mask
   return {
       "reward": jnp.mean(scores), "kl": jnp.mean(kl_per_sequence), "kl_coef": kl_coef,

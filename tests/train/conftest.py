@@ -4,6 +4,7 @@ import pytest
 
 from rlhf_jax.data import synthetic
 from rlhf_jax.train.common import DataSpec, ModelSpec
+from rlhf_jax.parallel import MeshConfig
 from rlhf_jax.train.loop import RunConfig
 
 # Smaller than the embedded default (which is 3 layers x 128): compiles in seconds.
@@ -20,8 +21,10 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture
 def small_run(tmp_path):
   def make(**changes):
+    # One device by default (learning tests); sharded steps are tested in test_parallel.py and
+    # the kill-and-resume test asks for the 8-device mesh.
     base = RunConfig(steps=20, batch_size=16, log_every=5, output_dir=str(tmp_path / "run"),
-                     progress=False, async_checkpoint=False)
+                     progress=False, async_checkpoint=False, mesh=MeshConfig(1, 1, 1))
     return dataclasses.replace(base, **changes)
   return make
 

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from rlhf_jax.parallel import MeshConfig
 from rlhf_jax.train import loop, preference, sft
 from rlhf_jax.train.state import OptimizerConfig
 
@@ -29,7 +30,9 @@ def test_killed_and_resumed_run_is_bit_identical(model_spec, data_spec, small_ru
     return preference.PreferenceConfig(
         model=model_spec, data=data_spec("pair"),
         optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=2),
-        run=small_run(steps=8, checkpoint_every=3, output_dir=str(tmp_path / name)))
+        # The 8-device mesh: restoring sharded params and optimiser state is part of the test.
+        run=small_run(steps=8, checkpoint_every=3, output_dir=str(tmp_path / name),
+                      mesh=MeshConfig(data=2, fsdp=4)))
 
   straight = loop.run_loop(preference.build_task(config("straight")), config("straight").run)
 
