@@ -1,14 +1,15 @@
 """The classic RLHF pipeline beside its direct alternatives, where the true reward is known.
 
-    python -m rlhf_jax run experiments/pipeline.py              # ~5 min on 2 CPU cores
-    python -m rlhf_jax run experiments/pipeline.py --arg sweep  # several KL coefs / betas
+    python -m rlhf_jax run experiments/pipeline.py              # ~2.5 min on 2 CPU cores
+    python -m rlhf_jax run experiments/pipeline.py --arg sweep  # several KL coefs / betas, ~6 min
     python -m rlhf_jax run experiments/pipeline.py --arg runlocal   # ~1 min smoke run
 
 SFT -> reward model -> PPO (KL penalty to the SFT policy), and DPO and IPO on the same
 preference pairs, and best-of-N against the reward model; then every policy is sampled on the same
 held-out prompts. Writes runs/pipeline/{table.md, results.json, frontier.png,
-overoptimization.png}. Expected: every method raises the gold reward above the SFT policy's, PPO
-and best-of-N also raise the proxy, and the labellers' length bias shows up as longer PPO answers.
+overoptimization.png}. Expected: every method raises the gold reward above the SFT policy's; PPO
+and best-of-N raise it most for their KL; DPO and IPO learn the labellers' length bias (longer
+answers); with --arg sweep, the weakest KL penalty raises the proxy while gold falls.
 """
 
 import dataclasses

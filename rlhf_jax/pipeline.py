@@ -26,6 +26,7 @@ import numpy as np
 
 from rlhf_jax.data import BatchStream, TokenizeConfig, prepare, synthetic
 from rlhf_jax.eval import diagnostics, plots, policy_eval
+from rlhf_jax.parallel import MeshConfig
 from rlhf_jax.train import common, loop, ppo, preference, reward, rollout, sft
 from rlhf_jax.train.state import OptimizerConfig
 
@@ -46,6 +47,7 @@ class PipelineConfig:
   trainer: str = "pipeline"
   output_dir: str = "runs/pipeline"
   seed: int = 0
+  mesh: MeshConfig = MeshConfig()  # every stage's device mesh (default: all devices, data)
   model: str = "synthetic:tiny"  # the pretrained starting point
   label_temperature: float = 0.25  # labeller noise (Bradley-Terry temperature on gold)
   length_bias: float = 0.5  # labellers' preference per extra sentence; gold has none
@@ -82,7 +84,7 @@ class PipelineConfig:
 def _run_config(config: PipelineConfig, stage: Stage, name: str, **changes) -> loop.RunConfig:
   return loop.RunConfig(steps=stage.steps, batch_size=stage.batch_size, log_every=max(
       stage.steps // 4, 1), output_dir=str(pathlib.Path(config.output_dir) / name),
-      seed=config.seed, progress=False, resume=False, **changes)
+      seed=config.seed, progress=False, resume=False, mesh=config.mesh, **changes)
 
 
 def _timed(fn, *args):

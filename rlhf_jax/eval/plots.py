@@ -11,7 +11,7 @@ import pathlib
 
 import numpy as np
 
-__all__ = ["comparison_table", "frontier", "overoptimization"]
+__all__ = ["comparison_table", "frontier", "gao_fit", "overoptimization"]
 
 
 def comparison_table(rows: list[dict], best_of_n: list[dict] = ()) -> str:
@@ -68,12 +68,43 @@ def _family(method: str) -> str:
   return method.split()[0]
 
 
+def gao_fit(d: np.ndarray, gain: np.ndarray, form: str) -> tuple[float, float]:
+  """Least-squares (alpha, beta) of Gao et al. 2022's scaling forms, d = sqrt(KL to the start).
+
+  form "best_of_n": gain(d) = d (alpha - beta d);  form "rl": gain(d) = d (alpha - beta log d),
+  gain = reward - reward at d = 0. Both are linear in (alpha, beta); points with d = 0 carry no
+  information and are dropped. Gao, Schulman & Hilton 2022, "Scaling Laws for Reward Model
+  Overoptimization", eqs. 1-2.
+  """
+  d, gain = np.asarray(d, np.float64), np.asarray(gain, np.float64)
+  keep = d > 0
+  d, gain = d[keep], gain[keep]
+  if form == "best_of_n":
+    features = np.stack([d, -d * d], axis=1)
+  elif form == "rl":
+    features = np.stack([d, -d * np.log(d)], axis=1)
+  else:
+    raise ValueError(f"form={form!r}: expected 'best_of_n' or 'rl'")
+  if len(d) < 2:
+    raise ValueError(f"gao_fit needs at least 2 points with KL > 0, got {len(d)}")
+  (alpha, beta), *_ = np.linalg.lstsq(features, gain, rcond=None)
+  return float(alpha), float(beta)
+
+
+def _gao_curve(d: np.ndarray, alpha: float, beta: float, form: str) -> np.ndarray:
+  with np.errstate(divide="ignore", invalid="ignore"):
+    shape = d * d if form == "best_of_n" else np.where(d > 0, d * np.log(d), 0.0)
+  return alpha * d - beta * shape
+
+
 def overoptimization(rows: list[dict], path: str | pathlib.Path, best_of_n: list[dict] = ()):
   """Proxy (left) and gold (right) reward against sqrt(KL to SFT), Gao et al. 2022's axes.
 
   Every evaluation of every run of a method family (e.g. PPO at several KL coefficients, each
-  evaluated during training) is one point; best-of-N uses its analytic KL. Where the proxy keeps
-  rising but gold turns down, the policy is exploiting the reward model.
+  evaluated during training) is one point; best-of-N uses its analytic KL. Each family's points
+  get the fitted curve of Gao et al.'s functional form (`gao_fit`: "best_of_n" for best-of-N,
+  "rl" for the trained policies) through the SFT point. Where the proxy keeps rising but gold
+  turns down, the policy is exploiting the reward model.
   """
   plt = _plt()
   fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
@@ -88,18 +119,26 @@ def overoptimization(rows: list[dict], path: str | pathlib.Path, best_of_n: list
   if best_of_n:
     families["best-of-N"] = [(p["kl"], p["proxy_reward"], p["gold_reward"]) for p in best_of_n]
   for i, (family, points) in enumerate(families.items()):
-    if sft is not None:
-      points = points + [(0.0, sft["proxy_reward"], sft["gold_reward"])]
     kl, proxy, gold = np.array(sorted(points)).T
     root = np.sqrt(np.maximum(kl, 0))
-    style = dict(color=f"C{i}", marker="o", markersize=4, label=family)
-    left.plot(root, proxy, "--", **style)
-    right.plot(root, gold, "-", **style)
-  left.set_title("proxy reward (the reward model being optimised)")
-  right.set_title("gold reward (the truth)")
-  for ax in (left, right):
+    form = "best_of_n" if family == "best-of-N" else "rl"
+    for ax, values, fit_style in ((left, proxy, "--"), (right, gold, "-")):
+      ax.plot(root, values, "o", color=f"C{i}", markersize=4, alpha=0.7, label=family)
+      if sft is None or (root > 0).sum() < 2:
+        continue
+      start = sft["proxy_reward"] if values is proxy else sft["gold_reward"]
+      alpha, beta = gao_fit(root, values - start, form)
+      grid = np.linspace(0.0, root.max(), 100)
+      ax.plot(grid, start + _gao_curve(grid, alpha, beta, form), fit_style, color=f"C{i}")
+  for ax, title in ((left, "proxy reward (the reward model being optimised)"),
+                    (right, "gold reward (the truth)")):
+    if sft is not None:
+      ax.plot([0.0], [sft["proxy_reward" if ax is left else "gold_reward"]], "k*",
+              markersize=9, label="SFT")
+    ax.set_title(title)
     ax.set_xlabel("sqrt(KL(π ‖ π_SFT))")
     ax.legend(fontsize=8)
+  fig.suptitle("points: evaluations during training; curves: Gao et al. 2022 fits", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

@@ -27,7 +27,7 @@ def make_train_step(loss_fn: Callable, schedule: optax.Schedule | None = None,
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, batch, *frozen)
     new_state = state.apply_gradients(grads)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
     if schedule is not None:
       metrics["learning_rate"] = schedule(state.step // grad_accumulation)
     return new_state, metrics

@@ -1,7 +1,6 @@
 """Online methods on the synthetic task: each raises the gold reward of the SFT policy at bounded
 KL; best-of-N's KL matches log N - (N-1)/N; PPO resumes bit-exactly."""
 
-import dataclasses
 import json
 
 import jax

@@ -1,0 +1,80 @@
+"""Diagnostics: win rate, length bias, best-of-N KL; rollout scoring."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.eval import diagnostics, plots
+from rlhf_jax.train import rollout
+
+
+def test_win_rate_counts_ties_as_half():
+  assert diagnostics.win_rate([1, 2, 3, 0], [0, 2, 4, 0]) == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+  with pytest.raises(ValueError, match="paired"):
+    diagnostics.win_rate([1, 2], [1])
+
+
+def test_length_bias_is_the_correlation_with_length():
+  lengths = np.arange(10.0)
+  assert diagnostics.length_bias(2 * lengths + 1, lengths) == pytest.approx(1.0)
+  assert diagnostics.length_bias(-lengths, lengths) == pytest.approx(-1.0)
+  assert diagnostics.length_bias(np.ones(10), lengths) == 0.0
+
+
+def test_best_of_n_kl_analytic_and_exact_estimate():
+  assert diagnostics.best_of_n_kl_analytic(1) == 0.0
+  assert diagnostics.best_of_n_kl_analytic(4) == pytest.approx(np.log(4) - 0.75)
+  # With an exact CDF (a huge reference sample of uniforms), the estimate converges.
+  rng = np.random.default_rng(0)
+  n, prompts = 4, 64
+  winners = rng.random((prompts, 500, n)).max(axis=2)
+  reference = rng.random((prompts, 4000))
+  estimate, error = diagnostics.best_of_n_kl_estimate(winners, reference, n)
+  assert abs(estimate - diagnostics.best_of_n_kl_analytic(n)) < 4 * error + (n - 1) / 4000
+
+
+class _FakeRollout:
+  def __init__(self, has_stop):
+    self.has_stop = jnp.asarray(has_stop)
+    self.prompt_index = jnp.arange(len(has_stop))
+
+
+def test_function_scorer_checks_the_reward_function(monkeypatch):
+  scorer = rollout.FunctionScorer(lambda p, r: np.zeros(len(r) + 1), tokenizer=None)
+  monkeypatch.setattr(scorer, "decode", lambda rollout_: ["a", "b"])
+  with pytest.raises(ValueError, match="one score per response"):
+    scorer(_FakeRollout([True, True]), ["p", "q"])
+  scorer.fn = lambda p, r: np.array([1.0, np.nan])
+  with pytest.raises(ValueError, match="non-finite"):
+    scorer(_FakeRollout([True, True]), ["p", "q"])
+
+
+def test_missing_eos_penalty_applies_only_to_responses_that_never_stop(monkeypatch):
+  scorer = rollout.FunctionScorer(lambda p, r: np.array([1.0, 1.0]), tokenizer=None,
+                                  missing_eos_penalty=2.0)
+  monkeypatch.setattr(scorer, "decode", lambda rollout_: ["a", "b"])
+  np.testing.assert_array_equal(scorer(_FakeRollout([True, False]), ["p", "q"]), [1.0, -1.0])
+
+
+def test_reward_spec_and_function_loading_errors():
+  with pytest.raises(ValueError, match="reward.path"):
+    rollout.RewardSpec(kind="model").validate()
+  with pytest.raises(ValueError, match="module:name"):
+    rollout.load_function("no_colon")
+  with pytest.raises(ValueError, match="cannot load"):
+    rollout.load_function("rlhf_jax.data.synthetic:nope")
+
+
+@pytest.mark.parametrize("form,alpha,beta", [("best_of_n", 1.3, 0.4), ("rl", 0.8, 0.5)])
+def test_gao_fit_recovers_the_scaling_law_coefficients(form, alpha, beta):
+  d = np.linspace(0.0, 3.0, 13)  # d = 0 is dropped (no information)
+  shape = d * d if form == "best_of_n" else np.where(d > 0, d * np.log(np.maximum(d, 1e-30)), 0)
+  gain = alpha * d - beta * shape
+  assert plots.gao_fit(d, gain, form) == pytest.approx((alpha, beta), rel=1e-9)
+  # Gold peaks and turns down: for best-of-N the argmax of d (alpha - beta d) is alpha / (2 beta).
+  if form == "best_of_n":
+    assert d[np.argmax(gain)] == pytest.approx(alpha / (2 * beta), abs=0.25)
+  with pytest.raises(ValueError, match="at least 2 points"):
+    plots.gao_fit([0.0, 1.0], [0.0, 1.0], form)
+  with pytest.raises(ValueError, match="expected"):
+    plots.gao_fit(d, gain, "linear")
