@@ -71,11 +71,8 @@ def build_task(config: RejectionSamplingConfig) -> loop.Task:
   run, spec, gen, rc = config.run, config.model, config.generation, config.rounds
   tokenizer = common.load_tokenizer(spec)
   model, params = common.load_policy(spec)
-  records, _, _ = common.load_data("prompt", config.data, tokenizer, run.seed)
-  one_bucket = dataclasses.replace(config.data, buckets=(max(config.data.buckets or (
-      config.data.max_length,)),))
-  prompts = common.make_stream(records, one_bucket, rc.prompts_per_round,
-                               tokenizer.pad_token_id, run.seed)
+  records, prompt_length, prompts = common.round_prompts(config.data, tokenizer,
+                                                        rc.prompts_per_round, run.seed)
   scorer = rollout_lib.make_scorer(config.reward, tokenizer,
                                    lambda path: common.load_reward_model(path, spec))
   sample = rollout_lib.make_sampler(model, gen, common.stop_ids(tokenizer, model),
@@ -84,7 +81,7 @@ def build_task(config: RejectionSamplingConfig) -> loop.Task:
   total = rc.rounds * steps_per_round
   tx = make_optimizer(config.optimizer, total)
   chunk = spec.logps_chunk_size
-  length = one_bucket.buckets[0] + gen.max_new_tokens
+  length = prompt_length + gen.max_new_tokens
 
   def generate(state, batch, key):
     texts = [records[i].text for i in np.asarray(batch["index"])]

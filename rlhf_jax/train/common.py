@@ -30,6 +30,7 @@ __all__ = [
     "load_reward_model",
     "stop_ids",
     "make_stream",
+    "round_prompts",
     "Placement",
     "make_placement",
     "export_causal_lm",
@@ -170,6 +171,19 @@ def make_stream(records, spec: DataSpec, batch_size: int, pad_id: int, seed: int
                 shuffle: bool = True) -> data_lib.BatchStream:
   return data_lib.BatchStream(records, batch_size, spec.max_length, pad_id, seed, shuffle=shuffle,
                               buckets=spec.buckets or None)
+
+
+def round_prompts(spec: DataSpec, tokenizer, prompts_per_round: int, seed: int):
+  """Prompts for round-based trainers (sample, label or rerank, train): one padded length.
+
+  Every round's prompts share the largest bucket so that the sampler compiles once. Returns
+  (records, prompt_length, stream of `prompts_per_round` prompts per batch).
+  """
+  records, _, _ = load_data("prompt", spec, tokenizer, seed)
+  length = max(spec.buckets or (spec.max_length,))
+  one_bucket = dataclasses.replace(spec, buckets=(length,))
+  return records, length, make_stream(records, one_bucket, prompts_per_round,
+                                      tokenizer.pad_token_id, seed)
 
 
 @dataclasses.dataclass

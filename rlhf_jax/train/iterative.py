@@ -105,11 +105,8 @@ def build_task(config: IterativeDPOConfig) -> loop.Task:
   run, spec, gen, rc = config.run, config.model, config.generation, config.rounds
   tokenizer = common.load_tokenizer(spec)
   model, params = common.load_policy(spec)
-  records, _, _ = common.load_data("prompt", config.data, tokenizer, run.seed)
-  one_bucket = dataclasses.replace(config.data, buckets=(max(config.data.buckets or (
-      config.data.max_length,)),))
-  prompts = common.make_stream(records, one_bucket, rc.prompts_per_round,
-                               tokenizer.pad_token_id, run.seed)
+  records, prompt_length, prompts = common.round_prompts(config.data, tokenizer,
+                                                        rc.prompts_per_round, run.seed)
   placement = common.make_placement(run.mesh, model.config)
   initial_ref = common.load_reference(spec, params, placement)
   scorer = (rollout_lib.make_scorer(config.reward, tokenizer,
@@ -123,7 +120,7 @@ def build_task(config: IterativeDPOConfig) -> loop.Task:
   steps_per_round = rc.steps_per_round()
   total = rc.rounds * steps_per_round
   tx = make_optimizer(config.optimizer, total)
-  length = one_bucket.buckets[0] + gen.max_new_tokens
+  length = prompt_length + gen.max_new_tokens
 
   @jax.jit
   def sequence_logps(params, rows):

@@ -12,12 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
 
 from rlhf_jax import losses
 from rlhf_jax.losses import policy
+from transform_harness import TRANSFORMS, TransformHarness
 
-NUM_DEVICES = 8
 B, T, G = 16, 7, 4  # B rows (4 prompts x G=4 completions), T tokens
 MODES = policy.AGGREGATION_MODES
 
@@ -501,74 +500,25 @@ def _cases():
 
 
 CASES = _cases()
-
-
-def _apply_all(args_by_name):
-  """Every case at once, so that each transform compiles one program rather than one per case."""
-  return {name: CASES[name][0](*args) for name, args in args_by_name.items()}
-
-
-def _stack(trees):
-  return jax.tree.map(lambda *xs: np.stack(xs), *trees)
-
-
-def _slice(tree, i):
-  return jax.tree.map(lambda x: x[i], tree)
-
-
-def _assert_close(got, expected, names=CASES):
-  for name in names:
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5,
-                                   err_msg=name), got[name], expected[name])
+HARNESS = TransformHarness(CASES, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
 def mesh():
-  assert jax.device_count() == NUM_DEVICES, "tests/conftest.py sets 8 CPU devices"
-  return Mesh(np.array(jax.devices()), ("data",))
+  return HARNESS.mesh()
 
 
 @pytest.fixture(scope="module")
 def batches_and_expected():
-  """NUM_DEVICES independent batches per case, and the float64 NumPy values for each."""
-  batches = {name: _stack([make_args() for _ in range(NUM_DEVICES)])
-             for name, (_, _, make_args, _) in CASES.items()}
-  expected = {name: _stack([reference(*_slice(batches[name], i)) for i in range(NUM_DEVICES)])
-              for name, (_, reference, _, _) in CASES.items()}
-  return batches, expected
+  return HARNESS.batches_and_expected()
 
 
-@pytest.mark.parametrize("transform", ["eager", "jit", "vmap", "pmap", "shard_map"])
+@pytest.mark.parametrize("transform", TRANSFORMS)
 def test_same_values_under_transforms(transform, batches_and_expected, mesh):
-  batches, expected = batches_and_expected
-  if transform == "eager":  # op by op; one batch, as each eager op compiles on its own
-    expected = _slice(expected, 0)
-    got = _apply_all(_slice(batches, 0))
-  elif transform == "jit":
-    jitted = jax.jit(_apply_all)
-    got = _stack([jitted(_slice(batches, i)) for i in range(NUM_DEVICES)])
-  elif transform == "vmap":
-    got = jax.jit(jax.vmap(_apply_all))(batches)
-  elif transform == "pmap":
-    got = jax.pmap(_apply_all)(batches)
-  else:
-    # One independent batch per device (the leading axis), the functions unchanged inside.
-    def per_device(args_by_name):
-      return jax.tree.map(lambda x: x[None], _apply_all(_slice(args_by_name, 0)))
-
-    got = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P("data"),
-                                out_specs=P("data")))(batches)
-  _assert_close(got, expected)
+  HARNESS.check_transform(transform, *batches_and_expected, mesh)
 
 
 def test_row_local_functions_shard_along_the_batch(batches_and_expected, mesh):
   """Row-local functions (and group functions with whole groups per device) shard one batch's
   rows over the devices under shard_map and still give the single-device values."""
-  batches, _ = batches_and_expected
-  names = [name for name, (_, _, _, row_local) in CASES.items() if row_local]
-  big_batch = {name: jax.tree.map(lambda x: np.concatenate(list(x)), batches[name])
-               for name in names}
-  got = jax.jit(jax.shard_map(_apply_all, mesh=mesh, in_specs=P("data"),
-                              out_specs=P("data")))(big_batch)
-  expected = {name: CASES[name][1](*big_batch[name]) for name in names}
-  _assert_close(got, expected, names)
+  HARNESS.check_row_sharding(batches_and_expected[0], mesh)
