@@ -53,7 +53,7 @@ def time_jax(args, config, batch):
     values, _ = per_example(params, batch, ref_logps)
     return jnp.mean(values), {}
 
-  tx = make_optimizer(OptimizerConfig(learning_rate=1e-6), 1000)
+  tx = make_optimizer(OptimizerConfig(lr=1e-6), 1000)
   state = TrainState.create(params, tx, jax.random.key(1))
   step = steps.make_train_step(loss_fn)
   batch = jax.device_put(batch)

@@ -14,7 +14,7 @@ The real recipe (DPO of Qwen2.5-0.5B-Instruct on an HH-format dataset, reference
       --set model.dtype=bfloat16 --set model.remat_policy=full --set data.train=Anthropic/hh-rlhf \
       --set data.max_length=1024 --set data.max_prompt_length=512 \
       --set data.buckets='(256,512,1024)' --set loss.beta=0.1 --set loss.reference=precompute \
-      --set optimizer.learning_rate=5e-7 --set optimizer.warmup_steps=100 \
+      --set optimizer.lr=5e-7 --set optimizer.warmup_steps=100 \
       --set run.batch_size=64 --set run.steps=1000
 """
 
@@ -31,7 +31,7 @@ def get_config(arg=None):
       model=ModelSpec(path="synthetic:tiny"),
       data=DataSpec(train="synthetic:pair", num_rows=4096, max_length=32, buckets=(32,)),
       loss=PreferenceLossConfig(name="dpo", beta=0.1),
-      optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=20),
+      optimizer=OptimizerConfig(lr=1e-3, warmup_steps=20),
       run=RunConfig(steps=200, batch_size=32, log_every=25, eval_every=100, output_dir="runs/dpo"))
   if arg == "rpo":  # Pang et al. 2024: DPO plus the NLL of the chosen response
     config = dataclasses.replace(config, loss=dataclasses.replace(config.loss, nll_weight=1.0),

@@ -13,7 +13,7 @@ The real recipe (GRPO on GSM8K-style verifiable math with a Python checker):
       --set data.train=openai/gsm8k --set reward.function=my_rewards:gsm8k_correct \
       --set reward.gold_function=none --set generation.num_samples=8 \
       --set generation.max_new_tokens=512 --set model.dtype=bfloat16 \
-      --set optimizer.learning_rate=1e-6 --set run.batch_size=32 --set run.steps=500
+      --set optimizer.lr=1e-6 --set run.batch_size=32 --set run.steps=500
 """
 
 import dataclasses
@@ -34,7 +34,7 @@ def get_config(arg=None):
       reward=RewardSpec(kind="function"),
       loss=GRPOLoss(advantage="group", kl_in="loss", kl_coef=0.02, aggregation="grpo",
                     epochs=2, minibatches=2),  # 4 clipped updates per batch of samples
-      optimizer=OptimizerConfig(learning_rate=2e-4),
+      optimizer=OptimizerConfig(lr=2e-4),
       run=RunConfig(steps=60, batch_size=16, log_every=5, eval_every=20,
                     output_dir="runs/grpo"))
   if arg == "dr_grpo":  # Liu et al. 2025: no std scaling, a constant token normaliser

@@ -31,7 +31,7 @@ def get_config(arg=None):
       reward=RewardSpec(kind="function"),
       loss=PreferenceLossConfig(name="dpo", beta=0.1),
       rounds=RoundConfig(rounds=4, prompts_per_round=256, minibatch_size=32, epochs_per_round=4),
-      optimizer=OptimizerConfig(learning_rate=2e-4),
+      optimizer=OptimizerConfig(lr=2e-4),
       run=RunConfig(steps=0, log_every=8, output_dir="runs/iterative_dpo"))
   if arg == "judge":
     config = dataclasses.replace(config, labels=LabelConfig(kind="judge", judge="rule"))

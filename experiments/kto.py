@@ -11,7 +11,7 @@ rewards/undesirable on the training batches, and the held-out loss falls.
 The real recipe (KTO of Qwen2.5-0.5B-Instruct on unpaired feedback):
     python -m rlhf_jax run experiments/kto.py --set model.path=Qwen/Qwen2.5-0.5B-Instruct \
       --set model.dtype=bfloat16 --set data.train=trl-lib/kto-mix-14k --set data.max_length=1024 \
-      --set optimizer.learning_rate=5e-7 --set run.batch_size=32 --set run.steps=1000
+      --set optimizer.lr=5e-7 --set run.batch_size=32 --set run.steps=1000
 """
 
 import dataclasses
@@ -27,7 +27,7 @@ def get_config(arg=None):
       model=ModelSpec(path="synthetic:tiny"),
       data=DataSpec(train="synthetic:unpaired", num_rows=4096, max_length=32, buckets=(32,)),
       loss=KTOLossConfig(beta=0.1),
-      optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=20),
+      optimizer=OptimizerConfig(lr=1e-3, warmup_steps=20),
       run=RunConfig(steps=200, batch_size=32, log_every=25, eval_every=100, output_dir="runs/kto"))
   if arg == "runlocal":
     config = dataclasses.replace(config, run=dataclasses.replace(

@@ -9,7 +9,7 @@ Loss = NLL(chosen) + λ·(-log σ(log odds(chosen) - log odds(rejected))) on mea
 The real recipe (ORPO of a base Qwen2.5-0.5B on UltraFeedback pairs, the paper's λ = 0.1):
     python -m rlhf_jax run experiments/orpo.py --set model.path=Qwen/Qwen2.5-0.5B \
       --set model.dtype=bfloat16 --set data.train=trl-lib/ultrafeedback_binarized \
-      --set data.max_length=1024 --set optimizer.learning_rate=8e-6 --set run.steps=1000
+      --set data.max_length=1024 --set optimizer.lr=8e-6 --set run.steps=1000
 """
 
 import dataclasses
@@ -25,7 +25,7 @@ def get_config(arg=None):
       model=ModelSpec(path="synthetic:tiny"),
       data=DataSpec(train="synthetic:pair", num_rows=4096, max_length=32, buckets=(32,)),
       loss=PreferenceLossConfig(name="orpo", weight=0.1, nll_weight=1.0),
-      optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=20),
+      optimizer=OptimizerConfig(lr=2e-3, warmup_steps=20),
       run=RunConfig(steps=200, batch_size=32, log_every=25, eval_every=100,
                     output_dir="runs/orpo"))
   if arg == "runlocal":

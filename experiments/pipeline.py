@@ -24,11 +24,11 @@ def get_config(arg=None):
                                  ppo_kl_coefs=(0.01, 0.05, 0.2),
                                  direct_methods=("dpo:0.03", "dpo:0.1", "dpo:0.3", "ipo:0.25",
                                                  "ipo:0.5", "ipo:1.0"),
-                                 ppo=Stage(steps=60, learning_rate=3e-4))
+                                 ppo=Stage(steps=60, lr=3e-4))
   if arg == "runlocal":
     config = dataclasses.replace(
-        config, output_dir="runs/pipeline-local", sft=Stage(steps=40, learning_rate=2e-3),
-        reward=Stage(steps=40), ppo=Stage(steps=4, batch_size=16, learning_rate=3e-4),
-        direct=Stage(steps=10, learning_rate=3e-4), best_of_n=(2, 4), eval_prompts=32,
+        config, output_dir="runs/pipeline-local", sft=Stage(steps=40, lr=2e-3),
+        reward=Stage(steps=40), ppo=Stage(steps=4, batch_size=16, lr=3e-4),
+        direct=Stage(steps=10, lr=3e-4), best_of_n=(2, 4), eval_prompts=32,
         num_demonstrations=1024, num_pairs=1024)
   return config

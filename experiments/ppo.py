@@ -16,7 +16,7 @@ The real recipe (PPO of an SFT'd Qwen2.5-0.5B against its RM):
     python -m rlhf_jax run experiments/ppo.py --set model.path=runs/sft-qwen/hf \
       --set reward.path=runs/rm-qwen/hf --set reward.gold_function=none \
       --set data.train=trl-lib/tldr --set data.max_length=512 --set generation.max_new_tokens=53 \
-      --set model.dtype=bfloat16 --set optimizer.learning_rate=3e-6 --set run.batch_size=64 \
+      --set model.dtype=bfloat16 --set optimizer.lr=3e-6 --set run.batch_size=64 \
       --set reward.missing_eos_penalty=1.0 --set run.steps=1000
 """
 
@@ -37,7 +37,7 @@ def get_config(arg=None):
       generation=GenerationConfig(max_new_tokens=24, temperature=1.0),
       reward=RewardSpec(kind="model", path="runs/reward/hf"),
       loss=PPOLoss(kl_coef=0.05, epochs=4, minibatches=2),
-      optimizer=OptimizerConfig(learning_rate=2e-4, max_grad_norm=1.0),
+      optimizer=OptimizerConfig(lr=2e-4, max_grad_norm=1.0),
       run=RunConfig(steps=60, batch_size=32, log_every=5, eval_every=20, output_dir="runs/ppo"))
   if arg in ("gold", "runlocal"):  # no reward model needed: the verifiable gold reward
     config = dataclasses.replace(config, reward=RewardSpec(kind="function"))

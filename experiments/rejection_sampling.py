@@ -26,7 +26,7 @@ def get_config(arg=None):
       generation=GenerationConfig(max_new_tokens=24, num_samples=8),
       reward=RewardSpec(kind="function"),
       rounds=RoundConfig(rounds=4, prompts_per_round=64, minibatch_size=32, epochs_per_round=2),
-      optimizer=OptimizerConfig(learning_rate=1e-3),
+      optimizer=OptimizerConfig(lr=1e-3),
       run=RunConfig(steps=0, log_every=4, output_dir="runs/rejection_sampling"))
   if arg == "runlocal":
     config = dataclasses.replace(config, model=ModelSpec(path="synthetic:tiny"),

@@ -11,7 +11,7 @@ runs/reward/hf as a `LlamaForSequenceClassification` checkpoint (transformers an
 The real recipe (an RM for Qwen2.5-0.5B-Instruct on Anthropic HH, which loads as HH text):
     python -m rlhf_jax run experiments/reward.py --set model.path=Qwen/Qwen2.5-0.5B-Instruct \
       --set model.dtype=bfloat16 --set data.train=Anthropic/hh-rlhf --set data.max_length=1024 \
-      --set data.buckets='(256,512,1024)' --set optimizer.learning_rate=1e-5 \
+      --set data.buckets='(256,512,1024)' --set optimizer.lr=1e-5 \
       --set loss.center_coef=0.01 --set run.batch_size=64 --set run.steps=2000
 """
 
@@ -28,7 +28,7 @@ def get_config(arg=None):
       model=ModelSpec(path="synthetic:tiny"),
       data=DataSpec(train="synthetic:pair", num_rows=4096, max_length=32, buckets=(32,)),
       loss=RewardLoss(objective="bradley_terry", center_coef=0.01),
-      optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=20),
+      optimizer=OptimizerConfig(lr=1e-3, warmup_steps=20),
       run=RunConfig(steps=300, batch_size=32, log_every=25, eval_every=100,
                     output_dir="runs/reward"))
   if arg == "ranking":  # InstructGPT's K-wise loss on 4-way rankings

@@ -28,7 +28,7 @@ def get_config(arg=None):
       reward=RewardSpec(kind="function"),
       loss=GRPOLoss(advantage="leave_one_out", kl_in="reward", kl_coef=0.02,
                     aggregation="dr_grpo", epochs=2, minibatches=2),
-      optimizer=OptimizerConfig(learning_rate=2e-4),
+      optimizer=OptimizerConfig(lr=2e-4),
       run=RunConfig(steps=60, batch_size=16, log_every=5, eval_every=20,
                     output_dir="runs/rloo"))
   if arg == "runlocal":

@@ -12,7 +12,7 @@ The real recipe this stands for (SFT of Qwen2.5-0.5B on chat data, one GPU or a 
       --set model.dtype=bfloat16 --set model.remat_policy=full \
       --set data.train=HuggingFaceH4/ultrachat_200k --set data.split=train_sft \
       --set data.max_length=2048 --set data.buckets='(512,1024,2048)' \
-      --set optimizer.learning_rate=2e-5 --set optimizer.warmup_steps=100 \
+      --set optimizer.lr=2e-5 --set optimizer.warmup_steps=100 \
       --set run.batch_size=64 --set run.steps=2000 --set run.output_dir=runs/sft-qwen
 """
 
@@ -29,7 +29,7 @@ def get_config(arg=None):
       model=ModelSpec(path="synthetic:tiny"),
       # Synthetic rows are <= 26 tokens: one bucket, so the step compiles once.
       data=DataSpec(train="synthetic:sft", num_rows=4096, max_length=32, buckets=(32,)),
-      optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=20, schedule="cosine"),
+      optimizer=OptimizerConfig(lr=2e-3, warmup_steps=20, schedule="cosine"),
       run=RunConfig(steps=300, batch_size=32, log_every=25, eval_every=100,
                     output_dir="runs/sft"))
   if arg == "runlocal":

@@ -10,7 +10,7 @@ The real recipe (SimPO on Qwen2.5-0.5B-Instruct, the paper's β = 2.5, γ/β = 0
     python -m rlhf_jax run experiments/simpo.py --set model.path=Qwen/Qwen2.5-0.5B-Instruct \
       --set model.dtype=bfloat16 --set data.train=princeton-nlp/llama3-ultrafeedback-armorm \
       --set data.max_length=1024 --set loss.beta=2.5 --set loss.hparams='{"gamma": 1.375}' \
-      --set optimizer.learning_rate=1e-6 --set run.batch_size=128 --set run.steps=500
+      --set optimizer.lr=1e-6 --set run.batch_size=128 --set run.steps=500
 """
 
 import dataclasses
@@ -26,7 +26,7 @@ def get_config(arg=None):
       model=ModelSpec(path="synthetic:tiny"),
       data=DataSpec(train="synthetic:pair", num_rows=4096, max_length=32, buckets=(32,)),
       loss=PreferenceLossConfig(name="simpo", beta=2.0, hparams={"gamma": 0.5}),
-      optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=20),
+      optimizer=OptimizerConfig(lr=1e-3, warmup_steps=20),
       run=RunConfig(steps=200, batch_size=32, log_every=25, eval_every=100,
                     output_dir="runs/simpo"))
   if arg == "runlocal":

@@ -38,7 +38,7 @@ class BanditConfig:
   betas: tuple[float, ...] = (0.1, 1.0)
   losses: tuple[str, ...] = ()  # empty: every registered pairwise loss
   steps: int = 3000
-  learning_rate: float = 0.05
+  lr: float = 0.05
   log_every: int = 25
   seed: int = 0
   output_dir: str = "runs/bandit"
@@ -93,7 +93,7 @@ def train_loss(name: str, beta: float, data: PreferenceData, config: BanditConfi
   num_prompts, num_responses = data.gold_reward.shape
   ref_logps = jnp.full((num_prompts, num_responses), -np.log(num_responses), jnp.float32)
   prompt, chosen, rejected = (jnp.asarray(a) for a in (data.prompt, data.chosen, data.rejected))
-  optimizer = optax.adam(config.learning_rate)
+  optimizer = optax.adam(config.lr)
 
   def objective(logits):
     logps = jax.nn.log_softmax(logits, axis=-1)

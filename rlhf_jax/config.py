@@ -111,16 +111,41 @@ def _coerce(raw: str, hint, key: str):
   raise ConfigError(f"{key}: cannot set a value of type {hint} from the command line")
 
 
+def _initials(name: str) -> str:
+  return "".join(word[0] for word in name.split("_") if word)
+
+
+def _nearest_key(key: str, candidates: list[str]) -> str | None:
+  """The valid key the user most likely meant by `key`, or None.
+
+  In order: a close match of the whole dotted key; a close match of the leaf within the same
+  section; an abbreviation either way ("learning_rate" <-> "lr", by initials); the same leaf in
+  another section (a typo in the section name).
+  """
+  close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.75)
+  if close:
+    return close[0]
+  section, _, leaf = key.rpartition(".")
+  siblings = {k.rpartition(".")[2]: k for k in candidates if k.rpartition(".")[0] == section}
+  close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
+  if close:
+    return siblings[close[0]]
+  for sibling, full in siblings.items():
+    if leaf == _initials(sibling) or sibling == _initials(leaf):
+      return full
+  close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+  if close:
+    return close[0]
+  same_leaf = [k for k in candidates if k.rpartition(".")[2] == leaf]
+  return same_leaf[0] if same_leaf else None
+
+
 def _set(config, parts: list[str], raw: str, full_key: str, root):
   field_names = [field.name for field in dataclasses.fields(config)]
   name = parts[0]
   if name not in field_names:
-    candidates = config_keys(root)
-    close = difflib.get_close_matches(full_key, candidates, n=1, cutoff=0.5)
-    if not close:  # a typo in the section name: match the leaf against every key's last part
-      leaf_matches = [k for k in candidates if k.split(".")[-1] == full_key.split(".")[-1]]
-      close = leaf_matches[:1]
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    close = _nearest_key(full_key, config_keys(root))
+    hint = f"; did you mean {close!r}?" if close else ""
     raise ConfigError(f"unknown config key {full_key!r}{hint}")
   current = getattr(config, name)
   if len(parts) > 1:

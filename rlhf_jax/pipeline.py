@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 class Stage:
   steps: int
   batch_size: int = 32
-  learning_rate: float = 1e-3
+  lr: float = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +56,11 @@ class PipelineConfig:
   eval_prompts: int = 128
   max_new_tokens: int = 24
   eval_points: int = 3  # evaluations during each training run (trajectories in the plots)
-  sft: Stage = Stage(steps=150, learning_rate=2e-3)
-  reward: Stage = Stage(steps=150, learning_rate=1e-3)
-  ppo: Stage = Stage(steps=40, learning_rate=3e-4)
+  sft: Stage = Stage(steps=150, lr=2e-3)
+  reward: Stage = Stage(steps=150, lr=1e-3)
+  ppo: Stage = Stage(steps=40, lr=3e-4)
   ppo_kl_coefs: tuple[float, ...] = (0.05,)
-  direct: Stage = Stage(steps=100, learning_rate=1e-4)
+  direct: Stage = Stage(steps=100, lr=1e-4)
   # "loss:beta" for each direct run; IPO's β acts on token-mean log-probs (target margin 1/(2β)
   # nats per token), so it wants a larger β than DPO's on sums.
   direct_methods: tuple[str, ...] = ("dpo:0.1", "ipo:0.5")
@@ -159,7 +159,7 @@ def run(config: PipelineConfig) -> dict:
   # 1. SFT on demonstrations.
   sft_config = sft.SFTConfig(
       model=lab.base, data=lab.data("sft", 32, (32,)),
-      optimizer=OptimizerConfig(learning_rate=config.sft.learning_rate, warmup_steps=10),
+      optimizer=OptimizerConfig(lr=config.sft.lr, warmup_steps=10),
       run=_run_config(config, config.sft, "sft"))
   _, sft_seconds = _timed(sft.run, sft_config)
   sft_dir = str(out / "sft" / "hf")
@@ -168,7 +168,7 @@ def run(config: PipelineConfig) -> dict:
   rm_config = reward.RewardConfig(
       model=common.ModelSpec(path=sft_dir), data=lab.data("pairs", 32, (32,)),
       loss=reward.RewardLoss(center_coef=0.01),
-      optimizer=OptimizerConfig(learning_rate=config.reward.learning_rate, warmup_steps=10),
+      optimizer=OptimizerConfig(lr=config.reward.lr, warmup_steps=10),
       run=_run_config(config, config.reward, "reward"))
   rm_summary, rm_seconds = _timed(reward.run, rm_config)
   rm_dir = str(out / "reward" / "hf")
@@ -186,7 +186,7 @@ def run(config: PipelineConfig) -> dict:
         generation=rollout.GenerationConfig(max_new_tokens=config.max_new_tokens),
         reward=rollout.RewardSpec(kind="model", path=rm_dir),
         loss=ppo.PPOLoss(kl_coef=kl_coef),
-        optimizer=OptimizerConfig(learning_rate=config.ppo.learning_rate),
+        optimizer=OptimizerConfig(lr=config.ppo.lr),
         run=_run_config(config, config.ppo, f"ppo-{kl_coef:g}",
                         eval_every=eval_every(config.ppo), export=False))
     task = ppo.build_task(ppo_config)
@@ -201,7 +201,7 @@ def run(config: PipelineConfig) -> dict:
     direct_config = preference.PreferenceConfig(
         model=common.ModelSpec(path=sft_dir), data=lab.data("pairs", 32, (32,)),
         loss=preference.PreferenceLossConfig(name=loss_name, beta=beta),
-        optimizer=OptimizerConfig(learning_rate=config.direct.learning_rate, warmup_steps=5),
+        optimizer=OptimizerConfig(lr=config.direct.lr, warmup_steps=5),
         run=_run_config(config, config.direct, f"{loss_name}-{beta:g}",
                         eval_every=eval_every(config.direct), export=False))
     task = preference.build_task(direct_config)

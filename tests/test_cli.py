@@ -54,7 +54,9 @@ def test_cli_rejects_bad_values_and_files():
 
 
 def test_print_config_shows_the_final_config():
-  result = _cli("run", str(EXPERIMENTS / "sft.py"), "--set", "optimizer.learning_rate=1e-5",
-                "--print-config")
+  # The issue's own example command.
+  result = _cli("run", str(EXPERIMENTS / "dpo.py"), "--set", "optimizer.lr=1e-5",
+                "--set", "loss.beta=0.05", "--print-config")
   assert result.returncode == 0
-  assert json.loads(result.stdout)["optimizer"]["learning_rate"] == 1e-5
+  printed = json.loads(result.stdout)
+  assert printed["optimizer"]["lr"] == 1e-5 and printed["loss"]["beta"] == 0.05

@@ -45,6 +45,8 @@ def test_overrides_are_parsed_by_type():
 @pytest.mark.parametrize("override, message", [
     ("optimizer.lrr=1", "unknown config key 'optimizer.lrr'; did you mean 'optimizer.lr'"),
     ("optimzer.lr=1", "did you mean 'optimizer.lr'"),
+    ("optimizer.learning_rate=1", "did you mean 'optimizer.lr'"),  # an abbreviation, by initials
+    ("optimizer.step=1", "did you mean 'optimizer.steps'"),
     ("optimizer=1", "is a section"),
     ("optimizer.steps=1.5", "expected an integer"),
     ("optimizer.flag=maybe", "expected a boolean"),

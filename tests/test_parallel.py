@@ -73,7 +73,7 @@ def _dpo_steps(model_dir, tmp_path, mesh, num_steps=2):
       # SGD with lr 1: the parameter change is the gradient itself, so comparing parameters
       # compares gradients. (Adam divides each entry by its own magnitude, which turns float32
       # summation-order noise in near-cancelling entries, |g| ~ eps, into lr-sized updates.)
-      optimizer=OptimizerConfig(name="sgd", learning_rate=1.0, schedule="constant"),
+      optimizer=OptimizerConfig(name="sgd", lr=1.0, schedule="constant"),
       run=loop.RunConfig(steps=num_steps, batch_size=16, mesh=mesh, output_dir=str(tmp_path)))
   task = preference.build_task(config)
   state = task.init_state()

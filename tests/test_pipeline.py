@@ -20,7 +20,7 @@ def test_pipeline_runs_every_stage_and_writes_the_comparison(tmp_path):
   config = dataclasses.replace(
       PipelineConfig(), output_dir=str(tmp_path / "run"), model=base, num_demonstrations=512,
       num_pairs=512, eval_prompts=32, max_new_tokens=16, eval_points=2,
-      sft=Stage(steps=20, learning_rate=3e-3), reward=Stage(steps=20),
+      sft=Stage(steps=20, lr=3e-3), reward=Stage(steps=20),
       ppo=Stage(steps=2, batch_size=16), direct=Stage(steps=4), best_of_n=(2, 4),
       mesh=MeshConfig(1, 1, 1))
   result = run(config)

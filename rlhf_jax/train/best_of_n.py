@@ -47,7 +47,7 @@ class RejectionSamplingConfig:
   generation: rollout_lib.GenerationConfig = rollout_lib.GenerationConfig(num_samples=8)
   reward: rollout_lib.RewardSpec = rollout_lib.RewardSpec(kind="function")
   rounds: rounds.RoundConfig = rounds.RoundConfig()
-  optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-4)
+  optimizer: OptimizerConfig = OptimizerConfig(lr=1e-4)
   run: loop.RunConfig = loop.RunConfig(output_dir="runs/rejection_sampling", steps=0)
 
   def validate(self):

@@ -62,7 +62,7 @@ class GRPOConfig:
   generation: rollout_lib.GenerationConfig = rollout_lib.GenerationConfig(num_samples=4)
   reward: rollout_lib.RewardSpec = rollout_lib.RewardSpec(kind="function")
   loss: GRPOLoss = GRPOLoss()
-  optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-5)
+  optimizer: OptimizerConfig = OptimizerConfig(lr=1e-5)
   run: loop.RunConfig = loop.RunConfig(output_dir="runs/grpo", batch_size=16)
 
   def validate(self):

@@ -49,7 +49,7 @@ class IterativeDPOConfig:
   loss: preference.PreferenceLossConfig = preference.PreferenceLossConfig()
   rounds: rounds.RoundConfig = rounds.RoundConfig()
   reset_reference: bool = False
-  optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-4)
+  optimizer: OptimizerConfig = OptimizerConfig(lr=1e-4)
   run: loop.RunConfig = loop.RunConfig(output_dir="runs/iterative_dpo", steps=0)
 
   def validate(self):

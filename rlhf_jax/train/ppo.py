@@ -72,7 +72,7 @@ class PPOConfig:
   generation: rollout_lib.GenerationConfig = rollout_lib.GenerationConfig()
   reward: rollout_lib.RewardSpec = rollout_lib.RewardSpec(kind="function")
   loss: PPOLoss = PPOLoss()
-  optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-5, max_grad_norm=1.0)
+  optimizer: OptimizerConfig = OptimizerConfig(lr=1e-5, max_grad_norm=1.0)
   run: loop.RunConfig = loop.RunConfig(output_dir="runs/ppo", batch_size=32)
 
   def validate(self):

@@ -85,7 +85,7 @@ class PreferenceConfig:
   model: common.ModelSpec = common.ModelSpec()
   data: common.DataSpec = common.DataSpec(train="synthetic:pair", max_length=64)
   loss: PreferenceLossConfig = PreferenceLossConfig()
-  optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-4, warmup_steps=5)
+  optimizer: OptimizerConfig = OptimizerConfig(lr=1e-4, warmup_steps=5)
   run: loop.RunConfig = loop.RunConfig(output_dir="runs/dpo")
 
   def validate(self):
@@ -245,7 +245,7 @@ class KTOConfig:
   model: common.ModelSpec = common.ModelSpec()
   data: common.DataSpec = common.DataSpec(train="synthetic:unpaired", max_length=64)
   loss: KTOLossConfig = KTOLossConfig()
-  optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-4, warmup_steps=5)
+  optimizer: OptimizerConfig = OptimizerConfig(lr=1e-4, warmup_steps=5)
   run: loop.RunConfig = loop.RunConfig(output_dir="runs/kto")
 
   def validate(self):

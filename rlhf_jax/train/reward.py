@@ -47,7 +47,7 @@ class RewardConfig:
   model: common.ModelSpec = common.ModelSpec()
   data: common.DataSpec = common.DataSpec(train="synthetic:pair", max_length=64)
   loss: RewardLoss = RewardLoss()
-  optimizer: OptimizerConfig = OptimizerConfig(learning_rate=3e-4, warmup_steps=10)
+  optimizer: OptimizerConfig = OptimizerConfig(lr=3e-4, warmup_steps=10)
   run: loop.RunConfig = loop.RunConfig(output_dir="runs/reward")
 
   def validate(self):

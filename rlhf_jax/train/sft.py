@@ -42,7 +42,7 @@ class SFTConfig:
   model: common.ModelSpec = common.ModelSpec()
   data: common.DataSpec = common.DataSpec(train="synthetic:sft", max_length=64)
   loss: SFTLoss = SFTLoss()
-  optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-3, warmup_steps=10)
+  optimizer: OptimizerConfig = OptimizerConfig(lr=1e-3, warmup_steps=10)
   run: loop.RunConfig = loop.RunConfig(output_dir="runs/sft")
 
   def validate(self):

@@ -44,10 +44,10 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
   name: str = "adamw"  # "adamw" | "adam" | "sgd"
-  learning_rate: float = 1e-5
+  lr: float = 1e-5
   schedule: str = "cosine"  # "constant" | "cosine" | "linear": after the warmup
   warmup_steps: int = 0
-  min_lr_ratio: float = 0.0  # the decay ends at learning_rate * min_lr_ratio
+  min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
   weight_decay: float = 0.0
   b1: float = 0.9
   b2: float = 0.999
@@ -67,7 +67,7 @@ class OptimizerConfig:
 
 def make_schedule(config: OptimizerConfig, total_updates: int) -> optax.Schedule:
   """Linear warmup from 0, then constant / cosine / linear decay to lr * min_lr_ratio."""
-  peak, end = config.learning_rate, config.learning_rate * config.min_lr_ratio
+  peak, end = config.lr, config.lr * config.min_lr_ratio
   decay_steps = max(total_updates - config.warmup_steps, 1)
   if config.schedule == "constant":
     decay = optax.constant_schedule(peak)

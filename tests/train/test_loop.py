@@ -29,7 +29,7 @@ def test_killed_and_resumed_run_is_bit_identical(model_spec, data_spec, small_ru
   def config(name):
     return preference.PreferenceConfig(
         model=model_spec, data=data_spec("pair"),
-        optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=2),
+        optimizer=OptimizerConfig(lr=1e-3, warmup_steps=2),
         # The 8-device mesh: restoring sharded params and optimiser state is part of the test.
         run=small_run(steps=8, checkpoint_every=3, output_dir=str(tmp_path / name),
                       mesh=MeshConfig(data=2, fsdp=4)))
@@ -60,7 +60,7 @@ def test_killed_and_resumed_run_is_bit_identical(model_spec, data_spec, small_ru
 
 def test_nan_guard_names_the_step_and_keeps_the_last_good_checkpoint(model_spec, data_spec, small_run):
   config = sft.SFTConfig(model=model_spec, data=data_spec("sft"),
-                         optimizer=OptimizerConfig(name="sgd", learning_rate=1e12,
+                         optimizer=OptimizerConfig(name="sgd", lr=1e12,
                                                    max_grad_norm=None, schedule="constant"),
                          run=small_run(steps=30, checkpoint_every=1))
   task = sft.build_task(config)
@@ -101,7 +101,7 @@ def test_one_compilation_per_bucket(model_spec, data_spec, small_run):
 def test_resume_refuses_a_different_experiment_in_the_same_directory(model_spec, data_spec, small_run):
   config = sft.SFTConfig(model=model_spec, data=data_spec("sft"), run=small_run(steps=2))
   loop.run_loop(sft.build_task(config), config.run)
-  changed = dataclasses.replace(config, optimizer=OptimizerConfig(learning_rate=0.5),
+  changed = dataclasses.replace(config, optimizer=OptimizerConfig(lr=0.5),
                                 run=dataclasses.replace(config.run, steps=4))
   with pytest.raises(ValueError, match="'optimizer' config differs"):
     loop.run_loop(sft.build_task(changed), changed.run)

@@ -32,7 +32,7 @@ def sft_dir(tmp_path_factory):
   config = sft.SFTConfig(
       model=common.ModelSpec(path=base),
       data=common.DataSpec(train="synthetic:sft", num_rows=4096, max_length=32, buckets=(32,)),
-      optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=10),
+      optimizer=OptimizerConfig(lr=2e-3, warmup_steps=10),
       run=loop.RunConfig(steps=150, batch_size=32, output_dir=str(root / "sft"), progress=False,
                          async_checkpoint=False, mesh=MeshConfig(1, 1, 1)))
   sft.run(config)
@@ -80,7 +80,7 @@ def test_ppo_raises_gold_reward_at_bounded_kl(sft_dir, judge_gold, tmp_path):
       generation=rollout.GenerationConfig(max_new_tokens=MAX_NEW), reward=GOLD,
       # 4 epochs x 2 minibatches per step: at 5e-4 the first step already moves the policy
       # too far (approx KL 0.4, a fifth of the tokens clipped) and it collapses.
-      loss=ppo.PPOLoss(kl_coef=0.05), optimizer=OptimizerConfig(learning_rate=2e-4),
+      loss=ppo.PPOLoss(kl_coef=0.05), optimizer=OptimizerConfig(lr=2e-4),
       run=_run(tmp_path, steps=20))
   out = ppo.run(config)
   _assert_improves(judge_gold, out["state"].params["policy"])
@@ -101,7 +101,7 @@ def test_critic_free_methods_raise_gold_reward(sft_dir, judge_gold, tmp_path, ad
       # for a 20-step test, and a larger learning rate overshoots.
       loss=grpo.GRPOLoss(advantage=advantage, kl_in=kl_in, aggregation=aggregation,
                          kl_coef=0.02, epochs=2, minibatches=2),
-      optimizer=OptimizerConfig(learning_rate=2e-4), run=_run(tmp_path, steps=20, batch_size=8))
+      optimizer=OptimizerConfig(lr=2e-4), run=_run(tmp_path, steps=20, batch_size=8))
   out = grpo.run(config)
   _assert_improves(judge_gold, out["state"].params)
 
@@ -114,7 +114,7 @@ def test_iterative_dpo_round_improves_gold_reward(sft_dir, judge_gold, tmp_path)
       # near 0 (no gold gain); 4 epochs at 2e-4 gave +0.19..+0.28 across seeds and SFT models.
       rounds=rounds.RoundConfig(rounds=2, prompts_per_round=256, minibatch_size=32,
                                 epochs_per_round=4),
-      optimizer=OptimizerConfig(learning_rate=2e-4), run=_run(tmp_path, steps=0))
+      optimizer=OptimizerConfig(lr=2e-4), run=_run(tmp_path, steps=0))
   out = iterative.run(config)
   assert out["train"]["round"] == 1
   _assert_improves(judge_gold, out["state"].params, min_gain=0.1, max_kl=5.0)
@@ -149,7 +149,7 @@ def test_rejection_sampling_round_improves_gold_reward(sft_dir, judge_gold, tmp_
       generation=rollout.GenerationConfig(max_new_tokens=MAX_NEW, num_samples=8), reward=GOLD,
       rounds=rounds.RoundConfig(rounds=2, prompts_per_round=128, minibatch_size=32,
                                 epochs_per_round=2),
-      optimizer=OptimizerConfig(learning_rate=1e-3), run=_run(tmp_path, steps=0))
+      optimizer=OptimizerConfig(lr=1e-3), run=_run(tmp_path, steps=0))
   out = best_of_n.run(config)
   generated = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
                if "round/best_score" in line]
@@ -164,7 +164,7 @@ def test_ppo_resumes_bit_exactly(sft_dir, tmp_path):
         model=common.ModelSpec(path=sft_dir), data=_data(128),
         generation=rollout.GenerationConfig(max_new_tokens=8), reward=GOLD,
         loss=ppo.PPOLoss(kl_target=1.0, kl_horizon=100),  # the controller state is resumed too
-        optimizer=OptimizerConfig(learning_rate=5e-4),
+        optimizer=OptimizerConfig(lr=5e-4),
         run=_run(tmp_path / name, steps=4, batch_size=8, checkpoint_every=2))
 
   loop.run_loop(ppo.build_task(config("straight")), config("straight").run)

@@ -10,7 +10,7 @@ from rlhf_jax.train.state import OptimizerConfig
 
 pytestmark = pytest.mark.slow
 
-ADAM = OptimizerConfig(learning_rate=3e-3, warmup_steps=0, schedule="constant")
+ADAM = OptimizerConfig(lr=3e-3, warmup_steps=0, schedule="constant")
 
 
 def _train(task, run):
