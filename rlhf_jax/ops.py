@@ -76,10 +76,17 @@ def token_logps_from_logits(logits: chex.Array, labels: chex.Array, *, temperatu
 
 
 def entropy_from_logits(logits: chex.Array, *, temperature: float = 1.0) -> chex.Array:
-  """Entropy of softmax(logits / temperature) over the last axis, in float32: [..., V] -> [...]."""
+  """Entropy of softmax(logits / temperature) over the last axis, in float32: [..., V] -> [...].
+
+  Entries at -inf (a masked or filtered vocabulary) have probability 0 and contribute 0, as
+  p log p -> 0; their gradient is 0 too.
+  """
+  chex.assert_rank(logits, {1, 2, 3, 4})
   logits = logits.astype(jnp.float32) / temperature
   log_probs = jax.nn.log_softmax(logits, axis=-1)
-  return -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+  finite = jnp.isfinite(log_probs)
+  plogp = jnp.exp(log_probs) * jnp.where(finite, log_probs, 0.0)
+  return -jnp.sum(jnp.where(finite, plogp, 0.0), axis=-1)
 
 
 def chunked_token_logps(

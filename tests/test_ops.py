@@ -75,6 +75,11 @@ def test_entropy_from_logits_closed_forms():
   np.testing.assert_allclose(ops.entropy_from_logits(uniform), np.log(8.0) * np.ones(2), rtol=1e-6)
   one_hot = jnp.array([[0.0, -1e4, -1e4]])
   np.testing.assert_allclose(ops.entropy_from_logits(one_hot), [0.0], atol=1e-6)
+  # A filtered vocabulary (-inf logits) is a distribution over the rest, not a NaN.
+  filtered = jnp.array([[0.0, -jnp.inf, 0.0, -jnp.inf]])
+  np.testing.assert_allclose(ops.entropy_from_logits(filtered), [np.log(2.0)], rtol=1e-6)
+  grad = jax.grad(lambda x: ops.entropy_from_logits(x).sum())(filtered + jnp.array([[0.3, 0, 0, 0]]))
+  assert np.all(np.isfinite(grad)) and grad[0, 1] == 0 and grad[0, 3] == 0
   rng = np.random.default_rng(2)
   logits = rng.normal(size=(5, 9))
   p = np.exp(_np_log_softmax(logits / 0.5))

@@ -94,8 +94,18 @@ def _check_logps(*arrays: chex.Array) -> None:
 
 
 def _check(value: Any, ok: Callable[[float], bool], message: str) -> None:
-  """Raises ValueError(message) when `value` is a Python number failing `ok` (traced: no check)."""
-  if isinstance(value, numbers.Real) and not ok(float(value)):
+  """Raises ValueError(message) when a concrete `value` fails `ok`.
+
+  Python and NumPy numbers and concrete (non-traced) scalar arrays are checked; a traced value
+  (a hyper-parameter swept under jit/vmap) cannot be inspected and is left to the caller.
+  """
+  if isinstance(value, jax.core.Tracer):
+    return
+  if not isinstance(value, numbers.Real):
+    if not (hasattr(value, "shape") and hasattr(value, "dtype") and value.shape == ()):
+      return
+    value = value.item()
+  if not ok(float(value)):
     raise ValueError(f"{message}, got {value!r}")
 
 

@@ -503,10 +503,14 @@ def test_robust_dpo_is_unbiased_under_label_flips():
 
 
 @pytest.mark.parametrize("eps", [0.5, 0.7, -0.1])
-def test_robust_dpo_rejects_bad_flip_rates(eps):
+@pytest.mark.parametrize("kind", [float, np.float32, np.asarray, jnp.float32, jnp.asarray])
+def test_robust_dpo_rejects_bad_flip_rates(eps, kind):
+  # Python, NumPy and concrete JAX scalars are all checked (at 0.5 the loss divides by zero).
   args = as_jnp(*random_logps(0))
   with pytest.raises(ValueError, match="label_smoothing"):
-    losses.robust_dpo(*args, label_smoothing=eps)
+    losses.robust_dpo(*args, label_smoothing=kind(eps))
+  with pytest.raises(ValueError, match="label_smoothing"):
+    losses.PREFERENCE_LOSSES["robust_dpo"](*args, label_smoothing=kind(eps))
 
 
 def test_ipo_minimum_at_target_margin():
