@@ -7,9 +7,12 @@ The reward model is a causal-LM backbone with a linear score head read at the la
 Objectives (`loss.objective`):
   bradley_terry  -log σ(r_c - r_r - m), m the row's margin when `use_margin` (Touvron et al. 2023)
   ranking        InstructGPT's K-wise loss: the mean over every ordered pair of a row's ranking
-Optional reward centering (Eisenstein et al. 2023, arXiv 2312.09244) adds c·mean((r_c + r_r)²),
-pinning the rewards' scale to zero mean so a downstream KL-penalised RL sees comparable values.
+Optional reward centering (Eisenstein et al. 2023, arXiv 2312.09244) adds c·(r_c + r_r)² per pair,
+pinning the rewards to zero mean so a downstream KL-penalised RL sees comparable values; for a
+K-wise ranking it adds c·(2 r̄)², r̄ the mean reward of the row's valid completions (the same
+term when K = 2).
 Several heads (`num_heads` > 1) learn several objectives; a pair's `objective` picks its head.
+Ranked rows carry no objective, so the ranking objective trains a single head.
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ class RewardLoss:
       raise ValueError(f"loss.objective must be bradley_terry or ranking, got {self.objective!r}")
     if self.num_heads < 1:
       raise ValueError(f"loss.num_heads must be >= 1, got {self.num_heads}")
+    if self.objective == "ranking" and self.num_heads != 1:
+      raise ValueError("loss.objective=ranking trains one head (ranked rows name no objective); "
+                       f"got loss.num_heads={self.num_heads}")
+    if self.objective == "ranking" and self.use_margin:
+      raise ValueError("loss.use_margin applies to bradley_terry pairs; ranked rows have no margin")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,13 +94,15 @@ def make_losses(rm, loss: RewardLoss):
     b, k = batch["ranks"].shape
     rewards = rm.apply(params, batch["input_ids"], batch["attention_mask"])[:, 0].reshape(b, k)
     per_example = losses.ranking(rewards, batch["ranks"], batch["rank_mask"])
+    mean_reward = (jnp.sum(rewards * batch["rank_mask"], 1)
+                   / jnp.maximum(jnp.sum(batch["rank_mask"], 1), 1))
+    if loss.center_coef:
+      per_example = per_example + loss.center_coef * (2.0 * mean_reward) ** 2
     better = (batch["ranks"][:, :, None] < batch["ranks"][:, None, :])
     valid = better & (batch["rank_mask"][:, :, None] > 0) & (batch["rank_mask"][:, None, :] > 0)
     correct = valid & (rewards[:, :, None] > rewards[:, None, :])
     accuracy = jnp.sum(correct, (1, 2)) / jnp.maximum(jnp.sum(valid, (1, 2)), 1)
-    return per_example, {"accuracy": accuracy.astype(jnp.float32),
-                         "reward_mean": jnp.sum(rewards * batch["rank_mask"], 1) /
-                         jnp.maximum(jnp.sum(batch["rank_mask"], 1), 1)}
+    return per_example, {"accuracy": accuracy.astype(jnp.float32), "reward_mean": mean_reward}
 
   return pairwise if loss.objective == "bradley_terry" else ranked
 
