@@ -69,5 +69,11 @@ def main(argv=None) -> int:
   print(json.dumps(config_lib.to_dict(config), indent=2))
   if args.print_config:
     return 0
+  import jax  # noqa: PLC0415 — keeps --help and config errors instant
+
+  from rlhf_jax import parallel  # noqa: PLC0415
+  if parallel.initialize_distributed():
+    logging.getLogger(__name__).info("process %d of %d", jax.process_index(),
+                                     jax.process_count())
   run_config(config)
   return 0

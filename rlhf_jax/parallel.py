@@ -26,6 +26,8 @@ __all__ = [
     "state_shardings",
     "shard_batch",
     "replicate",
+    "host_get",
+    "is_main_process",
     "initialize_distributed",
 ]
 
@@ -93,27 +95,51 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-  """Puts a host batch on the mesh, split along the leading axis over (data, fsdp).
+def shard_batch(batch: dict, mesh: Mesh, *, per_process: bool | None = None) -> dict:
+  """Puts a global batch on the mesh, split along the leading axis over (data, fsdp).
 
-  Multi-host: each process passes its own slice; the global batch is their concatenation.
+  `batch` is the whole global batch, the same on every process: batch i is a pure function of
+  (seed, i), so every process builds it and each contributes the rows its own devices hold
+  (`make_array_from_callback`), whatever the device order. `per_process` forces that path (the
+  default takes it only when there are several processes; one process uses `device_put`).
   """
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if per_process is None:
+    per_process = jax.process_count() > 1
 
   def put(x):
     x = np.asarray(x)
     if x.ndim == 0:
       return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
-    global_rows = x.shape[0] * jax.process_count()
-    if global_rows % shards:
-      raise ValueError(f"a batch axis of {global_rows} rows does not split over data x fsdp = "
+    if x.shape[0] % shards:
+      raise ValueError(f"a batch axis of {x.shape[0]} rows does not split over data x fsdp = "
                        f"{shards} devices; choose a batch size divisible by {shards}")
     sharding = batch_sharding(mesh, x.ndim)
-    if jax.process_count() == 1:
+    if not per_process:
       return jax.device_put(x, sharding)
-    return jax.make_array_from_process_local_data(sharding, x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
   return {key: put(value) for key, value in batch.items()}
+
+
+def host_get(tree):
+  """The values of a (possibly sharded) pytree as NumPy arrays, on every process.
+
+  `jax.device_get` where each array is fully addressable (one process, or replicated); across
+  processes, sharded arrays are all-gathered first, so exports and caches see whole arrays.
+  """
+  def get(x):
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+      from jax.experimental import multihost_utils  # noqa: PLC0415 — only multi-host needs it
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+  return jax.tree.map(get, tree)
+
+
+def is_main_process() -> bool:
+  """Whether this process writes run files (config, metrics, exports): process 0 only."""
+  return jax.process_index() == 0
 
 
 def replicate(tree, mesh: Mesh):

@@ -48,6 +48,22 @@ def test_shard_batch_rejects_an_indivisible_batch():
     parallel.shard_batch({"x": np.zeros((12, 3))}, mesh)
 
 
+def test_per_process_batch_placement_equals_device_put():
+  # The multi-host path (each process fills the shards its devices hold from the global batch)
+  # gives the same global array as device_put, on a mesh whose device order is scrambled.
+  devices = np.array(jax.devices())[[3, 0, 6, 1, 7, 2, 5, 4]]
+  mesh = parallel.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), devices=list(devices))
+  batch = {"ids": np.arange(8 * 5).reshape(8, 5), "weight": np.linspace(0, 1, 8, dtype=np.float32)}
+  direct = parallel.shard_batch(batch, mesh)
+  per_process = parallel.shard_batch(batch, mesh, per_process=True)
+  for key in batch:
+    assert per_process[key].sharding == direct[key].sharding
+    for a, b in zip(direct[key].addressable_shards, per_process[key].addressable_shards):
+      assert a.device == b.device and a.index == b.index
+      np.testing.assert_array_equal(a.data, b.data)
+    np.testing.assert_array_equal(parallel.host_get(per_process[key]), batch[key])
+
+
 def test_initialize_distributed_only_when_launched_multi_process(monkeypatch):
   calls = []
   for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_NUM_NODES", "OMPI_COMM_WORLD_SIZE",

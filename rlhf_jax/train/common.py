@@ -164,7 +164,7 @@ def load_reference(spec: ModelSpec, policy_params, placement: "Placement"):
   """
   if spec.reference_path:
     return placement.params(load_policy(spec, spec.reference_path)[1])
-  return placement.params(jax.tree.map(np.array, jax.device_get(policy_params)))
+  return placement.params(jax.tree.map(np.array, parallel.host_get(policy_params)))  # a copy
 
 
 def make_stream(records, spec: DataSpec, batch_size: int, pad_id: int, seed: int = 0, *,
@@ -216,8 +216,13 @@ def make_placement(mesh_config: parallel.MeshConfig, model_config) -> Placement:
 
 
 def export_causal_lm(model, tokenizer):
-  """An export hook: the policy as a Hugging Face checkpoint, with its tokenizer."""
+  """An export hook: the policy as a Hugging Face checkpoint, with its tokenizer.
+
+  Every process gathers the (possibly sharded) parameters; process 0 writes them.
+  """
   def export(state, out_dir):
-    models.save_pretrained(model, jax.device_get(state.params), out_dir)
-    tokenizer.save_pretrained(out_dir)
+    params = parallel.host_get(state.params)
+    if parallel.is_main_process():
+      models.save_pretrained(model, params, out_dir)
+      tokenizer.save_pretrained(out_dir)
   return export

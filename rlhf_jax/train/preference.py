@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import losses, ops
+from rlhf_jax import losses, ops, parallel
 from rlhf_jax.config import to_dict
 from rlhf_jax.data import BatchStream
 from rlhf_jax.train import common, loop, steps
@@ -153,7 +153,7 @@ def precompute_reference(model, ref_params, stream: BatchStream, reduction, chun
   score = jax.jit(lambda p, b: _sequence_logps(model, p, b, reduction, chunk_size)[0])
   out = np.zeros((len(stream.records), 2), np.float32)
   for batch in stream.epoch():
-    logps = np.asarray(jax.device_get(score(ref_params, put(batch))))
+    logps = parallel.host_get(score(ref_params, put(batch)))
     n = len(batch["index"])
     real = batch["weight"] > 0
     out[batch["index"][real], 0] = logps[:n][real]

@@ -22,7 +22,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import losses, models
+from rlhf_jax import losses, models, parallel
 from rlhf_jax.config import to_dict
 from rlhf_jax.train import common, loop, steps
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer, make_schedule
@@ -143,8 +143,10 @@ def build_task(config: RewardConfig) -> loop.Task:
   make_state = lambda p, key: TrainState.create(p, tx, key)
 
   def export(state, out_dir):
-    models.save_pretrained_reward_model(rm, jax.device_get(state.params), out_dir)
-    tokenizer.save_pretrained(out_dir)
+    params = parallel.host_get(state.params)  # every process gathers; process 0 writes
+    if parallel.is_main_process():
+      models.save_pretrained_reward_model(rm, params, out_dir)
+      tokenizer.save_pretrained(out_dir)
 
   task = loop.Task(
       init_state=lambda: placement.state(make_state, params, jax.random.key(run.seed)),
