@@ -413,20 +413,23 @@ def nca_pair(pc, pr, rc, rr, *, beta=0.1) -> chex.Array:
           - 0.5 * jax.nn.log_sigmoid(-reward_r))
 
 
-def bco_pair(pc, pr, rc, rr, *, beta=0.1, delta=None) -> chex.Array:
+def bco_pair(pc, pr, rc, rr, *, beta=0.1, delta=None, where=None) -> chex.Array:
   """BCO on pairs: -log σ(β ρc - δ) - log σ(-(β ρr - δ)).
 
   Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment",
   arXiv 2404.04656: a binary classifier (chosen = 1, rejected = 0) on the implicit rewards β ρ,
   shifted by δ. The paper's δ is a running mean of the rewards; with `delta=None` it is the
   detached mean of the batch's 2B implicit rewards (so the loss is batch-coupled), otherwise the
-  trainer passes its running mean (a scalar, detached here). Token sums. [B] float32.
+  trainer passes its running mean (a scalar, detached here). `where` ([B] bool) names the real
+  rows: padding rows do not enter the batch mean. Token sums. [B] float32.
   """
   _check_logps(pc, pr, rc, rr)
   pc, pr, rc, rr = map(_float, (pc, pr, rc, rr))
   reward_c, reward_r = beta * (pc - rc), beta * (pr - rr)
   if delta is None:
-    delta = 0.5 * (jnp.mean(reward_c) + jnp.mean(reward_r))
+    weight = _row_weight(where, reward_c)
+    count = jnp.maximum(jnp.sum(weight), 1.0)
+    delta = 0.5 * (jnp.sum(weight * reward_c) + jnp.sum(weight * reward_r)) / count
   delta = jax.lax.stop_gradient(_float(delta))
   return -jax.nn.log_sigmoid(reward_c - delta) - jax.nn.log_sigmoid(-(reward_r - delta))
 
@@ -444,7 +447,34 @@ def sppo_hard(pc, pr, rc, rr, *, beta=0.1) -> chex.Array:
   return jnp.square(pc - rc - 0.5 / beta) + jnp.square(pr - rr + 0.5 / beta)
 
 
-def aot_pair(pc, pr, rc, rr, *, beta=0.1, label_smoothing=0.0) -> chex.Array:
+def _row_weight(where, like: chex.Array) -> chex.Array:
+  if where is None:
+    return jnp.ones_like(like)
+  chex.assert_equal_shape([where, like])
+  return jnp.asarray(where).astype(like.dtype)
+
+
+def _quantile_logistic(x: chex.Array, y: chex.Array, where, beta, label_smoothing) -> chex.Array:
+  """AOT's core: the logistic loss on sort(x) - sort(y), over the rows `where` selects.
+
+  Without `where`, row i of the result is the i-th quantile. With it, the real rows are sorted
+  among themselves (padding sorts last on both sides) and each quantile's value is written back
+  to the row holding the i-th smallest x, so padding rows get 0 and a row-weighted sum equals the
+  sum over the real quantiles.
+  """
+  if where is None:
+    return _smoothed_logistic(beta * (jnp.sort(x) - jnp.sort(y)), label_smoothing)
+  valid = jnp.asarray(where).astype(bool)
+  chex.assert_equal_shape([valid, x])
+  order_x = jnp.argsort(jnp.where(valid, x, jnp.inf))
+  order_y = jnp.argsort(jnp.where(valid, y, jnp.inf))
+  real_quantile = jnp.arange(x.shape[0]) < jnp.sum(valid)
+  delta = jnp.where(real_quantile, x[order_x] - y[order_y], 0.0)
+  values = jnp.where(real_quantile, _smoothed_logistic(beta * delta, label_smoothing), 0.0)
+  return jnp.zeros_like(values).at[order_x].set(values)
+
+
+def aot_pair(pc, pr, rc, rr, *, beta=0.1, label_smoothing=0.0, where=None) -> chex.Array:
   """AOT, unpaired form: DPO's logistic loss on sort(ρc) - sort(ρr), sorted across the batch.
 
   Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport",
@@ -453,28 +483,28 @@ def aot_pair(pc, pr, rc, rr, *, beta=0.1, label_smoothing=0.0) -> chex.Array:
   transport solved by sorting), so chosen and rejected need not come from the same prompt.
   Named as in TRL: "aot_pair" is the form for unpaired data.
 
-  Batch-coupled: row i of the result belongs to the i-th quantile, not to example i.
+  Batch-coupled: row i of the result belongs to the i-th quantile, not to example i; with
+  `where` ([B] bool, the real rows) padding rows are left out of the sorting and get 0.
   Token sums. [B] float32.
   """
   _check_logps(pc, pr, rc, rr)
   pc, pr, rc, rr = map(_float, (pc, pr, rc, rr))
-  delta = jnp.sort(pc - rc) - jnp.sort(pr - rr)
-  return _smoothed_logistic(beta * delta, label_smoothing)
+  return _quantile_logistic(pc - rc, pr - rr, where, beta, label_smoothing)
 
 
-def aot(pc, pr, rc, rr, *, beta=0.1, label_smoothing=0.0) -> chex.Array:
+def aot(pc, pr, rc, rr, *, beta=0.1, label_smoothing=0.0, where=None) -> chex.Array:
   """AOT, paired form: DPO's logistic loss on sort(pc - pr) - sort(rc - rr) across the batch.
 
   Melnyk et al. 2024, arXiv 2406.05882: the distribution of the policy's pairwise margins
   log π(y_c)/π(y_r) must dominate the reference's; quantiles are matched by sorting each.
   Named as in TRL: "aot" is the form for paired data.
 
-  Batch-coupled: row i of the result belongs to the i-th quantile. Token sums. [B] float32.
+  Batch-coupled: row i of the result belongs to the i-th quantile; `where` as in `aot_pair`.
+  Token sums. [B] float32.
   """
   _check_logps(pc, pr, rc, rr)
   pc, pr, rc, rr = map(_float, (pc, pr, rc, rr))
-  delta = jnp.sort(pc - pr) - jnp.sort(rc - rr)
-  return _smoothed_logistic(beta * delta, label_smoothing)
+  return _quantile_logistic(pc - pr, rc - rr, where, beta, label_smoothing)
 
 
 def apo_zero(pc, pr, rc, rr, *, beta=0.1) -> chex.Array:
@@ -552,7 +582,9 @@ class PreferenceLoss:
     reference_free: True if it needs no reference log-probs.
     logp_reduction: "sum" or "mean": how the paper reduces token log-probs.
     hparams: ((name, default), ...): the keyword hyper-parameters it accepts.
-    batch_coupled: True if a row's value depends on other rows (sorting, batch means).
+    batch_coupled: True if a row's value depends on other rows (sorting, batch means); such a
+      loss takes `where=` ([B] bool, the real rows) so padding rows leave the batch statistics
+      alone, and gives padding rows 0.
     fixed: ((name, value), ...) bound at registration (e.g. an f-divergence variant of dpo).
   """
   name: str
@@ -577,9 +609,13 @@ class PreferenceLoss:
         raise ValueError(f"preference loss {self.name!r} has no hyper-parameter {key!r}"
                          f" (it accepts {valid}){hint}")
 
-  def __call__(self, pc, pr, rc=None, rr=None, **hparams) -> chex.Array:
+  def __call__(self, pc, pr, rc=None, rr=None, *, where=None, **hparams) -> chex.Array:
+    """The loss's [B] values. `where` ([B] bool, the real rows) matters only to batch-coupled
+    losses; the others are per-row, and the caller weights their rows as it likes."""
     self.check_hparams(hparams)
     kwargs = {**dict(self.fixed), **hparams}
+    if self.batch_coupled and where is not None:
+      kwargs["where"] = where
     if self.reference_free:
       return self.fn(pc, pr, **kwargs)
     if rc is None or rr is None:
@@ -611,7 +647,9 @@ def register_preference_loss(name: str, fn: Callable[..., chex.Array], *, refere
     expected = "pc, pr" if reference_free else "pc, pr, rc, rr"
     raise ValueError(f"{name!r}: fn must take {n_arrays} positional log-prob arrays ({expected}),"
                      f" got {len(positional)}")
-  keyword = [p for p in params if p.kind == p.KEYWORD_ONLY]
+  keyword = [p for p in params if p.kind == p.KEYWORD_ONLY and p.name != "where"]
+  if batch_coupled and "where" not in {p.name for p in params}:
+    raise ValueError(f"{name!r}: a batch-coupled loss must take where= (its real rows)")
   missing = [p.name for p in keyword if p.default is p.empty]
   if missing:
     raise ValueError(f"{name!r}: keyword-only hyper-parameters {missing} need defaults")

@@ -113,7 +113,8 @@ def make_pair_losses(model, loss: PreferenceLossConfig, chunk_size: int = 512):
     rc = rr = None
     if not entry.reference_free:
       rc, rr = ref_logps[:n], ref_logps[n:]
-    values = loss.weight * entry(pc, pr, rc, rr, **hparams)
+    # Batch-coupled losses (AOT's sorting, BCO's mean) must not see the padding rows.
+    values = loss.weight * entry(pc, pr, rc, rr, where=batch["weight"] > 0, **hparams)
     nll = -mean_logps[:n]
     if loss.nll_weight:
       values = values + loss.nll_weight * nll

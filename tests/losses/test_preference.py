@@ -872,3 +872,24 @@ def test_shape_checks():
     losses.dpo(a[:, None], a[:, None], a[:, None], a[:, None])  # [B, 1] is not [B]
   with pytest.raises(AssertionError):
     losses.bradley_terry(a, a, margin=b)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, e in losses.PREFERENCE_LOSSES.items()
+                                        if e.batch_coupled))
+def test_batch_coupled_losses_mask_equals_slicing(name):
+  """Padding rows (where=False) change neither the real rows' total nor its gradient."""
+  entry = losses.PREFERENCE_LOSSES[name]
+  args = as_jnp(*random_logps(3, n=7))
+  where = jnp.array([True, True, False, True, False, True, True])
+  real = [x[where] for x in args]
+  weight = where.astype(jnp.float32)
+  masked_total = lambda pc: jnp.sum(entry(pc, *args[1:], where=where) * weight)
+  sliced_total = lambda pc: jnp.sum(entry(pc, *real[1:]))
+  np.testing.assert_allclose(masked_total(args[0]), sliced_total(real[0]), rtol=1e-6)
+  grad_masked = jax.grad(masked_total)(args[0])
+  np.testing.assert_allclose(grad_masked[where], jax.grad(sliced_total)(real[0]), rtol=1e-5,
+                             atol=1e-7)
+  assert np.all(grad_masked[~where] == 0)
+  # Without padding, where=all-True is the plain batch loss.
+  np.testing.assert_allclose(jnp.sum(entry(*real, where=jnp.ones(5, bool))),
+                             jnp.sum(entry(*real)), rtol=1e-6)
