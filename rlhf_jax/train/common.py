@@ -56,6 +56,7 @@ class DataSpec:
   eval: str | None = None  # None: hold out eval_fraction of the training rows
   eval_fraction: float = 0.1
   split: str = "train"  # for hub datasets
+  eval_split: str | None = None  # the split of `eval` (e.g. "test_prefs"); None: `split`
   num_rows: int | None = None  # synthetic sources: how many rows to generate
   max_length: int = 512
   buckets: tuple[int, ...] = ()  # batch lengths (one compilation each); () = max_length / 2^k
@@ -143,8 +144,9 @@ def load_data(kind: str, spec: DataSpec, tokenizer, seed: int):
                                     on_bad_row=spec.on_bad_row, split=spec.split,
                                     num_rows=spec.num_rows)
   if spec.eval is not None:
+    eval_split = spec.split if spec.eval_split is None else spec.eval_split
     eval_records, _ = data_lib.prepare(kind, spec.eval, tokenizer, config,
-                                       on_bad_row=spec.on_bad_row, split=spec.split,
+                                       on_bad_row=spec.on_bad_row, split=eval_split,
                                        num_rows=spec.num_rows)
     return records, eval_records, stats
   num_eval = int(round(len(records) * spec.eval_fraction))
