@@ -1,7 +1,9 @@
 """Every loss is a pure, jittable function of arrays (see ARCHITECTURE.md, "The loss contract").
 
-  preference.py  sequence-level losses on log-probs or rewards: the DPO family, reward modelling,
-                 and the `PREFERENCE_LOSSES` registry.
+  preference.py  sequence-level losses on log-probs or rewards: the DPO family, KTO, reward
+                 modelling (Bradley-Terry, K-wise rankings).
+  zoo.py         the rest of TRL's pairwise zoo (EXO, NCA, BCO, SPPO, AOT, APO, DiscoPOP).
+  registry.py    `PREFERENCE_LOSSES`: every pairwise loss by name, one calling convention.
   policy.py      token-level RL: PPO's clipped surrogate and value loss, GAE, whitening,
                  GRPO / RLOO advantages, token-aggregation modes.
   kl.py          per-token KL estimators, KL-penalised rewards, the adaptive KL controller.
@@ -16,3 +18,5 @@ never reduce, so the caller's aggregation is explicit.
 from rlhf_jax.losses.kl import *  # noqa: F403
 from rlhf_jax.losses.policy import *  # noqa: F403
 from rlhf_jax.losses.preference import *  # noqa: F403
+from rlhf_jax.losses.registry import *  # noqa: F403
+from rlhf_jax.losses.zoo import *  # noqa: F403

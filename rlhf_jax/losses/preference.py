@@ -1,4 +1,7 @@
-"""Sequence-level preference losses: reward modelling, the DPO family, KTO, and a name registry.
+"""Sequence-level preference losses: reward modelling, the DPO family and KTO.
+
+The rest of TRL's pairwise zoo is in `zoo.py`, and the name -> loss registry in `registry.py`;
+both share this module's notation and helpers.
 
 Shape letters: B batch (one prompt per row), K responses per prompt (rankings).
 
@@ -19,23 +22,15 @@ Every loss returns per-example values [B] and never reduces. The math runs in fl
 Hyper-parameters are keyword-only; those given as Python numbers are range-checked, traced ones
 (a vmapped sweep over beta) are not.
 
-Batch-coupled losses: `aot` and `aot_pair` sort across the batch, and `bco_pair` with its default
-delta takes a batch mean, so each depends on the whole batch it is given; under data parallelism
-that is the local shard. Their registry entries say `batch_coupled=True`.
-
-`PREFERENCE_LOSSES[name](pc, pr, rc, rr, **hparams) -> [B]` swaps pairwise losses by name;
-see `PreferenceLoss` for the metadata each entry carries.
+`PREFERENCE_LOSSES[name](pc, pr, rc, rr, **hparams) -> [B]` (registry.py) swaps pairwise
+losses by name.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import functools
-import inspect
 import math
 import numbers
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import chex
 import jax
@@ -52,20 +47,8 @@ __all__ = [
     "kto_kl_estimate",
     "bradley_terry",
     "ranking",
-    "exo_pair",
-    "nca_pair",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_pair",
-    "apo_zero",
-    "apo_down",
-    "discopop",
     "implicit_rewards",
     "F_DIVERGENCES",
-    "PreferenceLoss",
-    "PREFERENCE_LOSSES",
-    "register_preference_loss",
 ]
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -379,175 +362,6 @@ def ranking(rewards, ranks, mask) -> chex.Array:
   return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
 
 
-# ----------------------------------------------------------------------------- TRL's pairwise zoo
-
-
-def exo_pair(pc, pr, rc, rr, *, beta=0.1, label_smoothing=1e-3) -> chex.Array:
-  """EXO, pairwise: KL(p_θ || p_label) between two-point distributions over (chosen, rejected).
-
-  Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment",
-  arXiv 2402.00856, eq. 16 with K = 2: p_θ = (σ(βh), σ(-βh)), p_label = (1-ε, ε):
-    σ(βh) (log σ(βh) - log(1-ε)) + σ(-βh) (log σ(-βh) - log ε).
-  ε in (0, 1), default 1e-3 as TRL. Minimal (0) at βh = log((1-ε)/ε). Token sums. [B] float32.
-  """
-  _check_logps(pc, pr, rc, rr)
-  _check(label_smoothing, lambda e: 0.0 < e < 1.0, "exo_pair: label_smoothing must be in (0, 1)")
-  pc, pr, rc, rr = map(_float, (pc, pr, rc, rr))
-  z = beta * ((pc - rc) - (pr - rr))
-  eps = label_smoothing
-  return (jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - jnp.log1p(-eps))
-          + jax.nn.sigmoid(-z) * (jax.nn.log_sigmoid(-z) - jnp.log(eps)))
-
-
-def nca_pair(pc, pr, rc, rr, *, beta=0.1) -> chex.Array:
-  """NCA, pairwise: -log σ(β ρc) - ½ log σ(-β ρc) - ½ log σ(-β ρr).
-
-  Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit Rewards",
-  arXiv 2402.05369 (NCA with K = 2 responses, the preferred one given reward 1). Unlike DPO it
-  pushes on each log-ratio, not only on their difference. Token sums. [B] float32.
-  """
-  _check_logps(pc, pr, rc, rr)
-  pc, pr, rc, rr = map(_float, (pc, pr, rc, rr))
-  reward_c, reward_r = beta * (pc - rc), beta * (pr - rr)
-  return (-jax.nn.log_sigmoid(reward_c) - 0.5 * jax.nn.log_sigmoid(-reward_c)
-          - 0.5 * jax.nn.log_sigmoid(-reward_r))
-
-
-def bco_pair(pc, pr, rc, rr, *, beta=0.1, delta=None, where=None) -> chex.Array:
-  """BCO on pairs: -log σ(β ρc - δ) - log σ(-(β ρr - δ)).
-
-  Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment",
-  arXiv 2404.04656: a binary classifier (chosen = 1, rejected = 0) on the implicit rewards β ρ,
-  shifted by δ. The paper's δ is a running mean of the rewards; with `delta=None` it is the
-  detached mean of the batch's 2B implicit rewards (so the loss is batch-coupled), otherwise the
-  trainer passes its running mean (a scalar, detached here). `where` ([B] bool) names the real
-  rows: padding rows do not enter the batch mean. Token sums. [B] float32.
-  """
-  _check_logps(pc, pr, rc, rr)
-  pc, pr, rc, rr = map(_float, (pc, pr, rc, rr))
-  reward_c, reward_r = beta * (pc - rc), beta * (pr - rr)
-  if delta is None:
-    weight = _row_weight(where, reward_c)
-    count = jnp.maximum(jnp.sum(weight), 1.0)
-    delta = 0.5 * (jnp.sum(weight * reward_c) + jnp.sum(weight * reward_r)) / count
-  delta = jax.lax.stop_gradient(_float(delta))
-  return -jax.nn.log_sigmoid(reward_c - delta) - jax.nn.log_sigmoid(-(reward_r - delta))
-
-
-def sppo_hard(pc, pr, rc, rr, *, beta=0.1) -> chex.Array:
-  """SPPO with hard win probabilities: (ρc - 1/(2β))² + (ρr + 1/(2β))².
-
-  Wu et al. 2024, "Self-Play Preference Optimization for Language Model Alignment",
-  arXiv 2405.00675, eq. 4.7 (η = 1/β) with P(y ≻ π) set to 1 for the winner and 0 for the loser.
-  Token sums. [B] float32.
-  """
-  _check_logps(pc, pr, rc, rr)
-  _check(beta, lambda b: b > 0, "sppo_hard: beta must be > 0")
-  pc, pr, rc, rr = map(_float, (pc, pr, rc, rr))
-  return jnp.square(pc - rc - 0.5 / beta) + jnp.square(pr - rr + 0.5 / beta)
-
-
-def _row_weight(where, like: chex.Array) -> chex.Array:
-  if where is None:
-    return jnp.ones_like(like)
-  chex.assert_equal_shape([where, like])
-  return jnp.asarray(where).astype(like.dtype)
-
-
-def _quantile_logistic(x: chex.Array, y: chex.Array, where, beta, label_smoothing) -> chex.Array:
-  """AOT's core: the logistic loss on sort(x) - sort(y), over the rows `where` selects.
-
-  Without `where`, row i of the result is the i-th quantile. With it, the real rows are sorted
-  among themselves (padding sorts last on both sides) and each quantile's value is written back
-  to the row holding the i-th smallest x, so padding rows get 0 and a row-weighted sum equals the
-  sum over the real quantiles.
-  """
-  if where is None:
-    return _smoothed_logistic(beta * (jnp.sort(x) - jnp.sort(y)), label_smoothing)
-  valid = jnp.asarray(where).astype(bool)
-  chex.assert_equal_shape([valid, x])
-  order_x = jnp.argsort(jnp.where(valid, x, jnp.inf))
-  order_y = jnp.argsort(jnp.where(valid, y, jnp.inf))
-  real_quantile = jnp.arange(x.shape[0]) < jnp.sum(valid)
-  delta = jnp.where(real_quantile, x[order_x] - y[order_y], 0.0)
-  values = jnp.where(real_quantile, _smoothed_logistic(beta * delta, label_smoothing), 0.0)
-  return jnp.zeros_like(values).at[order_x].set(values)
-
-
-def aot_pair(pc, pr, rc, rr, *, beta=0.1, label_smoothing=0.0, where=None) -> chex.Array:
-  """AOT, unpaired form: DPO's logistic loss on sort(ρc) - sort(ρr), sorted across the batch.
-
-  Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport",
-  arXiv 2406.05882. First-order stochastic dominance of the chosen log-ratio distribution over
-  the rejected one: the i-th smallest ρc is compared with the i-th smallest ρr (a 1-D optimal
-  transport solved by sorting), so chosen and rejected need not come from the same prompt.
-  Named as in TRL: "aot_pair" is the form for unpaired data.
-
-  Batch-coupled: row i of the result belongs to the i-th quantile, not to example i; with
-  `where` ([B] bool, the real rows) padding rows are left out of the sorting and get 0.
-  Token sums. [B] float32.
-  """
-  _check_logps(pc, pr, rc, rr)
-  pc, pr, rc, rr = map(_float, (pc, pr, rc, rr))
-  return _quantile_logistic(pc - rc, pr - rr, where, beta, label_smoothing)
-
-
-def aot(pc, pr, rc, rr, *, beta=0.1, label_smoothing=0.0, where=None) -> chex.Array:
-  """AOT, paired form: DPO's logistic loss on sort(pc - pr) - sort(rc - rr) across the batch.
-
-  Melnyk et al. 2024, arXiv 2406.05882: the distribution of the policy's pairwise margins
-  log π(y_c)/π(y_r) must dominate the reference's; quantiles are matched by sorting each.
-  Named as in TRL: "aot" is the form for paired data.
-
-  Batch-coupled: row i of the result belongs to the i-th quantile; `where` as in `aot_pair`.
-  Token sums. [B] float32.
-  """
-  _check_logps(pc, pr, rc, rr)
-  pc, pr, rc, rr = map(_float, (pc, pr, rc, rr))
-  return _quantile_logistic(pc - pr, rc - rr, where, beta, label_smoothing)
-
-
-def apo_zero(pc, pr, rc, rr, *, beta=0.1) -> chex.Array:
-  """APO-zero: (1 - σ(β ρc)) + σ(β ρr): raise the chosen likelihood, lower the rejected.
-
-  D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive Revisions",
-  arXiv 2408.06266, eq. 7: for when the chosen outputs are better than the model's own.
-  Token sums. [B] float32.
-  """
-  _check_logps(pc, pr, rc, rr)
-  pc, pr, rc, rr = map(_float, (pc, pr, rc, rr))
-  return jax.nn.sigmoid(-beta * (pc - rc)) + jax.nn.sigmoid(beta * (pr - rr))
-
-
-def apo_down(pc, pr, rc, rr, *, beta=0.1) -> chex.Array:
-  """APO-down: σ(β ρc) + (1 - σ(β (ρc - ρr))): lower both, the rejected more.
-
-  D'Oosterlinck et al. 2024, arXiv 2408.06266, eq. 8: for when the chosen outputs are worse than
-  the model's own. Token sums. [B] float32.
-  """
-  _check_logps(pc, pr, rc, rr)
-  pc, pr, rc, rr = map(_float, (pc, pr, rc, rr))
-  rho_c = pc - rc
-  return jax.nn.sigmoid(beta * rho_c) + jax.nn.sigmoid(-beta * (rho_c - (pr - rr)))
-
-
-def discopop(pc, pr, rc, rr, *, beta=0.1, tau=0.05) -> chex.Array:
-  """DiscoPOP (log-ratio modulated loss): (1 - m)·(-log σ(z)) + m·e^-z, z = β h, m = σ(z/τ).
-
-  Chris Lu et al. 2024, "Discovering Preference Optimization Algorithms with and for Large
-  Language Models", arXiv 2406.08414, eq. 5 (τ = 0.05). Blends the logistic loss (for z < 0)
-  with the exponential loss (z > 0). m·e^-z is computed as exp(log σ(z/τ) - z), which stays
-  finite when z is very negative (where e^-z alone overflows and 0·inf is NaN). Token sums.
-  [B] float32.
-  """
-  _check_logps(pc, pr, rc, rr)
-  _check(tau, lambda t: t > 0, "discopop: tau must be > 0")
-  pc, pr, rc, rr = map(_float, (pc, pr, rc, rr))
-  z = beta * ((pc - rc) - (pr - rr))
-  return (jax.nn.sigmoid(-z / tau) * -jax.nn.log_sigmoid(z)
-          + jnp.exp(jax.nn.log_sigmoid(z / tau) - z))
-
-
 def implicit_rewards(pc, pr, rc=None, rr=None, *, beta) -> tuple[chex.Array, chex.Array]:
   """DPO's implicit rewards (β ρc, β ρr), detached, for metrics; (β pc, β pr) if rc = rr = None.
 
@@ -562,131 +376,3 @@ def implicit_rewards(pc, pr, rc=None, rr=None, *, beta) -> tuple[chex.Array, che
   if rc is not None:
     pc, pr = pc - _float(rc), pr - _float(rr)
   return jax.lax.stop_gradient(beta * pc), jax.lax.stop_gradient(beta * pr)
-
-
-# ----------------------------------------------------------------------------- registry
-
-_LOGP_REDUCTIONS = ("sum", "mean")
-
-
-@dataclasses.dataclass(frozen=True)
-class PreferenceLoss:
-  """A pairwise loss with what a trainer needs to use it by name.
-
-  Call as `loss(pc, pr, rc, rr, **hparams) -> [B]`; reference-free losses ignore rc and rr (which
-  may be None), the others raise if they are missing. An unknown hyper-parameter raises.
-
-  Attributes:
-    name: registry key.
-    fn: the loss, `fn(pc, pr, [rc, rr,] *, **hparams)`.
-    reference_free: True if it needs no reference log-probs.
-    logp_reduction: "sum" or "mean": how the paper reduces token log-probs.
-    hparams: ((name, default), ...): the keyword hyper-parameters it accepts.
-    batch_coupled: True if a row's value depends on other rows (sorting, batch means); such a
-      loss takes `where=` ([B] bool, the real rows) so padding rows leave the batch statistics
-      alone, and gives padding rows 0.
-    fixed: ((name, value), ...) bound at registration (e.g. an f-divergence variant of dpo).
-  """
-  name: str
-  fn: Callable[..., chex.Array]
-  reference_free: bool
-  logp_reduction: str
-  hparams: tuple[tuple[str, Any], ...]
-  batch_coupled: bool = False
-  fixed: tuple[tuple[str, Any], ...] = ()
-
-  @property
-  def defaults(self) -> dict[str, Any]:
-    return dict(self.hparams)
-
-  def check_hparams(self, hparams: Mapping[str, Any]) -> None:
-    """Raises ValueError naming any key of `hparams` this loss does not accept."""
-    valid = [name for name, _ in self.hparams]
-    for key in hparams:
-      if key not in valid:
-        close = difflib.get_close_matches(key, valid, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"preference loss {self.name!r} has no hyper-parameter {key!r}"
-                         f" (it accepts {valid}){hint}")
-
-  def __call__(self, pc, pr, rc=None, rr=None, *, where=None, **hparams) -> chex.Array:
-    """The loss's [B] values. `where` ([B] bool, the real rows) matters only to batch-coupled
-    losses; the others are per-row, and the caller weights their rows as it likes."""
-    self.check_hparams(hparams)
-    kwargs = {**dict(self.fixed), **hparams}
-    if self.batch_coupled and where is not None:
-      kwargs["where"] = where
-    if self.reference_free:
-      return self.fn(pc, pr, **kwargs)
-    if rc is None or rr is None:
-      raise ValueError(f"preference loss {self.name!r} needs the reference log-probs rc and rr")
-    return self.fn(pc, pr, rc, rr, **kwargs)
-
-
-PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {}
-
-
-def register_preference_loss(name: str, fn: Callable[..., chex.Array], *, reference_free: bool,
-                             logp_reduction: str, batch_coupled: bool = False,
-                             fixed: Mapping[str, Any] | None = None,
-                             overwrite: bool = False) -> PreferenceLoss:
-  """Adds `fn` to `PREFERENCE_LOSSES` under `name` and returns its entry.
-
-  `fn` takes (pc, pr) if `reference_free` else (pc, pr, rc, rr) positionally, then keyword-only
-  hyper-parameters, each with a default: those become the entry's `hparams`, minus any bound by
-  `fixed`. Raises ValueError on a taken name (unless `overwrite`) or a malformed `fn`.
-  """
-  if name in PREFERENCE_LOSSES and not overwrite:
-    raise ValueError(f"preference loss {name!r} is already registered (pass overwrite=True)")
-  if logp_reduction not in _LOGP_REDUCTIONS:
-    raise ValueError(f"logp_reduction must be one of {_LOGP_REDUCTIONS}, got {logp_reduction!r}")
-  params = inspect.signature(fn).parameters.values()
-  positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-  n_arrays = 2 if reference_free else 4
-  if len(positional) != n_arrays and not any(p.kind == p.VAR_POSITIONAL for p in params):
-    expected = "pc, pr" if reference_free else "pc, pr, rc, rr"
-    raise ValueError(f"{name!r}: fn must take {n_arrays} positional log-prob arrays ({expected}),"
-                     f" got {len(positional)}")
-  keyword = [p for p in params if p.kind == p.KEYWORD_ONLY and p.name != "where"]
-  if batch_coupled and "where" not in {p.name for p in params}:
-    raise ValueError(f"{name!r}: a batch-coupled loss must take where= (its real rows)")
-  missing = [p.name for p in keyword if p.default is p.empty]
-  if missing:
-    raise ValueError(f"{name!r}: keyword-only hyper-parameters {missing} need defaults")
-  fixed = dict(fixed or {})
-  unknown = set(fixed) - {p.name for p in keyword}
-  if unknown:
-    raise ValueError(f"{name!r}: fixed {sorted(unknown)} are not keyword-only parameters of fn")
-  entry = PreferenceLoss(
-      name=name, fn=fn, reference_free=reference_free, logp_reduction=logp_reduction,
-      hparams=tuple((p.name, p.default) for p in keyword if p.name not in fixed),
-      batch_coupled=batch_coupled, fixed=tuple(sorted(fixed.items())))
-  PREFERENCE_LOSSES[name] = entry
-  return entry
-
-
-_register = functools.partial(register_preference_loss, reference_free=False, logp_reduction="sum")
-_register("dpo", dpo)
-_register("robust_dpo", robust_dpo)
-_register("ipo", ipo, logp_reduction="mean")
-_register("hinge", hinge)
-_register("simpo", simpo, reference_free=True, logp_reduction="mean")
-_register("orpo", orpo, reference_free=True, logp_reduction="mean")
-_register("exo_pair", exo_pair)
-_register("nca_pair", nca_pair)
-_register("bco_pair", bco_pair, batch_coupled=True)  # coupled through the default delta
-_register("sppo_hard", sppo_hard)
-_register("aot", aot, batch_coupled=True)
-_register("aot_pair", aot_pair, batch_coupled=True)
-_register("apo_zero", apo_zero)
-_register("apo_down", apo_down)
-_register("discopop", discopop)
-# Length-normalised DPO (TRL's "sigmoid_norm") is DPO on token-MEAN log-probs: the same math, so
-# it is an entry, not a function. What differs is what the trainer feeds it, which is exactly what
-# `logp_reduction` tells the trainer; a second function would duplicate dpo's body.
-_register("ln_dpo", dpo, logp_reduction="mean")
-_register("sigmoid_norm", dpo, logp_reduction="mean")
-# The f-divergence options of dpo, by name; alpha is bound (so rejected) where it means nothing.
-_register("dpo_forward_kl", dpo, fixed={"f_divergence": "forward_kl", "alpha": 0.5})
-_register("dpo_js_divergence", dpo, fixed={"f_divergence": "js_divergence", "alpha": 0.5})
-_register("dpo_alpha_divergence", dpo, fixed={"f_divergence": "alpha_divergence"})

@@ -1,4 +1,4 @@
-"""Tests for rlhf_jax.losses.preference.
+"""Tests for rlhf_jax.losses.preference, .zoo and .registry (one file: they share fixtures).
 
 Each loss is checked at hand-picked points against closed forms, on random inputs against an
 independent float64 NumPy formula, for its gradients (analytic, or central differences of the
@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from rlhf_jax import losses
 from rlhf_jax.losses import preference as pref
+from rlhf_jax.losses import registry, zoo
 
 REG = losses.PREFERENCE_LOSSES
 RTOL, ATOL = 1e-5, 1e-6
@@ -856,12 +857,13 @@ def test_register_user_loss():
 
 
 def test_module_exports():
-  assert set(pref.__all__) <= set(dir(losses))
+  exported = set(pref.__all__) | set(zoo.__all__) | set(registry.__all__)
+  assert exported <= set(dir(losses))
   for name in ["dpo", "robust_dpo", "ipo", "hinge", "simpo", "orpo", "kto", "kto_kl_estimate",
                "bradley_terry", "ranking", "implicit_rewards", "PREFERENCE_LOSSES",
                "register_preference_loss", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
                "aot", "aot_pair", "apo_zero", "apo_down", "discopop"]:
-    assert name in pref.__all__, name
+    assert name in exported and hasattr(losses, name), name
 
 
 def test_shape_checks():
