@@ -19,6 +19,7 @@ policy and the reference each score both in one forward pass.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Sequence
 
 import numpy as np
@@ -32,6 +33,7 @@ __all__ = [
     "record_length",
     "collate_sft",
     "collate_pairs",
+    "mismatched_pairs",
     "collate_unpaired",
     "collate_ranked",
     "collate_prompts",
@@ -104,26 +106,40 @@ def collate_pairs(records, length: int, pad_id: int = 0) -> dict:
           "objective": np.array([r.objective for r in records], np.int32)}
 
 
-def collate_unpaired(records, length: int, pad_id: int = 0) -> dict:
+def mismatched_pairs(records, max_length: int) -> list[tuple]:
+  """KTO's KL rows: prompt i with the completion of row (i + 1) mod B, under the matched rows'
+  truncation rule (the completion is cut to `max_length - len(prompt)`), so they fit the same
+  buckets and never exceed max_length."""
+  n = len(records)
+  pairs = []
+  for i, record in enumerate(records):
+    budget = max_length - len(record.prompt)
+    pairs.append((record.prompt, records[(i + 1) % n].completion[:budget]))
+  return pairs
+
+
+def collate_unpaired(records, length: int, pad_id: int = 0, max_length: int | None = None) -> dict:
   """KTO batches, plus the mismatched rows for the KL reference point.
 
   Row i of the `kl_*` arrays pairs prompt i with the completion of row (i + 1) mod B, so every
   completion appears once with a prompt it was not written for, for any B >= 2 (odd B included).
+  A mismatched completion is cut to `max_length - len(prompt)` (default: `length`), as
+  tokenisation cuts the matched ones; both sets of rows have shape [B, length], and `length` must
+  hold the mismatched rows too (`BatchStream` picks the bucket that holds both).
   """
   ids, attn, loss = _rows([(r.prompt, r.completion) for r in records], length, pad_id)
-  n = len(records)
-  mismatched = [(records[i].prompt, records[(i + 1) % n].completion) for i in range(n)]
-  kl_length = max(length, max(len(p) + len(c) for p, c in mismatched))
-  kl_ids, kl_attn, kl_loss = _rows(mismatched, kl_length, pad_id)
-  if kl_length > length:  # keep one shape: pad the matched rows to the mismatched length
-    ids, attn, loss = _rows([(r.prompt, r.completion) for r in records], kl_length, pad_id)
+  kl_ids, kl_attn, kl_loss = _rows(mismatched_pairs(records, max_length or length), length, pad_id)
   return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss,
           "label": np.array([r.label for r in records], np.float32),
           "kl_input_ids": kl_ids, "kl_attention_mask": kl_attn, "kl_loss_mask": kl_loss}
 
 
 def collate_ranked(records, length: int, pad_id: int = 0, num_completions: int | None = None):
-  """K-wise batches: [B·K, L] rows (example-major), ranks [B, K] and rank_mask [B, K]."""
+  """K-wise batches: [B·K, L] rows (example-major), ranks [B, K] and rank_mask [B, K].
+
+  K is `num_completions` (`BatchStream` passes the dataset's largest count, so every batch has
+  one shape); rows with fewer completions are padded with masked slots. None: this batch's largest.
+  """
   k = num_completions or max(len(r.completions) for r in records)
   pairs, ranks, rank_mask = [], np.zeros((len(records), k), np.int32), np.zeros(
       (len(records), k), np.int32)
@@ -232,6 +248,8 @@ class BatchStream:
   shuffle: bool = True
   buckets: tuple[int, ...] | None = None
   group_by_length: bool = True  # sort within windows of 32 batches, then shuffle the batches
+  # Ranked records: K slots per example in every batch; None: the most completions of any record.
+  num_completions: int | None = None
 
   def __post_init__(self):
     if not self.records:
@@ -239,7 +257,17 @@ class BatchStream:
     if self.batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
     self.buckets = tuple(self.buckets or default_buckets(self.max_length))
-    self.collate = COLLATORS[type(self.records[0])]
+    kind = type(self.records[0])
+    self.collate = COLLATORS[kind]
+    if kind is TokenizedUnpaired:
+      self.collate = functools.partial(collate_unpaired, max_length=self.max_length)
+    if kind is TokenizedRanked:
+      most = max(len(r.completions) for r in self.records)
+      if self.num_completions is not None and self.num_completions < most:
+        raise ValueError(f"num_completions={self.num_completions}, but a record has {most} "
+                         "completions")
+      self.num_completions = self.num_completions or most
+      self.collate = functools.partial(collate_ranked, num_completions=self.num_completions)
     self.lengths = np.array([record_length(r) for r in self.records])
 
   @property
@@ -267,7 +295,11 @@ class BatchStream:
 
   def _collate(self, indices, weight) -> dict:
     records = [self.records[i] for i in indices]
-    length = bucket_length(int(self.lengths[indices].max()), self.buckets)
+    longest = int(self.lengths[indices].max())
+    if isinstance(records[0], TokenizedUnpaired):  # the KL rows share the batch's one length
+      longest = max(longest, *(len(p) + len(c) for p, c in mismatched_pairs(records,
+                                                                             self.max_length)))
+    length = bucket_length(longest, self.buckets)
     batch = self.collate(records, length, self.pad_id)
     batch["weight"] = weight
     batch["index"] = np.asarray(indices, np.int32)  # which records: for per-record caches

@@ -9,10 +9,16 @@ in whichever form is at hand:
               reward head a preference is about, for multi-objective reward models)
               | {"chosen", "rejected"} sharing a prefix (implicit prompt)
               | either with message lists (conversational)
+              | a string prompt with message-list chosen/rejected: either only the assistant
+                turn(s), or whole conversations (their shared leading turns are the prompt, whose
+                last user turn must be the prompt string: HuggingFaceH4/ultrafeedback_binarized)
               | Anthropic HH text ("\\n\\nHuman: ... \\n\\nAssistant: ...", turned into messages)
   unpaired    {"prompt", "completion", "label"} (KTO; label is a bool)
   ranked      {"prompt", "completions", "ranks"} (rank 0 is best; equal ranks are ties)
   prompt      {"prompt"} | {"messages"} ending in a user turn (RL: the policy writes the response)
+
+SFT prompt/completion, unpaired and ranked rows take a string prompt with message-list completions
+the same way as pairs do.
 
 Errors name the source, the row and the field, and say what was expected (`DataError`).
 """
@@ -153,6 +159,56 @@ def _check_same_kind(row: _Row, fields: dict):
                           "use one form per row")
 
 
+def _common_prefix(conversations) -> int:
+  common = 0
+  for turns in zip(*conversations):
+    if any(turn != turns[0] for turn in turns):
+      break
+    common += 1
+  return common
+
+
+def _with_prompt(row: _Row, prompt: Text, completions: dict) -> tuple[Text, tuple]:
+  """(prompt, completions) in one form: a string prompt with message-list completions becomes
+  messages (TRL's maybe_extract_prompt); otherwise the fields must already share a form.
+
+  Completions that are only assistant turns get the prompt as one user turn. Completions that are
+  whole conversations start with the same turns; those (up to the last shared non-assistant turn)
+  are the prompt, and their last user turn must say what the prompt string says.
+  """
+  values = tuple(completions.values())
+  if not (isinstance(prompt, str) and prompt and values
+          and all(isinstance(v, tuple) for v in values)):
+    _check_same_kind(row, {"prompt": prompt, **completions})
+    return prompt, values
+  starts = {name: v[0]["role"] == "assistant" for name, v in completions.items()}
+  if all(starts.values()):
+    return ({"role": "user", "content": prompt},), values
+  if any(starts.values()):
+    described = ", ".join(f"{k}: {'assistant turns' if v else 'a conversation'}"
+                          for k, v in starts.items())
+    raise row.error(None, f"with a string prompt, the message lists must all be assistant "
+                          f"turns or all whole conversations; got {described}")
+  common = _common_prefix(values)
+  if len(values) == 1:  # one conversation: the prompt is everything before its last answer
+    common = len(values[0])
+  while common > 0 and values[0][common - 1]["role"] == "assistant":
+    common -= 1
+  users = [turn["content"] for turn in values[0][:common] if turn["role"] == "user"]
+  first = next(iter(completions))
+  if not users:
+    raise row.error(first, "the string prompt needs a user turn shared by every conversation, "
+                           "but they share none")
+  if users[-1].strip() != prompt.strip():
+    raise row.error("prompt", f"does not match the last user turn the conversations in "
+                              f"{', '.join(map(repr, completions))} share: {prompt!r} vs "
+                              f"{users[-1]!r}"[:400])
+  for name, value in completions.items():
+    if len(value) == common:
+      raise row.error(name, "the conversation has no response after the prompt's turns")
+  return values[0][:common], tuple(v[common:] for v in values)
+
+
 def normalize_sft(raw, source: str = "<rows>", index: int = 0) -> SFTExample:
   row = _Row(raw, source, index)
   if row.has("messages"):
@@ -161,15 +217,20 @@ def normalize_sft(raw, source: str = "<rows>", index: int = 0) -> SFTExample:
       raise row.error("messages", f"the last message must be the assistant's response, got role "
                                   f"{messages[-1]['role']!r}")
     example = SFTExample(prompt=messages[:-1], completion=messages[-1:])
-  elif row.has("prompt") or row.has("completion"):
-    example = SFTExample(prompt=row.get("prompt", "text"), completion=row.get("completion", "text"))
-    _check_same_kind(row, {"prompt": example.prompt, "completion": example.completion})
+    # The response is the last message: name it as the row has it.
+    _check_nonempty(row, f"messages[{len(messages) - 1}].content", example.completion)
+    return example
+  if row.has("prompt") or row.has("completion"):
+    prompt, (completion,) = _with_prompt(row, row.get("prompt", "text"),
+                                         {"completion": row.get("completion", "text")})
+    example = SFTExample(prompt=prompt, completion=completion)
+    field = "completion"
   elif row.has("text"):
-    example = SFTExample(prompt="", completion=row.get("text", "str"))
+    example, field = SFTExample(prompt="", completion=row.get("text", "str")), "text"
   else:
     raise row.error(None, f"no SFT fields: expected 'text', 'prompt'+'completion' or 'messages'; "
                           f"the row has {sorted(row.row)}")
-  _check_nonempty(row, "completion" if not row.has("text") else "text", example.completion)
+  _check_nonempty(row, field, example.completion)
   return example
 
 
@@ -224,8 +285,8 @@ def normalize_pair(raw, source: str = "<rows>", index: int = 0) -> PairExample:
   row = _Row(raw, source, index)
   chosen, rejected = row.get("chosen", "text"), row.get("rejected", "text")
   if row.has("prompt"):
-    prompt = row.get("prompt", "text")
-    _check_same_kind(row, {"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    prompt, (chosen, rejected) = _with_prompt(row, row.get("prompt", "text"),
+                                              {"chosen": chosen, "rejected": rejected})
   else:
     prompt, chosen, rejected = _split_common_prefix(row, chosen, rejected)
   _check_nonempty(row, "chosen", chosen)
@@ -246,8 +307,8 @@ def normalize_pair(raw, source: str = "<rows>", index: int = 0) -> PairExample:
 
 def normalize_unpaired(raw, source: str = "<rows>", index: int = 0) -> UnpairedExample:
   row = _Row(raw, source, index)
-  prompt, completion = row.get("prompt", "text"), row.get("completion", "text")
-  _check_same_kind(row, {"prompt": prompt, "completion": completion})
+  prompt, (completion,) = _with_prompt(row, row.get("prompt", "text"),
+                                       {"completion": row.get("completion", "text")})
   _check_nonempty(row, "completion", completion)
   if not row.has("label"):
     raise row.error("label", "missing (expected a bool: true = desirable)")
@@ -262,18 +323,26 @@ def normalize_ranked(raw, source: str = "<rows>", index: int = 0) -> RankedExamp
   prompt = row.get("prompt", "text")
   completions, ranks = raw.get("completions"), raw.get("ranks")
   if not isinstance(completions, (list, tuple)) or len(completions) < 2:
-    raise row.error("completions", f"expected a list of at least 2 responses, got {completions!r}"
-                    [:300])
-  completions = tuple(row.coerce(c, "completions", "text") for c in completions)
-  for completion in completions:
-    _check_nonempty(row, "completions", completion)
+    raise row.error("completions", f"expected a list of at least 2 responses, got "
+                                   f"{completions!r}"[:300] + _list_hint(completions))
+  completions = {f"completions[{j}]": row.coerce(c, f"completions[{j}]", "text")
+                 for j, c in enumerate(completions)}
+  prompt, completions = _with_prompt(row, prompt, completions)
+  for j, completion in enumerate(completions):
+    _check_nonempty(row, f"completions[{j}]", completion)
   if (not isinstance(ranks, (list, tuple)) or len(ranks) != len(completions)
       or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks)):
     raise row.error("ranks", f"expected {len(completions)} non-negative ints (one per completion, "
-                             f"0 = best), got {ranks!r}"[:300])
+                             f"0 = best), got {ranks!r}"[:300] + _list_hint(ranks))
   if len(set(ranks)) < 2:
     raise row.error("ranks", "all completions tied: no ordered pair to learn from")
   return RankedExample(prompt, completions, tuple(ranks))
+
+
+def _list_hint(value) -> str:
+  if isinstance(value, str):
+    return " (a list written as text: CSV cannot hold lists; use JSON Lines or Parquet)"
+  return ""
 
 
 def normalize_prompt(raw, source: str = "<rows>", index: int = 0) -> PromptExample:

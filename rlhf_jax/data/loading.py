@@ -5,6 +5,10 @@ with `Dataset.save_to_disk`, a Hugging Face hub id (loaded with `datasets.load_d
 "synthetic:<kind>" for the embedded task. Rows always pass through `datasets`; when Arrow cannot
 even parse a local JSON file (a field whose type changes between rows), the file is re-read line
 by line so the error names the row and field instead of Arrow's column.
+
+CSV cells hold only scalars: plain-text rows load from CSV, but message lists (conversational
+rows) and the lists of ranked rows do not. Such a cell arrives as the list's text, and is a bad
+row (naming the row and field) rather than text to train on.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import dataclasses
 import json
 import logging
 import pathlib
+import re
 from typing import Any
 
 from rlhf_jax.data import formats, synthetic, tokenize
@@ -74,6 +79,18 @@ def _locate_json_error(path: pathlib.Path, original: Exception):
       if value is not None:
         types.setdefault(key, (kind, index))
   raise formats.DataError(str(path), None, None, f"datasets could not load it: {original}")
+
+
+# A message list that a CSV writer turned into its Python or JSON text.
+_MESSAGES_AS_TEXT = re.compile(r"""^\s*\[\s*\{\s*['"](role|content)['"]\s*:""")
+
+
+def _check_csv_row(row, source: str, index: int):
+  for field, value in (row.items() if isinstance(row, dict) else ()):
+    if isinstance(value, str) and _MESSAGES_AS_TEXT.match(value):
+      raise formats.DataError(source, index, field,
+                              "holds a message list written as text: CSV cannot hold lists; "
+                              "write conversational rows as JSON Lines or Parquet")
 
 
 def load_rows(source: Any, *, split: str = "train", kind: str | None = None, num_rows=None):
@@ -142,10 +159,13 @@ def prepare(kind: str, source: Any, tokenizer, config: tokenize.TokenizeConfig, 
     name = str(source)
   stats = DatasetStats(source=name)
   normalize = KINDS[kind]
+  is_csv = name.lower().endswith(".csv")
   records = []
   for index, row in enumerate(rows):
     stats.rows += 1
     try:
+      if is_csv:
+        _check_csv_row(row, name, index)
       example = normalize(row, name, index)
       record = tokenize.tokenize_example(example, tokenizer, config, name, index)
     except formats.DataError as err:

@@ -14,6 +14,9 @@ Truncation, one rule for every completion of a row: the prompt is cut to `max_pr
 start is dropped; the end, next to the response, is kept); every completion gets the same budget
 `max_length - len(prompt)`, and a completion over budget is cut (counted), or the row skipped or
 rejected, as `on_overflow` says. A prompt that alone leaves no room is a bad row. A cut prompt keeps its BOS.
+
+A chat template that fails on a row (none set, a `raise_exception`, a prompt it does not render as
+a prefix of the conversation) is a `DataError` naming the source and row, like any bad row.
 """
 
 from __future__ import annotations
@@ -132,9 +135,20 @@ def encode_text(tokenizer, text: str) -> np.ndarray:
   return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
 
 
-def _encode(tokenizer, prompt: Text, completions: list[Text]):
+def _render_row(tokenizer, prompt: Text, completion: Text | None, where) -> tuple[str, str]:
+  """`render`, with a template failure reported as a DataError naming the source and row."""
+  try:
+    return render(tokenizer, prompt, completion)
+  except Exception as err:  # ours are ValueErrors; a template's raise_exception is jinja2's
+    if not (isinstance(err, ValueError) or type(err).__module__.startswith("jinja2")):
+      raise
+    source, row = where
+    raise DataError(source, row, None, f"chat template: {err}") from err
+
+
+def _encode(tokenizer, prompt: Text, completions: list[Text], where=("<rows>", 0)):
   bos, eos = _special_ids(tokenizer)
-  texts = [render(tokenizer, prompt, completion) for completion in completions]
+  texts = [_render_row(tokenizer, prompt, completion, where) for completion in completions]
   prompt_ids = encode_text(tokenizer, texts[0][0])
   if bos is not None and (prompt_ids.size == 0 or prompt_ids[0] != bos):
     prompt_ids = np.concatenate([[bos], prompt_ids]).astype(np.int32)
@@ -178,7 +192,7 @@ def tokenize_example(example, tokenizer, config: TokenizeConfig, source="<rows>"
   where = (source, row)
 
   def encode_and_truncate(prompt, completions):
-    prompt_ids, completion_ids, bos = _encode(tokenizer, prompt, completions)
+    prompt_ids, completion_ids, bos = _encode(tokenizer, prompt, completions, where)
     return _truncate(prompt_ids, completion_ids, config, where, bos)
 
   if isinstance(example, SFTExample):
@@ -198,7 +212,7 @@ def tokenize_example(example, tokenizer, config: TokenizeConfig, source="<rows>"
         example.prompt, [example.completion])
     return TokenizedUnpaired(prompt, completion, example.label, truncated)
   if isinstance(example, PromptExample):
-    prompt_ids, _, bos = _encode(tokenizer, example.prompt, [None])
+    prompt_ids, _, bos = _encode(tokenizer, example.prompt, [None], where)
     limit = config.max_prompt_length or config.max_length
     truncated = len(prompt_ids) > limit
     if truncated:

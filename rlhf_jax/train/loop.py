@@ -8,6 +8,15 @@ Exact resume: a checkpoint holds the state (params, optimiser state, RNG key, ex
 batch i is a pure function of (seed, i), and per-step randomness is fold_in(key, step). A run
 killed and resumed therefore logs the same metrics, bit for bit, as one that ran straight through.
 
+A run directory holds one run: with `run.resume=false` the loop refuses a directory that already
+holds checkpoints (orbax would skip every save at or below their latest step, so the new run would
+write none and a later resume would restore the old run) unless `run.overwrite=true` deletes them.
+Resuming checks that the checkpoint was written with the same `seed` and `batch_size` (the data
+order) and `steps` (the learning-rate schedule).
+
+Metrics go to output_dir/metrics.jsonl every step, and a compact line goes to stdout every
+`log_every` steps (and after every evaluation).
+
 NaN guard: metrics are checked on the host after every step; a non-finite value stops the run with
 an error naming the step and the metric, before the bad state can be checkpointed, so the last
 checkpoint on disk is the last good one.
@@ -20,6 +29,7 @@ import json
 import logging
 import math
 import pathlib
+import shutil
 import time
 from typing import Any, Callable, Iterable
 
@@ -44,6 +54,9 @@ class RunConfig:
   keep_checkpoints: int = 3
   async_checkpoint: bool = True
   resume: bool = True  # continue from the latest checkpoint in output_dir when there is one
+  # With resume=false: delete the checkpoints already in output_dir and start over (without it,
+  # a directory holding checkpoints is an error rather than a silent mix of two runs).
+  overwrite: bool = False
   seed: int = 0  # one seed for init, data order and sampling
   output_dir: str = "runs/default"
   mesh: MeshConfig = MeshConfig()
@@ -156,33 +169,75 @@ def evaluate(task: Task, state) -> dict:
 
 
 _RESUME_MUST_MATCH = ("model", "data", "loss", "optimizer")
+# RunConfig fields a resumed run must share with its checkpoint: the data order is a function of
+# (seed, batch_size) and the checkpoint stores the data position as a step count; the learning-rate
+# schedule is a function of steps.
+_RUN_MUST_MATCH = {"seed": "the data order and every random draw",
+                   "batch_size": "the data order (the data position is stored as a step count)",
+                   "steps": "the learning-rate schedule"}
 
 
-def _check_resumable(saved: dict | None, current: dict, directory):
-  if not saved:
-    return
-  for section in _RESUME_MUST_MATCH:
+def _check_resumable(meta: dict, current: dict, run: RunConfig, directory):
+  saved = meta.get("config")
+  for section in _RESUME_MUST_MATCH if saved else ():
     if section in current and saved.get(section) != current.get(section):
       raise ValueError(
           f"{directory} holds checkpoints of a run whose '{section}' config differs from this "
           f"one ({saved.get(section)} vs {current.get(section)}); use a new run.output_dir, or "
-          "run.resume=false to start over there")
+          "run.resume=false with run.overwrite=true to start over there")
+  step = meta.get("step")
+  for name, why in _RUN_MUST_MATCH.items():
+    if name in meta and meta[name] != getattr(run, name):
+      raise ValueError(
+          f"cannot resume the checkpoint at step {step} in {directory}: it was written with "
+          f"run.{name}={meta[name]}, this run has run.{name}={getattr(run, name)} ({why} depends "
+          f"on it). Set run.{name}={meta[name]} to resume, use a new run.output_dir, or "
+          "run.resume=false with run.overwrite=true to start over there")
+
+
+def _open_checkpoints(run: RunConfig, directory: pathlib.Path) -> Checkpointer:
+  """The run's Checkpointer; when not resuming, old checkpoints are refused (overwrite: deleted)."""
+  if run.overwrite and run.resume:
+    raise ValueError("run.overwrite=true deletes the checkpoints in run.output_dir and starts "
+                     "over, which contradicts run.resume=true; set run.resume=false with it")
+  checkpoints = Checkpointer(directory, keep=run.keep_checkpoints,
+                             async_save=run.async_checkpoint)
+  steps = checkpoints.all_steps()
+  if run.resume or not steps:
+    return checkpoints
+  if not run.overwrite:
+    checkpoints.close()
+    raise ValueError(
+        f"{checkpoints.directory} already holds checkpoints at steps {sorted(steps)} and "
+        "run.resume=false: this run would write none at or below step "
+        f"{max(steps)} and a later resume would restore the old run. Set run.resume=true to "
+        "continue that run, choose another run.output_dir, or set run.overwrite=true to delete "
+        "those checkpoints and start over")
+  log.warning("run.overwrite=true: deleting checkpoints at steps %s in %s", sorted(steps),
+              checkpoints.directory)
+  checkpoints.close()
+  shutil.rmtree(checkpoints.directory)
+  return Checkpointer(directory, keep=run.keep_checkpoints, async_save=run.async_checkpoint)
 
 
 def run_loop(task: Task, run: RunConfig) -> dict:
   """Runs (or resumes) a task to completion; returns a summary with the final metrics."""
   out = pathlib.Path(run.output_dir)
   out.mkdir(parents=True, exist_ok=True)
+  checkpoints = _open_checkpoints(run, out / "checkpoints")
+  try:
+    state = task.init_state()
+    start = 0
+    if run.resume and checkpoints.latest_step() is not None:
+      state, meta = checkpoints.restore(state)
+      _check_resumable(meta, task.config, run, out)
+      start = int(meta["step"])
+      log.info("resumed from %s at step %d", checkpoints.directory, start)
+  except BaseException:
+    checkpoints.close()
+    raise
+  # Written once the run is known to belong here: a refused run leaves the old config in place.
   (out / "config.json").write_text(json.dumps(task.config, indent=2))
-  checkpoints = Checkpointer(out / "checkpoints", keep=run.keep_checkpoints,
-                             async_save=run.async_checkpoint)
-  state = task.init_state()
-  start = 0
-  if run.resume and checkpoints.latest_step() is not None:
-    state, meta = checkpoints.restore(state)
-    _check_resumable(meta.get("config"), task.config, out)
-    start = int(meta["step"])
-    log.info("resumed from %s at step %d", checkpoints.directory, start)
   writer = MetricsWriter(out / "metrics.jsonl",
                          tensorboard_dir=out / "tensorboard" if run.tensorboard else None,
                          wandb_project=run.wandb_project, config=task.config,
@@ -190,6 +245,7 @@ def run_loop(task: Task, run: RunConfig) -> dict:
 
   def save(step):
     checkpoints.save(step, state, {"step": step, "data_position": step, "seed": run.seed,
+                                   "batch_size": run.batch_size, "steps": run.steps,
                                    "config": task.config})
 
   from tqdm.auto import tqdm
@@ -212,14 +268,15 @@ def run_loop(task: Task, run: RunConfig) -> dict:
         throughput = window_tokens / max(elapsed, 1e-9)
         bar.set_postfix(loss=f"{last_metrics.get('loss', math.nan):.4f}",
                         tok_s=f"{throughput:,.0f}")
-        log.info("step %d %s tokens/s=%.0f", step + 1, _format(last_metrics), throughput)
+        _print(f"step {step + 1}/{task.num_steps} {_format(last_metrics)} "
+               f"tok/s={throughput:.0f}")
         window_tokens, window_start = 0, time.perf_counter()
       done = step + 1 == task.num_steps
       evaluates = task.eval_step is not None or task.evaluators
       if evaluates and (done or run.eval_every and (step + 1) % run.eval_every == 0):
         eval_metrics = evaluate(task, state)
         writer.write(step + 1, "eval", eval_metrics)
-        log.info("eval step %d %s", step + 1, _format(eval_metrics))
+        _print(f"eval step {step + 1}/{task.num_steps} {_format(eval_metrics)}")
       if done or run.checkpoint_every and (step + 1) % run.checkpoint_every == 0:
         save(step + 1)
     if start == task.num_steps and (task.eval_step is not None or task.evaluators):
@@ -233,6 +290,14 @@ def run_loop(task: Task, run: RunConfig) -> dict:
   return {"state": state, "train": last_metrics, "eval": eval_metrics, "output_dir": str(out)}
 
 
+def _print(line: str):
+  """One metrics line to stdout (through tqdm, so a live bar is not broken), from process 0."""
+  if jax.process_index() == 0:
+    from tqdm.auto import tqdm
+    tqdm.write(line)
+
+
 def _format(metrics: dict) -> str:
+  """Scalars as `name=value` (4 significant digits); array-valued metrics stay in the JSONL."""
   return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                  for k, v in sorted(metrics.items()))
+                  for k, v in sorted(metrics.items()) if isinstance(v, (int, float)))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.data import BatchStream, TokenizeConfig, default_buckets, prepare
-from rlhf_jax.data.batching import collate_unpaired
+from rlhf_jax.data.batching import collate_unpaired, record_length
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,65 @@ def test_unpaired_mismatched_rows_for_odd_batch_sizes(word_tokenizer):
                                   np.concatenate([r.prompt, nxt.completion]))
     assert batch["kl_loss_mask"][i, p:p + c].all() and batch["kl_loss_mask"][i].sum() == c
   assert batch["input_ids"].shape == batch["kl_input_ids"].shape
+
+
+def _unpaired(prompt, completion, label=True):
+  return {"prompt": prompt, "completion": completion, "label": label}
+
+
+@pytest.mark.parametrize("rows, matched_bucket", [
+    # A long prompt with a short answer, and the reverse: the KL row 0 pairs the long prompt with
+    # the long answer (19 + 26 = 45 tokens), which must be cut to max_length like a matched row.
+    ([_unpaired("review the show " + "the plot is good . " * 3, "the end ."),
+      _unpaired("review the show", "the plot is good . " * 5, False)], 32),
+    # Matched rows fit 16, the KL row 0 (8 + 9 = 17 tokens) does not: rounded up to 32, not 17.
+    ([_unpaired("review the show the plot is good", "the end ."),
+      _unpaired("review the show", "the plot is good . the end .", False)], 16),
+])
+def test_kto_kl_rows_are_bucketed_and_truncated_like_the_matched_rows(word_tokenizer, rows,
+                                                                       matched_bucket):
+  records, _ = prepare("unpaired", rows, word_tokenizer, TokenizeConfig(max_length=32))
+  assert max(record_length(r) for r in records) <= matched_bucket
+  assert len(records[0].prompt) + len(records[1].completion) > 16
+  stream = BatchStream(records, batch_size=2, max_length=32, buckets=(16, 32), shuffle=False)
+  batch = stream.batch(0)
+  # One compiled shape per bucket: both row sets share a bucket length, never over max_length.
+  assert batch["input_ids"].shape == batch["kl_input_ids"].shape == (2, 32)
+  for i in range(2):
+    prompt, completion = records[i].prompt, records[(i + 1) % 2].completion
+    kept = min(len(completion), 32 - len(prompt))  # the matched rows' budget
+    np.testing.assert_array_equal(batch["kl_input_ids"][i, :len(prompt) + kept],
+                                  np.concatenate([prompt, completion[:kept]]))
+    assert batch["kl_attention_mask"][i].sum() == len(prompt) + kept
+    assert batch["kl_loss_mask"][i, len(prompt):].sum() == kept
+
+
+def test_kto_batch_shapes_over_many_batches_are_the_buckets(word_tokenizer):
+  records, _ = prepare("unpaired", "synthetic:unpaired", word_tokenizer,
+                       TokenizeConfig(max_length=32), num_rows=96)
+  stream = BatchStream(records, batch_size=3, max_length=32, buckets=(16, 32), seed=0)
+  shapes = set()
+  for i in range(stream.batches_per_epoch):
+    batch = stream.batch(i)
+    assert batch["input_ids"].shape == batch["kl_input_ids"].shape
+    shapes.add(batch["kl_input_ids"].shape)
+  assert shapes <= {(3, 16), (3, 32)}
+
+
+def test_ranked_batches_have_one_k_when_rows_differ(word_tokenizer):
+  rows = [{"prompt": "review the cafe", "completions": ["the food is ok .", "the food is bad .",
+                                                        "the staff is good ."], "ranks": [1, 2, 0]},
+          {"prompt": "review the show", "completions": ["the plot is ok .", "the plot is bad ."],
+           "ranks": [0, 1]}]
+  records, _ = prepare("ranked", rows, word_tokenizer, TokenizeConfig(max_length=32))
+  stream = BatchStream(records, batch_size=1, max_length=32, shuffle=False)
+  # Batch 1 holds only the 2-completion row: K stays 3 (masked), so the step does not recompile.
+  shapes = {(stream.batch(i)["input_ids"].shape, stream.batch(i)["ranks"].shape)
+            for i in range(2)}
+  assert {ranks for _, ranks in shapes} == {(1, 3)} and {ids[0] for ids, _ in shapes} == {3}
+  np.testing.assert_array_equal(stream.batch(1)["rank_mask"], [[1, 1, 0]])
+  with pytest.raises(ValueError, match="num_completions=2, but a record has 3"):
+    BatchStream(records, batch_size=1, max_length=32, num_completions=2)
 
 
 def test_ranked_batches_pad_missing_slots(word_tokenizer):

@@ -3,8 +3,10 @@
 import pytest
 
 from rlhf_jax.data import formats
-from rlhf_jax.data.formats import DataError, PairExample, SFTExample
+from rlhf_jax.data.formats import (DataError, PairExample, RankedExample, SFTExample,
+                                   UnpairedExample)
 
+SYSTEM = {"role": "system", "content": "Answer briefly."}
 USER = {"role": "user", "content": "What is 2+2?"}
 GOOD = {"role": "assistant", "content": "4"}
 BAD = {"role": "assistant", "content": "5"}
@@ -31,6 +33,66 @@ def test_pair_conversational_formats_agree():
   hh = formats.normalize_pair({"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4",
                                "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: 5"})
   assert explicit == implicit == hh == PairExample((USER,), (GOOD,), (BAD,))
+
+
+def test_string_prompt_with_conversational_pairs_agrees_with_the_explicit_form():
+  explicit = formats.normalize_pair({"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]})
+  # HuggingFaceH4/ultrafeedback_binarized: whole conversations that repeat the user turn.
+  whole = formats.normalize_pair({"prompt": "What is 2+2?", "chosen": [USER, GOOD],
+                                  "rejected": [USER, BAD]})
+  # Only the assistant turns: the string prompt becomes the user turn.
+  answers = formats.normalize_pair({"prompt": "What is 2+2?", "chosen": [GOOD], "rejected": [BAD]})
+  assert explicit == whole == answers == PairExample((USER,), (GOOD,), (BAD,))
+  # A shared system turn stays in the prompt; the prompt string is its last user turn.
+  with_system = formats.normalize_pair({"prompt": "What is 2+2?", "chosen": [SYSTEM, USER, GOOD],
+                                        "rejected": [SYSTEM, USER, BAD]})
+  assert with_system == PairExample((SYSTEM, USER), (GOOD,), (BAD,))
+
+
+@pytest.mark.parametrize("row, field, message", [
+    ({"prompt": "What is 3+3?", "chosen": [USER, GOOD], "rejected": [USER, BAD]}, "prompt",
+     "does not match the last user turn"),
+    ({"prompt": "What is 2+2?", "chosen": [GOOD], "rejected": [USER, BAD]}, None,
+     "all be assistant turns or all whole conversations"),
+    ({"prompt": "What is 2+2?", "chosen": [USER, GOOD], "rejected": [SYSTEM, BAD]}, "chosen",
+     "share none"),
+    ({"prompt": "What is 2+2?", "chosen": [USER, GOOD], "rejected": [USER]}, "rejected",
+     "no response after the prompt"),
+])
+def test_string_prompt_that_disagrees_with_the_conversations(row, field, message):
+  with pytest.raises(DataError, match=message) as info:
+    formats.normalize_pair(row, "uf.jsonl", 4)
+  assert str(info.value).startswith("uf.jsonl, row 4") and info.value.field == field
+
+
+def test_unpaired_forms_agree():
+  want = UnpairedExample((USER,), (GOOD,), True)
+  assert formats.normalize_unpaired({"prompt": [USER], "completion": [GOOD], "label": True}) == want
+  assert formats.normalize_unpaired(
+      {"prompt": "What is 2+2?", "completion": [GOOD], "label": True}) == want
+  assert formats.normalize_unpaired(
+      {"prompt": "What is 2+2?", "completion": [USER, GOOD], "label": True}) == want
+  assert formats.normalize_unpaired({"prompt": "Q:", "completion": " 4", "label": False}) == (
+      UnpairedExample("Q:", " 4", False))
+  with pytest.raises(DataError, match="mix plain strings"):
+    formats.normalize_unpaired({"prompt": [USER], "completion": "4", "label": True})
+
+
+def test_ranked_forms_agree():
+  want = RankedExample((USER,), ((GOOD,), (BAD,)), (0, 1))
+  for prompt, completions in (([USER], [[GOOD], [BAD]]), ("What is 2+2?", [[GOOD], [BAD]]),
+                              ("What is 2+2?", [[USER, GOOD], [USER, BAD]])):
+    assert formats.normalize_ranked({"prompt": prompt, "completions": completions,
+                                     "ranks": [0, 1]}) == want
+  assert formats.normalize_ranked({"prompt": "Q:", "completions": [" 4", " 5"], "ranks": [0, 1]}
+                                  ) == RankedExample("Q:", (" 4", " 5"), (0, 1))
+  # A string among message lists (or the reverse) is one row mixing forms.
+  for prompt, completions in (("What is 2+2?", [[GOOD], "5"]), ([USER], [[GOOD], "5"])):
+    with pytest.raises(DataError, match="mix plain strings"):
+      formats.normalize_ranked({"prompt": prompt, "completions": completions, "ranks": [0, 1]})
+  with pytest.raises(DataError, match="CSV cannot hold lists") as info:
+    formats.normalize_ranked({"prompt": "Q:", "completions": "['a' 'b']", "ranks": "[0 1]"})
+  assert info.value.field == "completions"
 
 
 def test_hh_multi_turn_keeps_the_history_in_the_prompt():
@@ -71,6 +133,10 @@ def test_bad_pair_rows_name_source_row_and_field(row, field, message):
     (formats.normalize_sft, {"messages": [USER]}, "messages", "last message"),
     (formats.normalize_sft, {"input": "x"}, None, "no SFT fields"),
     (formats.normalize_sft, {"prompt": "p", "completion": ""}, "completion", "empty"),
+    (formats.normalize_sft, {"messages": [USER, {"role": "assistant", "content": " "}]},
+     "messages[1].content", "empty"),
+    (formats.normalize_ranked, {"prompt": "p", "completions": ["a", " "], "ranks": [0, 1]},
+     "completions[1]", "empty"),
     (formats.normalize_unpaired, {"prompt": "p", "completion": "a", "label": 1}, "label", "bool"),
     (formats.normalize_unpaired, {"prompt": "p", "completion": "a"}, "label", "missing"),
     (formats.normalize_ranked, {"prompt": "p", "completions": ["a"], "ranks": [0]},

@@ -3,6 +3,7 @@
 import json
 
 import datasets
+import numpy as np
 import pytest
 
 from rlhf_jax.data import DataError, TokenizeConfig, load_rows, prepare
@@ -36,6 +37,58 @@ def test_every_file_type_gives_the_same_records(tmp_path, word_tokenizer, suffix
   assert stats.kept == 2 and stats.rows == 2
   for got, want in zip(records, reference):
     assert (got.prompt == want.prompt).all() and (got.chosen == want.chosen).all()
+
+
+def _write(path, rows):
+  frame = datasets.Dataset.from_list(rows)
+  if path.suffix == ".jsonl":
+    _jsonl(path, rows)
+  elif path.suffix == ".parquet":
+    frame.to_parquet(str(path))
+  else:
+    frame.to_csv(str(path), index=False)
+  return str(path)
+
+
+def _same_records(got, want):
+  assert len(got) == len(want)
+  for a, b in zip(got, want):
+    assert type(a) is type(b)
+    for field in ("prompt", "completion", "label", "ranks"):
+      if hasattr(a, field):
+        assert np.array_equal(getattr(a, field), getattr(b, field)), field
+    for x, y in zip(getattr(a, "completions", ()), getattr(b, "completions", ())):
+      assert np.array_equal(x, y)
+
+
+USER_CAFE = {"role": "user", "content": "review the cafe"}
+KTO_TEXT = [{"prompt": "review the cafe", "completion": "the food is good .", "label": True},
+            {"prompt": "review the show", "completion": "the plot is bad .", "label": False}]
+KTO_CHAT = [{"prompt": [USER_CAFE], "completion": [{"role": "assistant",
+                                                   "content": "the food is good ."}],
+             "label": True}]
+RANKED_TEXT = [{"prompt": "review the cafe", "completions": ["the food is good .",
+                                                             "the food is bad ."], "ranks": [0, 1]}]
+RANKED_CHAT = [{"prompt": [USER_CAFE], "completions": [
+    [{"role": "assistant", "content": "the food is good ."}],
+    [{"role": "assistant", "content": "the food is bad ."}]], "ranks": [1, 0]}]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".csv"])
+@pytest.mark.parametrize("kind, rows", [("unpaired", KTO_TEXT), ("unpaired", KTO_CHAT),
+                                        ("ranked", RANKED_TEXT), ("ranked", RANKED_CHAT)])
+def test_kto_and_ranked_rows_from_files(tmp_path, word_tokenizer, suffix, kind, rows):
+  path = _write(tmp_path / f"rows{suffix}", rows)
+  lists = kind == "ranked" or isinstance(rows[0]["prompt"], list)
+  if suffix == ".csv" and lists:
+    # CSV cells are scalars: the lists arrive as their text, a bad row rather than training text.
+    with pytest.raises(DataError, match=r"rows\.csv, row 0, field '(prompt|completions)'.*CSV "
+                                        r"cannot hold lists"):
+      prepare(kind, path, word_tokenizer, CONFIG)
+    return
+  records, stats = prepare(kind, path, word_tokenizer, CONFIG)
+  assert stats.kept == len(rows)
+  _same_records(records, prepare(kind, rows, word_tokenizer, CONFIG)[0])
 
 
 def test_saved_dataset_directory(tmp_path, word_tokenizer):

@@ -78,3 +78,21 @@ def test_pair_identical_after_truncation_is_rejected(word_tokenizer):
   example = PairExample("review", "the plot is good . the music", "the plot is good . the movie")
   with pytest.raises(DataError, match="identical after truncation"):
     tokenize_example(example, word_tokenizer, TokenizeConfig(max_length=5))
+
+
+@pytest.mark.parametrize("template, message", [
+    (None, "needs a tokenizer with a chat template"),
+    ("{{ raise_exception('Conversation roles must alternate') }}", "roles must alternate"),
+])
+def test_chat_template_errors_name_the_file_and_row(word_tokenizer, template, message):
+  example = formats.normalize_sft({"messages": [
+      {"role": "user", "content": "review the cafe"},
+      {"role": "assistant", "content": "the food is ok ."}]})
+  original = word_tokenizer.chat_template
+  try:
+    word_tokenizer.chat_template = template
+    with pytest.raises(DataError, match=message) as info:
+      tokenize_example(example, word_tokenizer, CONFIG, "chat.jsonl", 3)
+  finally:
+    word_tokenizer.chat_template = original
+  assert str(info.value).startswith("chat.jsonl, row 3: chat template: ")

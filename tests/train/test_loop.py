@@ -1,4 +1,5 @@
-"""The loop: bit-exact resume after a kill, the NaN guard, one compilation per bucket."""
+"""The loop: bit-exact resume after a kill, the NaN guard, one compilation per bucket, one run per
+directory, resume checks, metrics on stdout."""
 
 import dataclasses
 import json
@@ -6,14 +7,13 @@ import pathlib
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from rlhf_jax.parallel import MeshConfig
 from rlhf_jax.train import loop, preference, sft
 from rlhf_jax.train.state import OptimizerConfig
-
-pytestmark = pytest.mark.slow
 
 
 def _metrics(run_dir, split="train"):
@@ -25,6 +25,7 @@ class Killed(Exception):
   pass
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_is_bit_identical(model_spec, data_spec, small_run, tmp_path):
   def config(name):
     return preference.PreferenceConfig(
@@ -58,6 +59,7 @@ def test_killed_and_resumed_run_is_bit_identical(model_spec, data_spec, small_ru
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_nan_guard_names_the_step_and_keeps_the_last_good_checkpoint(model_spec, data_spec, small_run):
   config = sft.SFTConfig(model=model_spec, data=data_spec("sft"),
                          optimizer=OptimizerConfig(name="sgd", lr=1e12,
@@ -73,6 +75,7 @@ def test_nan_guard_names_the_step_and_keeps_the_last_good_checkpoint(model_spec,
   assert f"last good checkpoint is step {bad_step - 1}" in str(info.value)
 
 
+@pytest.mark.slow
 def test_one_compilation_per_bucket(model_spec, data_spec, small_run):
   config = sft.SFTConfig(model=model_spec,
                          data=dataclasses.replace(data_spec("sft"), buckets=(16, 32)),
@@ -98,6 +101,7 @@ def test_one_compilation_per_bucket(model_spec, data_spec, small_run):
   assert len(lowered) == 2  # one program per bucket, none per step
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_experiment_in_the_same_directory(model_spec, data_spec, small_run):
   config = sft.SFTConfig(model=model_spec, data=data_spec("sft"), run=small_run(steps=2))
   loop.run_loop(sft.build_task(config), config.run)
@@ -105,3 +109,111 @@ def test_resume_refuses_a_different_experiment_in_the_same_directory(model_spec,
                                 run=dataclasses.replace(config.run, steps=4))
   with pytest.raises(ValueError, match="'optimizer' config differs"):
     loop.run_loop(sft.build_task(changed), changed.run)
+
+
+# A model-free task: the state is a vector that each step adds the batch to. It exercises the
+# loop's directory, checkpoint and logging logic in well under a second per run.
+def _toy_task(num_steps, scale=1.0):
+  def train_step(state, batch):
+    w = state["w"] + scale * batch["x"]
+    return {"w": w}, {"loss": jnp.sum(w), "scale": jnp.float32(scale)}
+
+  return loop.Task(init_state=lambda: {"w": jnp.zeros(2, jnp.float32)}, train_step=train_step,
+                   batch=lambda i: {"x": np.full(2, i + 1, np.float32),
+                                    "attention_mask": np.ones((1, 4), np.int32)},
+                   put=lambda batch: batch, num_steps=num_steps,
+                   config={"model": {"name": "toy"}, "scale": scale})
+
+
+def _toy_run(tmp_path, **changes):
+  # Async checkpointing (the default) on: saves still in flight must be seen by the checks.
+  base = loop.RunConfig(steps=4, batch_size=2, log_every=2, checkpoint_every=2, export=False,
+                        output_dir=str(tmp_path / "run"), progress=False,
+                        mesh=MeshConfig(1, 1, 1))
+  return dataclasses.replace(base, **changes)
+
+
+def _restored_w(run_dir, step):
+  from rlhf_jax.train.checkpoint import Checkpointer
+  checkpoints = Checkpointer(run_dir / "checkpoints")
+  try:
+    state, meta = checkpoints.restore({"w": jnp.zeros(2, jnp.float32)}, step)
+  finally:
+    checkpoints.close()
+  return np.asarray(state["w"]), meta
+
+
+def test_resume_false_refuses_a_directory_that_holds_checkpoints(tmp_path):
+  run = _toy_run(tmp_path)
+  loop.run_loop(_toy_task(4), run)
+  run_dir = tmp_path / "run"
+  config_before = (run_dir / "config.json").read_text()
+  fresh = dataclasses.replace(run, resume=False)
+  with pytest.raises(ValueError,
+                     match=r"checkpoints at steps \[2, 4\] and run\.resume=false") as info:
+    loop.run_loop(_toy_task(4, scale=10.0), fresh)
+  message = str(info.value)
+  assert str(run_dir / "checkpoints") in message
+  assert "run.resume=true" in message and "run.overwrite=true" in message
+  # Nothing of the old run was touched: its config and its state at step 4 (w = 1+2+3+4).
+  assert (run_dir / "config.json").read_text() == config_before
+  np.testing.assert_array_equal(_restored_w(run_dir, 4)[0], [10.0, 10.0])
+  with pytest.raises(ValueError, match="contradicts run.resume=true"):
+    loop.run_loop(_toy_task(4), dataclasses.replace(run, overwrite=True))
+
+
+def test_overwrite_starts_over_and_saves_the_new_run(tmp_path):
+  run = _toy_run(tmp_path)
+  loop.run_loop(_toy_task(4), run)
+  loop.run_loop(_toy_task(4, scale=10.0), dataclasses.replace(run, resume=False, overwrite=True))
+  run_dir = tmp_path / "run"
+  # Every checkpoint is the new run's (orbax would have skipped saves at steps <= 4).
+  for step, want in ((2, 30.0), (4, 100.0)):
+    np.testing.assert_array_equal(_restored_w(run_dir, step)[0], [want, want])
+  assert json.loads((run_dir / "config.json").read_text())["scale"] == 10.0
+  assert [m["scale"] for m in _metrics(run_dir)] == [10.0] * 4  # no line of the old run is left
+  # And a later resume continues the new run, not the old one.
+  summary = loop.run_loop(_toy_task(4, scale=10.0), run)
+  np.testing.assert_array_equal(np.asarray(summary["state"]["w"]), [100.0, 100.0])
+
+
+@pytest.mark.parametrize("field, new", [("seed", 1), ("batch_size", 4), ("steps", 6)])
+def test_resume_refuses_a_different_seed_batch_size_or_step_count(tmp_path, field, new):
+  run = _toy_run(tmp_path)
+  loop.run_loop(_toy_task(4), run)
+  meta = _restored_w(tmp_path / "run", 4)[1]
+  assert (meta["seed"], meta["batch_size"], meta["steps"]) == (0, 2, 4)
+  old = getattr(run, field)
+  changed = dataclasses.replace(run, **{field: new})
+  with pytest.raises(ValueError, match=rf"written with run\.{field}={old}, this run has "
+                                       rf"run\.{field}={new}"):
+    loop.run_loop(_toy_task(changed.steps), changed)
+
+
+def test_metrics_line_goes_to_stdout_every_log_interval(tmp_path, capsys):
+  loop.run_loop(_toy_task(4), _toy_run(tmp_path))
+  lines = capsys.readouterr().out.splitlines()
+  metric_lines = [line for line in lines if line.startswith("step ")]
+  assert [line.split()[1] for line in metric_lines] == ["2/4", "4/4"]
+  assert "loss=6 " in metric_lines[0] + " " and "tok/s=" in metric_lines[0]
+  assert "loss=20" in metric_lines[1]
+
+
+def test_killed_and_resumed_toy_run_with_async_checkpoints(tmp_path):
+  straight = loop.run_loop(_toy_task(6), _toy_run(tmp_path / "a", steps=6))
+  task = _toy_task(6)
+  step = task.train_step
+
+  def dies_at_step_6(state, batch):
+    if float(state["w"][0]) == 15.0:  # after 5 steps (1+...+5): the save at step 4 may be in flight
+      raise Killed
+    return step(state, batch)
+
+  task.train_step = dies_at_step_6
+  with pytest.raises(Killed):
+    loop.run_loop(task, _toy_run(tmp_path / "b", steps=6))
+  resumed = loop.run_loop(_toy_task(6), _toy_run(tmp_path / "b", steps=6))
+  assert _metrics(tmp_path / "a" / "run") == _metrics(tmp_path / "b" / "run")
+  np.testing.assert_array_equal(np.asarray(resumed["state"]["w"]),
+                                np.asarray(straight["state"]["w"]))
+  assert [m["step"] for m in _metrics(tmp_path / "b" / "run")] == list(range(1, 7))
