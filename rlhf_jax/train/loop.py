@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import pathlib
 import shutil
 import time
@@ -36,6 +35,7 @@ from typing import Any, Callable, Iterable
 import jax
 import numpy as np
 
+from rlhf_jax import parallel
 from rlhf_jax.parallel import MeshConfig
 from rlhf_jax.train.checkpoint import Checkpointer
 
@@ -89,17 +89,22 @@ class TrainingDivergedError(RuntimeError):
 
 
 class MetricsWriter:
-  """Metrics to a JSONL file, and optionally TensorBoard and Weights & Biases."""
+  """Metrics to a JSONL file, and optionally TensorBoard and Weights & Biases.
+
+  `enabled=False` (every process but the first of a multi-host run) writes nothing.
+  """
 
   def __init__(self, path: pathlib.Path, *, tensorboard_dir=None, wandb_project=None,
-               config=None, resume_step: int | None = None):
-    self.path = path
+               config=None, resume_step: int | None = None, enabled: bool = True):
+    self.path, self.enabled = path, enabled
+    self.file = self.tensorboard = self.wandb = None
+    if not enabled:
+      return
     if resume_step is not None and path.exists():  # drop lines the resumed run will rewrite
       kept = [line for line in path.read_text().splitlines()
               if line.strip() and json.loads(line)["step"] <= resume_step]
       path.write_text("".join(line + "\n" for line in kept))
     self.file = path.open("a")
-    self.tensorboard = self.wandb = None
     if tensorboard_dir is not None:
       try:
         from tensorboardX import SummaryWriter
@@ -115,6 +120,8 @@ class MetricsWriter:
       self.wandb = wandb.init(project=wandb_project, config=config, resume="allow")
 
   def write(self, step: int, split: str, metrics: dict):
+    if not self.enabled:
+      return
     record = {"step": step, "split": split, **{k: _scalar(v) for k, v in metrics.items()}}
     self.file.write(json.dumps(record) + "\n")
     self.file.flush()
@@ -126,6 +133,8 @@ class MetricsWriter:
       self.wandb.log({f"{split}/{k}": v for k, v in record.items() if k != "split"}, step=step)
 
   def close(self):
+    if not self.enabled:
+      return
     self.file.close()
     if self.tensorboard is not None:
       self.tensorboard.close()
@@ -237,11 +246,14 @@ def run_loop(task: Task, run: RunConfig) -> dict:
     checkpoints.close()
     raise
   # Written once the run is known to belong here: a refused run leaves the old config in place.
-  (out / "config.json").write_text(json.dumps(task.config, indent=2))
+  # Run files come from process 0 only; every process takes part in the (orbax) checkpoints.
+  main_process = parallel.is_main_process()
+  if main_process:
+    (out / "config.json").write_text(json.dumps(task.config, indent=2))
   writer = MetricsWriter(out / "metrics.jsonl",
                          tensorboard_dir=out / "tensorboard" if run.tensorboard else None,
                          wandb_project=run.wandb_project, config=task.config,
-                         resume_step=start)
+                         resume_step=start, enabled=main_process)
 
   def save(step):
     checkpoints.save(step, state, {"step": step, "data_position": step, "seed": run.seed,
@@ -266,8 +278,8 @@ def run_loop(task: Task, run: RunConfig) -> dict:
       if (step + 1) % run.log_every == 0 or step + 1 == task.num_steps:
         elapsed = time.perf_counter() - window_start
         throughput = window_tokens / max(elapsed, 1e-9)
-        bar.set_postfix(loss=f"{last_metrics.get('loss', math.nan):.4f}",
-                        tok_s=f"{throughput:,.0f}")
+        shown = {"loss": f"{last_metrics['loss']:.4f}"} if "loss" in last_metrics else {}
+        bar.set_postfix(**shown, tok_s=f"{throughput:,.0f}")
         _print(f"step {step + 1}/{task.num_steps} {_format(last_metrics)} "
                f"tok/s={throughput:.0f}")
         window_tokens, window_start = 0, time.perf_counter()
@@ -292,7 +304,7 @@ def run_loop(task: Task, run: RunConfig) -> dict:
 
 def _print(line: str):
   """One metrics line to stdout (through tqdm, so a live bar is not broken), from process 0."""
-  if jax.process_index() == 0:
+  if parallel.is_main_process():
     from tqdm.auto import tqdm
     tqdm.write(line)
 

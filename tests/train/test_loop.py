@@ -199,6 +199,17 @@ def test_metrics_line_goes_to_stdout_every_log_interval(tmp_path, capsys):
   assert "loss=20" in metric_lines[1]
 
 
+def test_only_the_first_process_writes_run_files(tmp_path, monkeypatch, capsys):
+  # Another process of a multi-host run: it checkpoints (orbax coordinates that) but writes no
+  # config, metrics or stdout lines, which would race with process 0's.
+  monkeypatch.setattr(loop.parallel, "is_main_process", lambda: False)
+  loop.run_loop(_toy_task(4), _toy_run(tmp_path))
+  run_dir = tmp_path / "run"
+  assert not (run_dir / "config.json").exists() and not (run_dir / "metrics.jsonl").exists()
+  assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+  np.testing.assert_array_equal(_restored_w(run_dir, 4)[0], [10.0, 10.0])
+
+
 def test_killed_and_resumed_toy_run_with_async_checkpoints(tmp_path):
   straight = loop.run_loop(_toy_task(6), _toy_run(tmp_path / "a", steps=6))
   task = _toy_task(6)
