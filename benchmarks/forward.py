@@ -8,6 +8,8 @@ the 151,936-token vocabulary), and its gradient with respect to all params.
     python benchmarks/forward.py --layers 2 --batch 1 --seq 256 --dtype float32 --torch
                                                        # + transformers (PyTorch), same shapes
 
+The torch baseline runs on the same device as JAX (CUDA when torch sees a GPU, else the CPU),
+synchronised before each clock read.
 (On a CPU, time torch in float32: its CPU bf16 path took over 10 minutes where float32 took
 seconds at the shrunk size.)
 
@@ -96,23 +98,34 @@ def _torch_benchmark(config: ModelConfig, args, tokens: int, flops_fwd: float, p
 
   torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
   hf_config = config.to_hf()
+  # The same device as the JAX side (as benchmarks/sampling.py): comparing our GPU forward with
+  # transformers on CPU would measure the device, not the implementation.
+  device = "cuda" if torch.cuda.is_available() else "cpu"
   model = transformers.AutoModelForCausalLM.from_config(
-      hf_config, attn_implementation="sdpa", dtype=torch_dtype)
-  ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
+      hf_config, attn_implementation="sdpa", dtype=torch_dtype).to(device)
+  ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
 
   def forward():
     logits = model(input_ids=ids).logits[:, :-1].float()
     return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).sum()
 
+  def sync():  # CUDA kernels run asynchronously: time only finished work
+    if device == "cuda":
+      torch.cuda.synchronize()
+
   def timed(fn):
     for _ in range(args.warmup):
       fn()
+    sync()
     times = []
     for _ in range(args.steps):
       start = time.perf_counter()
       fn()
+      sync()
       times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+  print(f"torch device: {device}", flush=True)
 
   with torch.no_grad():
     _report("torch forward", timed(forward), tokens, flops_fwd, peak)

@@ -195,6 +195,20 @@ def _stop_ids(eos_token_id: int | Sequence[int] | None) -> np.ndarray:
   return np.asarray(ids + [-1] * (size - len(ids)), np.int32)
 
 
+def _check_position_range(config: Any, prompt_len: int, max_new_tokens: int) -> None:
+  """Learned positions (GPT-2) index a table of max_position_embeddings rows; beyond it the
+  logits are silently NaN. The finished sequence (prompt + completion) must fit, since the
+  trainer scores it in one forward. RoPE models have no table and no limit here."""
+  if getattr(config, "positions", None) != "learned":
+    return
+  table = config.max_position_embeddings
+  if prompt_len + max_new_tokens > table:
+    raise ValueError(
+        f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = "
+        f"{prompt_len + max_new_tokens} exceeds the model's learned position table "
+        f"(max_position_embeddings={table}); shorten the prompts or max_new_tokens")
+
+
 def _logits_from_hidden(hidden_BD: jax.Array, unembed_DV: jax.Array) -> jax.Array:
   # The product `CausalLM.token_logps` computes for the trainer: compute dtype, f32 accumulation.
   return jnp.dot(hidden_BD, unembed_DV.astype(hidden_BD.dtype),
@@ -307,6 +321,10 @@ def generate(
     top_p: nucleus: keep the smallest most-likely set with mass >= p (1.0 = off).
     eos_token_id: None, a stop id, or several; a row stops after emitting any of them.
 
+  Raises:
+    ValueError: on invalid settings, or, for learned positions (GPT-2), when
+      P + max_new_tokens exceeds the model's max_position_embeddings.
+
   Returns:
     SampleOutput(tokens [B, N] int32, mask [B, N] int32, logps [B, N] float32); see its
     docstring and the module docstring for the distribution `logps` refers to.
@@ -321,6 +339,7 @@ def generate(
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   _check_settings(temperature, top_k, top_p)
+  _check_position_range(model.config, prompt_ids.shape[1], max_new_tokens)
   pad_id = getattr(model.config, "pad_token_id", None)
   return _generate(
       model, params, prompt_ids, prompt_mask, key, np.float32(temperature or 1.0),

@@ -6,9 +6,10 @@ Three layers of checks:
   * `generate` on a toy bag-of-words LM defined here (it follows the CausalLM cache contract and
     its no-cache forward is a few lines), so the loop's slots, positions, masks, stops and RNG are
     checked against a full recomputation independently of rlhf_jax.models;
-  * `generate` on real tiny Llama / GPT-2 checkpoints: greedy output equals transformers'
-    `generate` on a left-padded batch, and the sampler's log-probs equal `model.token_logps` on
-    the finished sequences (KV-cache decode == full forward).
+  * `generate` on real tiny GPT-2 / Llama (llama3 rope, untied) / Qwen2 (GQA, biases) / Mistral
+    (sliding window) checkpoints: greedy output equals transformers' `generate` on a left-padded
+    batch, and the sampler's log-probs equal `model.token_logps` on the finished sequences
+    (KV-cache decode == full forward).
 """
 
 from __future__ import annotations
@@ -367,52 +368,68 @@ def test_generate_validates_arguments(toy_setup):
 # Real tiny checkpoints: parity with transformers' PyTorch generate, and cache vs full forward.
 
 HF_P, HF_N, HF_LENS = 6, 10, (6, 3, 1, 4)
+HF_FAMILIES = ["gpt2", "llama", "qwen2", "mistral"]
 
 
-def _hf_config(family):
-  import transformers
+def _hf_reference():
+  """tests/models/hf_reference.py: the model tests' tiny configs (one module for both dirs)."""
+  import os
+  import sys
 
-  common = dict(vocab_size=96, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                initializer_range=0.3)  # peaked logits: no near-ties in greedy decoding
-  if family == "llama":
-    return transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, **common)
-  return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common)
+  models_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+  if models_dir not in sys.path:
+    sys.path.insert(0, models_dir)
+  import hf_reference
+
+  return hf_reference
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=HF_FAMILIES)
 def hf_pair(request, tmp_path_factory):
-  """(torch model, our model, params, prompt ids [B, P], prompt mask [B, P], jitted token_logps)."""
-  torch = pytest.importorskip("torch")
-  import transformers
+  """(torch model, our model, params, prompt ids [B, P], prompt mask [B, P], jitted token_logps).
 
+  The model tests' tiny configs (hf_reference.hf_config): GPT-2 (learned positions, fused
+  c_attn), Llama with llama3 rope scaling, untied embeddings and GQA, Qwen2 with GQA and q/k/v
+  biases (tied), Mistral with a sliding window of 4 (< P + N, so the window is exercised);
+  noise on every parameter. initializer_range 0.3 peaks the logits: no near-ties in greedy.
+  """
+  pytest.importorskip("torch")
   from rlhf_jax import models
 
-  torch.manual_seed(0)
-  hf_model = transformers.AutoModelForCausalLM.from_config(_hf_config(request.param)).eval()
+  hf_reference = _hf_reference()
   directory = tmp_path_factory.mktemp(request.param)
-  hf_model.save_pretrained(directory)
+  hf_model = hf_reference.make_hf_model(request.param, directory, initializer_range=0.3)
+  hf_model.generation_config.eos_token_id = None  # a "free" run never stops early
   model, params = models.from_pretrained(str(directory))
-  rng = np.random.default_rng(0)
-  ids = np.zeros((len(HF_LENS), HF_P), np.int32)
-  mask = np.zeros_like(ids)
-  for b, n in enumerate(HF_LENS):
-    ids[b, HF_P - n:] = rng.integers(3, 96, n)
-    mask[b, HF_P - n:] = 1
+  assert model.config.pad_token_id == hf_reference.PAD_ID
+  ids, mask = hf_reference.padded_batch(0, HF_LENS, HF_P, side="left")
   token_logps = jax.jit(model.token_logps)  # temperature traced: one compile for both tests
   return hf_model, model, params, ids, mask, token_logps
+
+
+def test_hf_pair_configs_have_the_features_under_test(hf_pair):
+  _, model, _, _, _, _ = hf_pair
+  cfg = model.config
+  features = {
+      "gpt2": cfg.positions == "learned" and cfg.qkv_bias,
+      "llama": (cfg.rope_type == "llama3" and not cfg.tie_embeddings
+                and cfg.num_kv_heads < cfg.num_heads),
+      "qwen2": cfg.qkv_bias and cfg.num_kv_heads < cfg.num_heads,
+      "mistral": cfg.sliding_window is not None and cfg.sliding_window < HF_P + HF_N,
+  }
+  assert features[cfg.model_type]
 
 
 def _hf_greedy(hf_model, ids, mask, eos):
   import torch
 
+  pad_id = hf_model.config.pad_token_id
   with torch.no_grad():
     out = hf_model.generate(torch.tensor(ids, dtype=torch.long),
                             attention_mask=torch.tensor(mask, dtype=torch.long), do_sample=False,
-                            max_new_tokens=HF_N, eos_token_id=eos, pad_token_id=0)
+                            max_new_tokens=HF_N, eos_token_id=eos, pad_token_id=pad_id)
   new = out[:, ids.shape[1]:].numpy()
-  return np.pad(new, ((0, 0), (0, HF_N - new.shape[1])), constant_values=0)  # HF stops early
+  return np.pad(new, ((0, 0), (0, HF_N - new.shape[1])), constant_values=pad_id)  # HF stops early
 
 
 def test_greedy_matches_transformers_on_a_left_padded_batch(hf_pair):
@@ -431,6 +448,81 @@ def test_greedy_matches_transformers_on_a_left_padded_batch(hf_pair):
   for b in range(len(HF_LENS)):
     s = _first_stop(want[b], stop_ids)
     np.testing.assert_array_equal(out.mask[b], np.arange(HF_N) <= (HF_N if s is None else s))
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+  """(CausalLM, params): the model tests' tiny Mistral config (GQA, sliding window), random init."""
+  from rlhf_jax import models
+
+  model = models.CausalLM(models.ModelConfig.from_hf(_hf_reference().hf_config("mistral")))
+  params = model.init(jax.random.key(0))
+  ids, mask = _hf_reference().padded_batch(1, HF_LENS, HF_P, side="left")
+  return model, params, jnp.asarray(ids), jnp.asarray(mask)
+
+
+# One program for both tests below (same static settings; stop ids are traced, 4 slots).
+_REAL_LM_SAMPLING = dict(max_new_tokens=HF_N, temperature=0.9, top_k=10, top_p=0.95)
+
+
+def test_causal_lm_fixed_key_reproduces_and_keys_differ(tiny_lm):
+  model, params, ids, mask = tiny_lm
+  gen = functools.partial(sampling.generate, model, params, ids, mask, **_REAL_LM_SAMPLING)
+  a, b, c = gen(jax.random.key(1)), gen(jax.random.key(1)), gen(jax.random.key(2))
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_array_equal(a.logps, b.logps)
+  assert np.mean(np.asarray(a.tokens) != np.asarray(c.tokens)) > 0.5  # ~uniform over the top 10
+
+
+def test_causal_lm_no_recompilation_for_same_shapes(tiny_lm):
+  # Only the documented static settings fix the program: prompts, key, parameter values,
+  # temperature, the top-p value and the stop ids all change here without a compile.
+  model, params, ids, mask = tiny_lm
+  sampling.generate(model, params, ids, mask, jax.random.key(0), eos_token_id=[3, 4],
+                    **_REAL_LM_SAMPLING)
+  # Inputs made before listening: building them runs small eager computations that compile.
+  new_ids = jnp.asarray(np.random.default_rng(1).integers(0, 100, ids.shape), jnp.int32)
+  new_params = jax.tree.map(lambda x: x * 1.5, params)
+  new_key = jax.random.key(1)
+  compiles = []
+
+  def listener(event, duration, **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(duration)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    size = sampling._generate._cache_size()
+    out = sampling.generate(model, new_params, new_ids, mask, new_key,
+                            **{**_REAL_LM_SAMPLING, "temperature": 0.6, "top_p": 0.8},
+                            eos_token_id=5)
+    out.tokens.block_until_ready()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert sampling._generate._cache_size() == size
+  assert not compiles
+
+
+def test_learned_positions_bound_prompt_plus_new_tokens():
+  # GPT-2's position table: past it nn.Embed would give NaN logits silently, so generate refuses
+  # when the finished sequence (what the trainer scores) would not fit; exactly full is fine.
+  # Shapes only (eval_shape): the check is on static shapes, so nothing needs compiling.
+  from rlhf_jax import models
+
+  table = HF_P + HF_N
+  config = models.ModelConfig.from_hf(_hf_reference().hf_config("gpt2", n_positions=table))
+  model = models.CausalLM(config)
+  params = jax.eval_shape(model.init, jax.random.key(0))
+  ids, mask = _hf_reference().padded_batch(2, HF_LENS, HF_P, side="left")
+
+  def shapes(max_new_tokens):
+    return jax.eval_shape(lambda p: sampling.generate(model, p, ids, mask, jax.random.key(0),
+                                                      max_new_tokens=max_new_tokens), params)
+
+  assert shapes(HF_N).tokens.shape == (len(HF_LENS), HF_N)
+  with pytest.raises(ValueError, match=r"6 \+ max_new_tokens 11 = 17 exceeds .*"
+                                       r"max_position_embeddings=16"):
+    shapes(HF_N + 1)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -2,7 +2,9 @@
 
 Every HF tensor name is mapped explicitly (`tensor_map`). Loading fails with a message naming
 the tensor on: a missing tensor, a wrong shape (name, expected, got), a tensor nothing maps, an
-unsupported architecture or config field. Tied checkpoints may omit `lm_head.weight`.
+unsupported architecture or config field. Tied checkpoints may omit `lm_head.weight`. A hub id
+downloads only the config files and the checkpoint's own safetensors (`checkpoint_files`: the
+shards the index names, else model.safetensors), never e.g. mistralai's consolidated copy.
 
 Kinds of mapping: "copy" (same layout), "linear" (torch nn.Linear [out, in] <-> our kernel
 [in, out]), "split3" (GPT-2's fused Conv1D c_attn [in, 3·out] <-> our q/k/v kernels [in, out]).
@@ -23,10 +25,10 @@ import numpy as np
 
 from rlhf_jax.models.config import ModelConfig, UnsupportedModelError
 
-__all__ = ["TensorRule", "tensor_map", "resolve_checkpoint_dir", "read_safetensors",
-           "params_from_hf_tensors", "params_to_hf_tensors", "write_safetensors",
-           "from_pretrained", "save_pretrained", "CheckpointError", "base_prefix", "dtype_string",
-           "load_hf_config"]
+__all__ = ["TensorRule", "tensor_map", "checkpoint_files", "resolve_checkpoint_dir",
+           "read_safetensors", "params_from_hf_tensors", "params_to_hf_tensors",
+           "write_safetensors", "from_pretrained", "save_pretrained", "CheckpointError",
+           "base_prefix", "dtype_string", "load_hf_config"]
 
 Path = tuple[str, ...]
 
@@ -117,28 +119,71 @@ def _p(layered: bool, *names) -> Path:
 
 
 # ------------------------------------------------------------------------------------ files
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+_CONFIG_FILES = ("config.json", "generation_config.json")
+
+
+def checkpoint_files(repo_files: Iterable[str], index: dict | None = None) -> list[str]:
+  """The files of a hub listing that `read_safetensors` reads, plus the configs (sorted).
+
+  A sharded checkpoint (`model.safetensors.index.json` in the listing; `index` its parsed JSON)
+  gives the index and exactly the shards its weight_map names; else `model.safetensors`. Other
+  safetensors files (mistralai's consolidated.safetensors, adapters, ...) are never fetched.
+  Raises CheckpointError when there is no loadable safetensors checkpoint or a named shard is
+  missing from the listing.
+  """
+  repo_files = set(repo_files)
+  wanted = {name for name in _CONFIG_FILES if name in repo_files}
+  if _INDEX in repo_files:
+    if index is None:
+      raise ValueError(f"{_INDEX} is in the repo: pass its parsed contents as `index`")
+    shards = set(index["weight_map"].values())
+    absent = sorted(shards - repo_files)
+    if absent:
+      raise CheckpointError(f"{_INDEX} names shard(s) the repo does not hold: {absent}")
+    wanted |= {_INDEX, *shards}
+  elif _SINGLE in repo_files:
+    wanted.add(_SINGLE)
+  else:
+    raise CheckpointError(
+        f"no {_SINGLE} or {_INDEX} in the repo (only safetensors checkpoints are supported); "
+        f"its safetensors files: {sorted(f for f in repo_files if f.endswith('.safetensors'))}")
+  return sorted(wanted)
+
+
 def resolve_checkpoint_dir(path_or_repo_id: str, revision: str | None = None) -> str:
-  """A local directory as is; otherwise a hub snapshot of config + safetensors only."""
+  """A local directory as is; otherwise a hub snapshot of the configs + the checkpoint's files.
+
+  Lists the repo, reads the shard index if there is one, and downloads only what
+  `checkpoint_files` selects. Offline (HF_HUB_OFFLINE), the cached snapshot is used as is.
+  """
   if os.path.isdir(path_or_repo_id):
     return path_or_repo_id
-  from huggingface_hub import snapshot_download  # deferred: local use needs no hub client
+  # deferred: local use needs no hub client
+  from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 
-  return snapshot_download(
-      path_or_repo_id, revision=revision,
-      allow_patterns=["config.json", "*.safetensors", "model.safetensors.index.json",
-                      "generation_config.json"])
+  if constants.HF_HUB_OFFLINE:
+    return snapshot_download(path_or_repo_id, revision=revision, local_files_only=True)
+  repo_files = HfApi().list_repo_files(path_or_repo_id, revision=revision)
+  index = None
+  if _INDEX in repo_files:
+    with open(hf_hub_download(path_or_repo_id, _INDEX, revision=revision)) as f:
+      index = json.load(f)
+  return snapshot_download(path_or_repo_id, revision=revision,
+                           allow_patterns=checkpoint_files(repo_files, index))
 
 
 def read_safetensors(directory: str, dtype=None) -> dict[str, np.ndarray]:
   """name -> numpy array from model.safetensors or the shards listed in the index file."""
   from safetensors import safe_open
 
-  index = os.path.join(directory, "model.safetensors.index.json")
+  index = os.path.join(directory, _INDEX)
   if os.path.exists(index):
     with open(index) as f:
       files = sorted(set(json.load(f)["weight_map"].values()))
-  elif os.path.exists(os.path.join(directory, "model.safetensors")):
-    files = ["model.safetensors"]
+  elif os.path.exists(os.path.join(directory, _SINGLE)):
+    files = [_SINGLE]
   else:
     raise CheckpointError(
         f"no model.safetensors or model.safetensors.index.json in {directory!r} "
@@ -199,7 +244,12 @@ def params_from_hf_tensors(rules: list[TensorRule], tensors: dict[str, np.ndarra
   """
   flat_shapes = {k: tuple(v.shape) for k, v in _flatten(our_shapes).items()}
   covered = {path for rule in rules for path in rule.ours}
-  assert covered == set(flat_shapes), (covered ^ set(flat_shapes))  # the map is complete
+  if covered != set(flat_shapes):  # a bug of tensor_map for this config, not of the checkpoint
+    unmapped = sorted(".".join(p) for p in set(flat_shapes) - covered)
+    extra = sorted(".".join(p) for p in covered - set(flat_shapes))
+    raise CheckpointError(
+        f"the tensor map does not match the model's params: params no rule maps: {unmapped}; "
+        f"rules for params the model does not have: {extra}")
   expected_names = {rule.hf_name.format(i=i) for rule in rules
                     for i in (range(num_layers) if rule.per_layer else [None])}
   names = {}  # canonical HF name -> name in the checkpoint

@@ -211,9 +211,12 @@ class CausalLM:
     at those slots. out.cache holds the T new keys/values.
     Packed rows (no cache): segment_ids [B, T] int, 0 = padding, 1, 2, ... = the examples packed
     into a row; tokens attend only within their segment and positions restart at each segment.
+    Learned positions (GPT-2): raises ValueError when T (or S with a cache) exceeds
+    max_position_embeddings (explicit `positions` must stay below it too; they are not checked).
     """
     chex.assert_rank(input_ids_BT, 2)
     batch, length = input_ids_BT.shape
+    self._check_position_range(length if cache is None else cache.k.shape[2])
     if segment_ids is not None:
       if cache is not None:
         raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
@@ -249,6 +252,18 @@ class CausalLM:
       logits = jnp.einsum("btd,dv->btv", hidden_BTD, unembed_DV,
                           preferred_element_type=jnp.float32)
     return ModelOutput(logits=logits, hidden=hidden_BTD, cache=new_cache)
+
+  def _check_position_range(self, num_slots: int) -> None:
+    """Learned positions (GPT-2): fail at trace time on a sequence the position table cannot hold.
+
+    Positions are at most num_slots - 1 (tokens, or cache slots); past the table, nn.Embed's
+    out-of-range gather would silently give NaN logits. RoPE has no table, so no limit here.
+    """
+    table = self.config.max_position_embeddings
+    if self.config.positions == "learned" and num_slots > table:
+      raise ValueError(
+          f"a sequence of {num_slots} tokens (or cache slots) is longer than the learned position "
+          f"table (max_position_embeddings={table}); truncate inputs to {table} tokens")
 
   def score_tokens(self, params, input_ids_BT, attention_mask_BT, *, temperature: float = 1.0,
                    chunk_size: int = 512, entropy: bool = False,

@@ -24,18 +24,23 @@ def _torch_scores(model, ids, mask):
                  attention_mask=torch.tensor(mask, dtype=torch.long)).logits.float().numpy()
 
 
+# Llama: llama3 rope, untied; GPT-2: fused c_attn, learned positions; Qwen2: GQA + q/k/v biases;
+# Mistral: sliding window 4 (< the 9-token batches). See hf_reference.hf_config.
+RM_KEYS = (("llama", 1), ("llama", 2), ("gpt2", 1), ("qwen2", 1), ("mistral", 1))
+
+
 @pytest.fixture(scope="module")
 def reward_models(tmp_path_factory):
   """(family, num_labels) -> (torch *ForSequenceClassification, checkpoint dir)."""
   out = {}
-  for family, labels in (("llama", 1), ("llama", 2), ("gpt2", 1)):
+  for family, labels in RM_KEYS:
     directory = tmp_path_factory.mktemp(f"rm_{family}_{labels}")
     out[family, labels] = (make_hf_model(family, directory, head="score", num_labels=labels),
                            directory)
   return out
 
 
-@pytest.mark.parametrize("key", [("llama", 1), ("llama", 2), ("gpt2", 1)])
+@pytest.mark.parametrize("key", RM_KEYS, ids=lambda key: f"{key[0]}-{key[1]}")
 def test_reward_model_import_matches_transformers(reward_models, key):
   """Right-padded batch, pad id never a real token: HF's "last non-pad" == our mask's last 1."""
   torch_model, directory = reward_models[key]
@@ -47,8 +52,9 @@ def test_reward_model_import_matches_transformers(reward_models, key):
   np.testing.assert_allclose(ours, _torch_scores(torch_model, ids, mask), atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_reward_model_export_loads_in_transformers(tmp_path, family, reward_models):
+@pytest.mark.parametrize("family,labels", [("llama", 2), ("llama", 1), ("gpt2", 2), ("gpt2", 1),
+                                           ("qwen2", 1), ("mistral", 2)])
+def test_reward_model_export_loads_in_transformers(tmp_path, family, labels, reward_models):
   """Our RM (fresh score head on a causal LM) -> save -> AutoModelForSequenceClassification."""
   torch_model, directory = reward_models[family, 1]
   rm, params = from_pretrained_reward_model(str(directory))
@@ -56,15 +62,18 @@ def test_reward_model_export_loads_in_transformers(tmp_path, family, reward_mode
   lm_params = dict(params["backbone"])
   if not rm.config.tie_embeddings:
     lm_params["lm_head"] = {"kernel": jnp.ones((rm.config.hidden_size, rm.config.vocab_size))}
-  rm2, params2 = RewardModel.from_causal_lm(model, lm_params, jax.random.key(3), num_labels=2)
-  assert "lm_head" not in params2["backbone"] and params2["score"]["kernel"].shape == (32, 2)
+  rm2, params2 = RewardModel.from_causal_lm(model, lm_params, jax.random.key(3),
+                                            num_labels=labels)
+  assert "lm_head" not in params2["backbone"] and params2["score"]["kernel"].shape == (32, labels)
   save_pretrained_reward_model(rm2, params2, str(tmp_path))
   hf = transformers.AutoModelForSequenceClassification.from_pretrained(
       str(tmp_path), attn_implementation="eager").eval()
-  assert type(hf).__name__.endswith("ForSequenceClassification") and hf.config.num_labels == 2
+  assert type(hf).__name__.endswith("ForSequenceClassification")
+  assert hf.config.num_labels == labels and hf.config.model_type == family
   ids, mask = padded_batch(1, lengths=(9, 4, 1), total=9, side="right")
-  np.testing.assert_allclose(_scores(rm2, params2, ids, mask), _torch_scores(hf, ids, mask),
-                             atol=1e-4)
+  ours = np.asarray(_scores(rm2, params2, ids, mask))
+  assert ours.shape == (3, labels)
+  np.testing.assert_allclose(ours, _torch_scores(hf, ids, mask), atol=1e-4)
   rm3, params3 = from_pretrained_reward_model(str(tmp_path))
   assert rm3 == rm2
   jax.tree_util.tree_map(np.testing.assert_array_equal, params3, params2)

@@ -208,21 +208,89 @@ def test_unsupported_field_values_are_named():
     ModelConfig.from_hf(hf_config("llama"), remat_policy="sometimes")
 
 
-def test_hub_ids_download_only_config_and_safetensors(monkeypatch, hf_lm_dirs):
+MISTRAL_LISTING = [  # as in mistralai repos: consolidated weights beside the HF shards
+    ".gitattributes", "README.md", "config.json", "generation_config.json", "params.json",
+    "consolidated.safetensors", "model-00001-of-00002.safetensors",
+    "model-00002-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.model",
+    "tokenizer.json", "pytorch_model.bin"]
+MISTRAL_INDEX = {"metadata": {}, "weight_map": {
+    "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+    "model.norm.weight": "model-00002-of-00002.safetensors",
+    "lm_head.weight": "model-00002-of-00002.safetensors"}}
+
+
+def test_checkpoint_files_fetch_only_the_indexed_shards():
+  assert hf_io.checkpoint_files(MISTRAL_LISTING, MISTRAL_INDEX) == [
+      "config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+      "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+  single = ["config.json", "model.safetensors", "consolidated.safetensors", "adapter.safetensors"]
+  assert hf_io.checkpoint_files(single) == ["config.json", "model.safetensors"]
+  with pytest.raises(CheckpointError, match="consolidated.safetensors"):  # names what it found
+    hf_io.checkpoint_files(["config.json", "consolidated.safetensors", "pytorch_model.bin"])
+  with pytest.raises(CheckpointError, match="model-00002-of-00002"):
+    hf_io.checkpoint_files([f for f in MISTRAL_LISTING if "00002" not in f], MISTRAL_INDEX)
+
+
+def test_hub_ids_download_only_the_checkpoint_files(monkeypatch, tmp_path, hf_lm_dirs):
+  """resolve_checkpoint_dir lists the repo, reads the index, then fetches only its shards."""
+  import huggingface_hub
+  from huggingface_hub import constants
+
+  index_path = tmp_path / "model.safetensors.index.json"
+  index_path.write_text(json.dumps(MISTRAL_INDEX))
   calls = []
 
+  class FakeApi:
+    def list_repo_files(self, repo_id, revision=None):
+      calls.append(("list", repo_id, revision))
+      return list(MISTRAL_LISTING)
+
+  def fake_hf_hub_download(repo_id, filename, revision=None):
+    calls.append(("download", repo_id, filename))
+    return str(index_path)
+
   def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
-    calls.append((repo_id, allow_patterns))
+    calls.append(("snapshot", repo_id, tuple(allow_patterns)))
     return str(hf_lm_dirs["qwen2"][1])
 
-  import huggingface_hub
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+  monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+  monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hf_hub_download)
   monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-  model, _ = from_pretrained("someone/tiny-qwen2")
+  model, _ = from_pretrained("mistralai/tiny", revision="abc")
   assert model.config.model_type == "qwen2"
-  (repo_id, patterns), = calls
-  assert repo_id == "someone/tiny-qwen2"
-  assert {"config.json", "*.safetensors", "model.safetensors.index.json"} <= set(patterns)
-  assert not any(p.endswith((".bin", ".pt", ".h5", ".msgpack")) for p in patterns)
+  assert calls == [
+      ("list", "mistralai/tiny", "abc"),
+      ("download", "mistralai/tiny", "model.safetensors.index.json"),
+      ("snapshot", "mistralai/tiny",
+       tuple(hf_io.checkpoint_files(MISTRAL_LISTING, MISTRAL_INDEX)))]
+  assert "consolidated.safetensors" not in calls[-1][2]
+
+
+def test_offline_hub_ids_use_the_cached_snapshot(monkeypatch, hf_lm_dirs):
+  import huggingface_hub
+  from huggingface_hub import constants
+
+  calls = []
+
+  def fake_snapshot_download(repo_id, revision=None, local_files_only=False):
+    calls.append((repo_id, revision, local_files_only))
+    return str(hf_lm_dirs["qwen2"][1])
+
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+  assert hf_io.resolve_checkpoint_dir("someone/tiny-qwen2") == str(hf_lm_dirs["qwen2"][1])
+  assert calls == [("someone/tiny-qwen2", None, True)]
+
+
+def test_incomplete_tensor_map_is_a_clear_error(hf_lm_dirs):
+  directory = str(hf_lm_dirs["llama"][1])
+  config = ModelConfig.from_hf(transformers.AutoConfig.from_pretrained(directory))
+  shapes = jax.eval_shape(CausalLM(config).init, jax.random.key(0))
+  rules = [r for r in hf_io.tensor_map(config) if "post_attention_layernorm" not in r.hf_name]
+  with pytest.raises(CheckpointError, match=r"no rule maps: \['layers.mlp_norm.scale'\]"):
+    hf_io.params_from_hf_tensors(rules, hf_io.read_safetensors(directory), shapes,
+                                 config.num_layers, base_prefix="model.")
 
 
 def test_tensor_map_covers_every_param():

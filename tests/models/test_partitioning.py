@@ -7,7 +7,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hf_reference import forward_logits, hf_config, padded_batch
-from rlhf_jax.models import CausalLM, ModelConfig, RewardModel, param_partition_specs
+from rlhf_jax.models import (CausalLM, ModelConfig, RewardModel, from_pretrained,
+                             param_partition_specs)
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +63,35 @@ def test_reward_model_params_get_specs(llama):
   assert specs["score"]["kernel"] == P("fsdp", None)
 
 
-@pytest.mark.parametrize("shape,batch_axes", [((2, 4, 1), ("data", "fsdp")),
-                                              ((2, 1, 4), ("data",))])
-def test_sharded_forward_equals_single_device(llama, shape, batch_axes):
-  model, params = llama
+@pytest.fixture(scope="module")
+def loaded_lms(hf_lm_dirs):
+  """family -> (CausalLM, params) of the perturbed checkpoints (biases and norms off 0 and 1)."""
+  return {family: from_pretrained(str(directory)) for family, (_, directory) in hf_lm_dirs.items()}
+
+
+# (2, 2, 2) splits fsdp and tensor at once; one forward per family there. Qwen2 adds the q/k/v
+# bias rules, GPT-2 the fused c_attn (split into q/k/v on import), learned positions and MLP
+# biases, Mistral the sliding window.
+@pytest.mark.parametrize("family,shape,batch_axes", [
+    ("llama", (2, 4, 1), ("data", "fsdp")), ("llama", (2, 1, 4), ("data",)),
+    ("llama", (2, 2, 2), ("data", "fsdp")), ("qwen2", (2, 2, 2), ("data", "fsdp")),
+    ("gpt2", (2, 2, 2), ("data", "fsdp")), ("mistral", (2, 2, 2), ("data",))])
+def test_sharded_forward_equals_single_device(loaded_lms, family, shape, batch_axes):
+  model, params = loaded_lms[family]
   ids, mask = padded_batch(0, lengths=(10, 9, 8, 7, 6, 5, 4, 3), total=10)
   expected = np.asarray(forward_logits(model, params, ids, mask))
   mesh = _mesh(*shape)
   specs = param_partition_specs(params, model.config, mesh=mesh)
   sharded = jax.tree_util.tree_map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
                                    params, specs)
-  up = sharded["layers"]["mlp"]["up"]["kernel"]  # [L, 32, 64]: really split over the mesh
+  up = sharded["layers"]["mlp"]["up"]["kernel"]  # [L, D, F]: really split over the mesh
   assert up.sharding.spec == P(None, "fsdp", "tensor")
-  assert up.addressable_shards[0].data.shape == (2, 32 // shape[1], 64 // shape[2])
+  layers, width, inner = up.shape
+  assert up.addressable_shards[0].data.shape == (layers, width // shape[1], inner // shape[2])
+  if model.config.qkv_bias:  # biases follow their kernel's output split (whole KV heads)
+    assert sharded["layers"]["attn"]["k"]["bias"].sharding.spec == P(None, "tensor")
+  if model.config.positions == "learned":
+    assert sharded["pos_embed"]["embedding"].sharding.spec == P(None, "fsdp")
   batch_sharding = NamedSharding(mesh, P(batch_axes, None))
   ids_s, mask_s = (jax.device_put(x, batch_sharding) for x in (ids, mask))
   logits = jax.jit(lambda p, i, m: model.apply(p, i, m).logits)(sharded, ids_s, mask_s)

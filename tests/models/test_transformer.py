@@ -10,7 +10,8 @@ import torch
 import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from hf_reference import forward_logits, make_hf_model, max_real_diff, padded_batch, torch_logits
+from hf_reference import (forward_logits, hf_config, make_hf_model, max_real_diff, padded_batch,
+                          torch_logits)
 from rlhf_jax import ops
 from rlhf_jax.models import CausalLM, ModelConfig, from_pretrained
 from rlhf_jax.models.config import rope_inv_freq
@@ -283,3 +284,24 @@ def test_positions_from_segments():
   segments = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1]])
   np.testing.assert_array_equal(positions_from_segments(segments)[0, :6], [0, 1, 2, 0, 1, 0])
   np.testing.assert_array_equal(positions_from_segments(segments)[1, 2:], [0, 1, 2, 3, 4, 5])
+
+
+def test_sequences_longer_than_the_learned_position_table_fail_at_trace_time():
+  """GPT-2 (learned positions, table of 8): 8 tokens run, 9 tokens or 9 cache slots raise
+  (nn.Embed would otherwise give NaN logits silently); RoPE models have no table to outgrow."""
+  config = ModelConfig.from_hf(hf_config("gpt2", n_positions=8))
+  model = CausalLM(config)
+  params = jax.eval_shape(model.init, jax.random.key(0))  # the check needs shapes only
+  ids = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+  assert jax.eval_shape(model.apply, params, ids, ids).logits.shape == (2, 8, 128)
+  long_ids = jax.ShapeDtypeStruct((2, 9), jnp.int32)
+  with pytest.raises(ValueError, match=r"9 tokens .*\(max_position_embeddings=8\)"):
+    jax.eval_shape(model.apply, params, long_ids, long_ids)
+  one_id = jax.ShapeDtypeStruct((2, 1), jnp.int32)
+  decode = lambda p, i, c: model.apply(p, i, cache=c, cache_index=0)
+  assert jax.eval_shape(decode, params, one_id, jax.eval_shape(lambda: model.init_cache(2, 8)))
+  with pytest.raises(ValueError, match=r"9 tokens \(or cache slots\)"):
+    jax.eval_shape(decode, params, one_id, jax.eval_shape(lambda: model.init_cache(2, 9)))
+  rope = CausalLM(ModelConfig.from_hf(hf_config("llama", max_position_embeddings=8)))
+  rope_params = jax.eval_shape(rope.init, jax.random.key(0))
+  assert jax.eval_shape(rope.apply, rope_params, long_ids, long_ids).logits.shape == (2, 9, 128)
