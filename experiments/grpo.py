@@ -6,7 +6,8 @@
     python -m rlhf_jax run experiments/grpo.py --arg runlocal    # smoke test
 
 G = 4 samples per prompt; advantages normalised within each group; k3 KL to the reference in the
-loss. Expected: the eval gold_reward rises steadily from the SFT policy's.
+loss (logged as kl, summed over tokens at the rollout; kl_k1 is the k1 diagnostic). Expected: the
+eval gold_reward rises steadily from the SFT policy's.
 
 The real recipe (GRPO on GSM8K-style verifiable math with a Python checker):
     python -m rlhf_jax run experiments/grpo.py --set model.path=Qwen/Qwen2.5-0.5B-Instruct \

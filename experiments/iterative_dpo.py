@@ -6,9 +6,12 @@
 
 Each of 4 rounds samples 2 responses for 256 prompts, labels them (the reward function, a reward
 model with reward.kind=model, or a judge with labels.kind=judge: the rule judge here, or any
-causal LM via labels.judge=<path> with the constitutional judge), and runs 4 epochs of DPO on the
-pairs (fewer leave the margins near 0 and gold unchanged). loss.name picks any PREFERENCE_LOSSES entry; reset_reference=true moves the reference to
-the policy at the start of each round. Expected: the gold reward rises round over round.
+causal LM via labels.judge=<path> with the constitutional judge, which loads its own tokenizer and
+reads labels.answers after labels.constitution's principles; with K > 2 samples a judge compares
+every pair and keeps best vs worst), and runs 4 epochs of DPO on the pairs (fewer leave the margins
+near 0 and gold unchanged). loss.name picks any PREFERENCE_LOSSES entry (batch-coupled ones, e.g.
+aot, train on the labelled pairs only); reset_reference=true moves the reference to the policy at
+the start of each round. Expected: the gold reward rises round over round.
 """
 
 import dataclasses

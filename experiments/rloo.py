@@ -4,7 +4,8 @@
         --set reward.kind=model --set reward.path=runs/reward/hf   # against the reward model
     python -m rlhf_jax run experiments/rloo.py --arg runlocal      # smoke test
 
-A_i = r_i - mean of the other G - 1 samples of the same prompt, where r = score - β·Σ_t KL_t;
+A_i = r_i - mean of the other G - 1 samples of the same prompt (trainer="rloo" implies it; any
+other loss.advantage is an error), where r = score - β·Σ_t k1_t (logged as kl);
 one on-policy update per batch (the ratio is 1: plain REINFORCE). Expected: the eval gold_reward
 rises from the SFT policy's.
 """
@@ -26,7 +27,7 @@ def get_config(arg=None):
                     eval_fraction=0.05),
       generation=GenerationConfig(max_new_tokens=24, num_samples=4),
       reward=RewardSpec(kind="function"),
-      loss=GRPOLoss(advantage="leave_one_out", kl_in="reward", kl_coef=0.02,
+      loss=GRPOLoss(kl_in="reward", kl_coef=0.02,
                     aggregation="dr_grpo", epochs=2, minibatches=2),
       optimizer=OptimizerConfig(lr=2e-4),
       run=RunConfig(steps=60, batch_size=16, log_every=5, eval_every=20,

@@ -8,6 +8,12 @@ scored in both orders and the two probabilities averaged,
   P(a ≻ b) = ½ [softmax(ℓ_A, ℓ_B)_A on (a, b)  +  softmax(ℓ_A, ℓ_B)_B on (b, a)],
 which cancels the judge's position bias and makes P(a ≻ b) = 1 - P(b ≻ a) exactly.
 
+The answer letters are read as the token the judge's own tokenizer produces for the letter
+appended to the judge prompt (`answer_token_ids`): a SentencePiece tokenizer encodes "A" alone as
+"▁A", while after "(" the model's next token is the bare "A". Letters that merge into the prompt,
+that are the unknown token, or that share one id are errors: a judge that cannot tell them apart
+would return 0.5 for every pair and label nothing.
+
 `RuleJudge` has the same interface and applies a rule (the synthetic task's gold reward).
 
 `critique_and_revise` asks a model to critique its own response against a principle, then to
@@ -25,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["DEFAULT_CONSTITUTION", "JUDGE_TEMPLATE", "ConstitutionalJudge", "RuleJudge",
-           "critique_and_revise", "prompt_as_text"]
+           "answer_token_ids", "critique_and_revise", "prompt_as_text"]
 
 DEFAULT_CONSTITUTION = (
     "Choose the response that is more helpful to the user.",
@@ -73,8 +79,36 @@ def _left_pad(tokenizer, texts: Sequence[str], multiple: int = 16):
   return ids, mask
 
 
+def answer_token_ids(tokenizer, prompt: str, answers: Sequence[str]) -> np.ndarray:
+  """[len(answers)] ids: the one token each answer adds when appended to `prompt`.
+
+  Encodes `prompt` and `prompt + answer` (no special tokens) and takes the difference, so the id
+  is the token the judge reads after this prompt, not the answer encoded on its own.
+  """
+  base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+  tokens = lambda ids: tokenizer.convert_ids_to_tokens(list(ids))
+  ids = []
+  for answer in answers:
+    full = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+    if full[:len(base)] != base or len(full) != len(base) + 1:
+      raise ValueError(
+          f"the answer {answer!r} does not add exactly one token after the judge prompt: the "
+          f"prompt ends in {tokens(base[-3:])}, with the answer in {tokens(full[-3:])} (it "
+          "merges with the prompt, is unknown or spans several tokens): choose other `answers` "
+          "or a template")
+    if tokenizer.unk_token_id is not None and full[-1] == tokenizer.unk_token_id:
+      raise ValueError(f"the judge's tokenizer reads the answer {answer!r} as its unknown token "
+                       f"{tokenizer.unk_token!r}: choose `answers` in its vocabulary")
+    ids.append(full[-1])
+  if len(set(ids)) != len(ids):
+    raise ValueError(f"the answers {tuple(answers)} map to the same token ids {ids}: the judge "
+                     "could not tell them apart")
+  return np.asarray(ids)
+
+
 @dataclasses.dataclass
 class ConstitutionalJudge:
+  """Judges with `model` (any causal LM) and `tokenizer`, the judge's own tokenizer."""
   model: object
   params: object
   tokenizer: object
@@ -85,14 +119,16 @@ class ConstitutionalJudge:
   def __post_init__(self):
     if not self.constitution:
       raise ValueError("a constitution needs at least one principle")
-    ids = []
-    for answer in self.answers:
-      encoded = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
-      if len(encoded) != 1:
-        raise ValueError(f"the answer {answer!r} must be one token for this tokenizer, got "
-                         f"{len(encoded)}: choose other `answers`")
-      ids.append(encoded[0])
-    self.answer_ids = np.asarray(ids)
+    if len(self.answers) != 2:
+      raise ValueError(f"a judge needs two answers (first, second), got {self.answers!r}")
+    # The template ends the same way for every principle and pair; check each principle anyway.
+    found = {tuple(answer_token_ids(self.tokenizer, self.template.format(
+        principle=p, prompt="request", first="one", second="two", answer_prefix=""),
+        self.answers)) for p in self.constitution}
+    if len(found) != 1:
+      raise ValueError(f"the answers {self.answers} tokenise differently after different "
+                       f"principles ({sorted(found)}): end the template with a fixed text")
+    self.answer_ids = np.asarray(found.pop())
 
   def _first_wins(self, principles, prompts, firsts, seconds) -> np.ndarray:
     texts = [self.template.format(principle=p, prompt=prompt_as_text(q), first=a, second=b,

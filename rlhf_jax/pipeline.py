@@ -65,6 +65,10 @@ class PipelineConfig:
   # nats per token), so it wants a larger β than DPO's on sums.
   direct_methods: tuple[str, ...] = ("dpo:0.1", "ipo:0.5")
   best_of_n: tuple[int, ...] = (2, 4, 8, 16)
+  # Fresh samples per prompt for the best-of-N KL estimate's reward CDF: its bias for a continuous
+  # reward is about -(N-1)/(2M) (-0.03 at N = 16; 16 gave -0.45), see best_of_n_kl_estimate_bias.
+  # Sampling and scoring them takes ~30 s of the pipeline on 2 CPU cores.
+  best_of_n_reference: int = 256
 
   def direct_runs(self) -> list[tuple[str, float]]:
     from rlhf_jax import losses
@@ -79,12 +83,16 @@ class PipelineConfig:
 
   def validate(self):
     self.direct_runs()
+    if self.best_of_n_reference < 1 or min(self.best_of_n, default=1) < 1:
+      raise ValueError("best_of_n sizes and best_of_n_reference must be >= 1")
 
 
 def _run_config(config: PipelineConfig, stage: Stage, name: str, **changes) -> loop.RunConfig:
   return loop.RunConfig(steps=stage.steps, batch_size=stage.batch_size, log_every=max(
       stage.steps // 4, 1), output_dir=str(pathlib.Path(config.output_dir) / name),
-      seed=config.seed, progress=False, resume=False, mesh=config.mesh, **changes)
+      # Every stage starts over: a rerun into the same output_dir replaces the last one's stages.
+      seed=config.seed, progress=False, resume=False, overwrite=True, mesh=config.mesh,
+      **changes)
 
 
 def _timed(fn, *args):
@@ -192,8 +200,9 @@ def run(config: PipelineConfig) -> dict:
     task = ppo.build_task(ppo_config)
     task.evaluators.append(_as_evaluator(evaluator, lambda s: s.params["policy"]))
     summary, seconds = _timed(loop.run_loop, task, ppo_config.run)
-    rows.append(_final(lab, summary["state"].params["policy"], name, seconds,
-                       _trajectory(pathlib.Path(ppo_config.run.output_dir))))
+    rows.append({**_final(lab, summary["state"].params["policy"], name, seconds,
+                          _trajectory(pathlib.Path(ppo_config.run.output_dir))),
+                 "rm_seconds": rm_seconds})  # PPO needs the reward model: its time is extra
 
   # 4. Direct methods on the same pairs, from the SFT policy.
   for loss_name, beta in config.direct_runs():
@@ -211,10 +220,10 @@ def run(config: PipelineConfig) -> dict:
                        _trajectory(pathlib.Path(direct_config.run.output_dir))))
 
   # 5. Best-of-N against the proxy: no training; KL is log N - (N-1)/N.
-  bon = best_of_n_points(lab, config)
+  bon = [{**point, "rm_seconds": rm_seconds} for point in best_of_n_points(lab, config)]
   result = {"rows": rows, "best_of_n": bon, "reward_model": rm_summary["eval"],
             "seconds": time.perf_counter() - start, "rm_seconds": rm_seconds}
-  table = plots.comparison_table(rows, bon)
+  table = plots.comparison_table(rows, bon, reference_samples=config.best_of_n_reference)
   print(table)
   (out / "table.md").write_text(table + "\n")
   (out / "results.json").write_text(json.dumps(result, indent=2, default=float))
@@ -233,28 +242,37 @@ def _as_evaluator(evaluator, params_of):
 def best_of_n_points(lab: _Lab, config: PipelineConfig) -> list[dict]:
   """Gold and proxy of best-of-N for each N, with the analytic and the estimated KL.
 
-  2·N_max samples per prompt: the first N_max are the candidates (best-of-n uses the first n),
-  the other N_max estimate the proxy's CDF for the KL estimate, independently of the winners.
+  N_max + M samples per prompt: the first N_max are the candidates (best-of-n uses the first n),
+  the other M = best_of_n_reference estimate the proxy's CDF for the KL estimate, independently
+  of the winners. Each point reports M, the estimate's exact bias for a continuous reward, the
+  winners' mean length (tokens), and its wall time: its share n / (N_max + M) of sampling and
+  scoring every draw (one batched call per prompt batch, so per-sample cost is uniform).
   """
-
-  n_max = max(config.best_of_n)
-  draws = 2 * n_max
+  n_max, m = max(config.best_of_n), config.best_of_n_reference
+  draws = n_max + m
   sample = rollout.make_sampler(lab.model, rollout.GenerationConfig(
       max_new_tokens=config.max_new_tokens, num_samples=draws),
       common.stop_ids(lab.tokenizer, lab.model), lab.tokenizer.pad_token_id)
   decode = rollout.FunctionScorer(None, lab.tokenizer).decode
   stream = BatchStream(lab.records, 16, 16, lab.tokenizer.pad_token_id, shuffle=False)
-  proxy, gold = [], []
+  proxy, gold, length, seconds = [], [], [], 0.0
   key = jax.random.key(config.seed + 1)
   for i, batch in enumerate(stream.epoch()):
     texts = [lab.records[j].text for j in batch["index"]]
+    start = time.perf_counter()
     samples = sample(lab.sft_params, batch["prompt_ids"], batch["prompt_mask"],
                      jax.random.fold_in(key, i))
+    scores = np.asarray(lab.proxy(samples, texts))
+    seconds += time.perf_counter() - start
     real = np.repeat(batch["weight"] > 0, draws)
-    prompts = [texts[j] for j in np.asarray(samples.prompt_index)]
-    proxy.append(np.asarray(lab.proxy(samples, texts))[real].reshape(-1, draws))
-    gold.append(synthetic.gold_reward_fn(prompts, decode(samples))[real].reshape(-1, draws))
-  proxy, gold = np.concatenate(proxy), np.concatenate(gold)
+    proxy.append(scores[real].reshape(-1, draws))
+    length.append(np.asarray(samples.response_mask.sum(1))[real].reshape(-1, draws))
+    # Gold (evaluation only, untimed) for the candidates; the reference draws serve the CDF.
+    keep = np.flatnonzero(real & (np.arange(real.size) % draws < n_max))
+    candidates = jax.tree.map(lambda x: x[keep], samples)
+    prompts = [texts[j] for j in np.asarray(candidates.prompt_index)]
+    gold.append(synthetic.gold_reward_fn(prompts, decode(candidates)).reshape(-1, n_max))
+  proxy, gold, length = np.concatenate(proxy), np.concatenate(gold), np.concatenate(length)
   rows = np.arange(proxy.shape[0])
   points = []
   for n in config.best_of_n:
@@ -263,6 +281,10 @@ def best_of_n_points(lab: _Lab, config: PipelineConfig) -> list[dict]:
         proxy[rows, best][:, None], proxy[:, n_max:], n)
     points.append({"n": n, "kl": diagnostics.best_of_n_kl_analytic(n),
                    "kl_estimate": kl_estimate, "kl_estimate_error": kl_error,
+                   "kl_estimate_bias": diagnostics.best_of_n_kl_estimate_bias(n, m),
+                   "reference_samples": m,
                    "proxy_reward": float(proxy[rows, best].mean()),
-                   "gold_reward": float(gold[rows, best].mean())})
+                   "gold_reward": float(gold[rows, best].mean()),
+                   "length": float(length[rows, best].mean()),
+                   "seconds": seconds * n / draws})
   return points

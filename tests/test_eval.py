@@ -78,3 +78,27 @@ def test_gao_fit_recovers_the_scaling_law_coefficients(form, alpha, beta):
     plots.gao_fit([0.0, 1.0], [0.0, 1.0], form)
   with pytest.raises(ValueError, match="expected"):
     plots.gao_fit(d, gain, "linear")
+
+
+def test_best_of_n_kl_estimate_bias_is_exact_for_a_continuous_reward():
+  rng = np.random.default_rng(1)
+  n, m, prompts = 16, 16, 20000  # N = M: the estimate is far below log N - (N-1)/N
+  winners = rng.random((prompts, 1)) ** (1 / n)  # F(winner) ~ Beta(N, 1)
+  estimate, error = diagnostics.best_of_n_kl_estimate(winners, rng.random((prompts, m)), n)
+  bias = diagnostics.best_of_n_kl_estimate_bias(n, m)
+  assert bias < -0.4  # the audit's 1.39 for 1.84
+  assert abs(estimate - diagnostics.best_of_n_kl_analytic(n) - bias) < 4 * error
+  # Once M >> N the bias is about -(N-1)/(2M).
+  assert diagnostics.best_of_n_kl_estimate_bias(4, 512) == pytest.approx(-3 / 1024, rel=0.1)
+
+
+def test_comparison_table_shows_the_reward_model_s_time_and_best_of_n_cost():
+  row = {"method": "PPO kl=0.05", "gold_reward": 0.5, "proxy_reward": 1.0, "kl": 2.0,
+         "length": 10.0, "win_rate": 0.6, "length_bias": 0.1, "seconds": 40.0, "rm_seconds": 21.0}
+  point = {"n": 4, "kl": 0.64, "kl_estimate": 0.62, "kl_estimate_bias": -0.01,
+           "gold_reward": 0.4, "proxy_reward": 0.9, "length": 12.5, "seconds": 3.0,
+           "rm_seconds": 21.0}
+  table = plots.comparison_table([row], [point], reference_samples=128)
+  assert "| 40s + 21s RM |" in table
+  assert "| best-of-4 | 0.400 | 0.900 | 0.64 (est. 0.62) | 12.5 | - | - | 3.0s + 21s RM |" in table
+  assert "M = 128" in table

@@ -22,7 +22,7 @@ def test_pipeline_runs_every_stage_and_writes_the_comparison(tmp_path):
       num_pairs=512, eval_prompts=32, max_new_tokens=16, eval_points=2,
       sft=Stage(steps=20, lr=3e-3), reward=Stage(steps=20),
       ppo=Stage(steps=2, batch_size=16), direct=Stage(steps=4), best_of_n=(2, 4),
-      mesh=MeshConfig(1, 1, 1))
+      best_of_n_reference=32, mesh=MeshConfig(1, 1, 1))
   result = run(config)
   methods = [row["method"] for row in result["rows"]]
   assert methods == ["SFT", "PPO kl=0.05", "DPO β=0.1", "IPO β=0.5"]
@@ -33,8 +33,16 @@ def test_pipeline_runs_every_stage_and_writes_the_comparison(tmp_path):
     assert row["trajectory"], row["method"]  # evaluated during training
   assert [p["n"] for p in result["best_of_n"]] == [2, 4]
   assert result["best_of_n"][1]["kl"] == pytest.approx(diagnostics.best_of_n_kl_analytic(4))
+  for point in result["best_of_n"]:  # length and cost are measured, the estimate's M reported
+    assert point["reference_samples"] == 32 and 0 < point["length"] <= 16
+    assert point["seconds"] > 0 and point["rm_seconds"] == result["rm_seconds"]
+    assert point["kl_estimate_bias"] == pytest.approx(
+        diagnostics.best_of_n_kl_estimate_bias(point["n"], 32))
+  assert result["best_of_n"][1]["seconds"] == pytest.approx(2 * result["best_of_n"][0]["seconds"])
+  assert result["rows"][1]["rm_seconds"] == result["rm_seconds"] > 0  # PPO needs the RM
   out = tmp_path / "run"
-  assert "| PPO kl=0.05 |" in (out / "table.md").read_text()
+  table = (out / "table.md").read_text()
+  assert "| PPO kl=0.05 |" in table and "s RM |" in table and "M = 32" in table
   assert json.loads((out / "results.json").read_text())["rows"][0]["method"] == "SFT"
   for figure in ("frontier.png", "overoptimization.png"):
     assert (out / figure).stat().st_size > 10_000

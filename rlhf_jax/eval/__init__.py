@@ -6,9 +6,10 @@
 """
 
 from rlhf_jax.eval.diagnostics import (best_of_n_kl_analytic, best_of_n_kl_estimate,
-                                       length_bias, win_rate)
+                                       best_of_n_kl_estimate_bias, length_bias, win_rate)
 from rlhf_jax.eval.policy_eval import (PolicyEvaluator, PolicySamples, evaluate_policy,
                                        summarize)
 
-__all__ = ["best_of_n_kl_analytic", "best_of_n_kl_estimate", "length_bias", "win_rate",
+__all__ = ["best_of_n_kl_analytic", "best_of_n_kl_estimate", "best_of_n_kl_estimate_bias",
+           "length_bias", "win_rate",
            "PolicyEvaluator", "PolicySamples", "evaluate_policy", "summarize"]

@@ -1,8 +1,10 @@
 """Figures and tables of a comparison run: the reward-vs-KL frontier and over-optimisation.
 
 `rows` are per-method results: {"method", "gold_reward", "proxy_reward", "kl", "length",
-"win_rate", "seconds", "trajectory": [eval records with gold_reward, proxy_reward, kl]}.
-`best_of_n` are points {"n", "kl", "kl_estimate", "gold_reward", "proxy_reward"}.
+"win_rate", "seconds", optional "rm_seconds" (the reward model a method needed, trained
+separately), "trajectory": [eval records with gold_reward, proxy_reward, kl]}.
+`best_of_n` are points {"n", "kl", "kl_estimate", "gold_reward", "proxy_reward", and optionally
+"length", "seconds", "kl_estimate_bias"}.
 """
 
 from __future__ import annotations
@@ -14,20 +16,41 @@ import numpy as np
 __all__ = ["comparison_table", "frontier", "gao_fit", "overoptimization"]
 
 
-def comparison_table(rows: list[dict], best_of_n: list[dict] = ()) -> str:
+def comparison_table(rows: list[dict], best_of_n: list[dict] = (), *,
+                     reference_samples: int | None = None) -> str:
+  """A Markdown table; wall time adds "+ Ns RM" where a method needed the reward model."""
   lines = ["| method | gold reward | proxy reward | KL to SFT | length | gold win rate vs SFT "
            "| length bias | wall time |", "|---|---|---|---|---|---|---|---|"]
   fmt = lambda row, key, spec: format(row[key], spec) if row.get(key) is not None else "-"
+
+  def wall(row):
+    if row.get("seconds") is None:
+      return "-"
+    extra = f" + {row['rm_seconds']:.0f}s RM" if row.get("rm_seconds") is not None else ""
+    return f"{row['seconds']:.{1 if row['seconds'] < 10 else 0}f}s{extra}"
+
   for row in rows:
     lines.append(f"| {row['method']} | {fmt(row, 'gold_reward', '.3f')} | "
                  f"{fmt(row, 'proxy_reward', '.3f')} | {fmt(row, 'kl', '.2f')} | "
                  f"{fmt(row, 'length', '.1f')} | {fmt(row, 'win_rate', '.3f')} | "
-                 f"{fmt(row, 'length_bias', '+.2f')} | {fmt(row, 'seconds', '.0f')}s |")
+                 f"{fmt(row, 'length_bias', '+.2f')} | {wall(row)} |")
   for point in best_of_n:
     lines.append(f"| best-of-{point['n']} | {point['gold_reward']:.3f} | "
                  f"{point['proxy_reward']:.3f} | {point['kl']:.2f} (est. "
-                 f"{point['kl_estimate']:.2f}) | - | - | - | - |")
-  return "\n".join(lines)
+                 f"{point['kl_estimate']:.2f}) | {fmt(point, 'length', '.1f')} | - | - | "
+                 f"{wall(point)} |")
+  notes = []
+  if any(row.get("rm_seconds") is not None for row in [*rows, *best_of_n]):
+    notes.append("\"+ Ns RM\": the reward model's training, which the method needs, is extra.")
+  if best_of_n:
+    note = ("best-of-N: KL analytic, log N - (N-1)/N (est.: from the proxy's empirical CDF"
+            + (f" on M = {reference_samples} fresh samples per prompt" if reference_samples
+               else ""))
+    biases = [p["kl_estimate_bias"] for p in best_of_n if p.get("kl_estimate_bias") is not None]
+    if biases:
+      note += f", biased by {min(biases):+.2f}..{max(biases):+.2f} for a continuous reward"
+    notes.append(note + "); wall time: sampling and scoring N candidates per prompt.")
+  return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def _plt():

@@ -12,6 +12,15 @@ enters either the loss, β·k3 per token (`kl_in="loss"`, GRPO), or the reward, 
 (`kl_in="reward"`, RLOO). Token aggregation (`aggregation`): "grpo" (per-sequence mean, then batch
 mean), "dr_grpo" (token sum over a constant, max_new_tokens), "dapo" (token mean over the batch).
 Rewards come from a reward model or a Python function (verifiable rewards).
+
+`trainer="rloo"` is this trainer with the leave-one-out baseline: it implies
+`advantage="leave_one_out"` (the default, None, resolves to it) and rejects any other; `"grpo"`
+takes the group baselines (default "group").
+
+Metrics (PITFALLS: log the KL that is trained on): `kl` is the KL term of the objective per
+sequence at the rollout, Σ_t k3 with `kl_in="loss"` and Σ_t k1 with `kl_in="reward"`; `kl_k1` is
+the summed k1 diagnostic in both cases; `kl_k3` the token-mean k3 of the policy being updated, in
+the minibatches (the loss's term when `kl_in="loss"`).
 """
 
 from __future__ import annotations
@@ -34,7 +43,8 @@ _ADVANTAGES = ("group", "group_no_std", "leave_one_out")
 
 @dataclasses.dataclass(frozen=True)
 class GRPOLoss:
-  advantage: str = "group"  # "group" | "group_no_std" | "leave_one_out"
+  # "group" | "group_no_std" | "leave_one_out"; None: the trainer's ("rloo": leave_one_out)
+  advantage: str | None = None
   clip_eps: float = 0.2
   clip_eps_high: float | None = None  # DAPO's clip-higher (e.g. 0.28)
   kl_coef: float = 0.04
@@ -44,7 +54,7 @@ class GRPOLoss:
   minibatches: int = 1
 
   def validate(self):
-    if self.advantage not in _ADVANTAGES:
+    if self.advantage is not None and self.advantage not in _ADVANTAGES:
       raise ValueError(f"loss.advantage must be one of {_ADVANTAGES}, got {self.advantage!r}")
     if self.kl_in not in ("loss", "reward"):
       raise ValueError(f"loss.kl_in must be 'loss' or 'reward', got {self.kl_in!r}")
@@ -55,7 +65,7 @@ class GRPOLoss:
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
-  trainer: str = "grpo"  # or "rloo": the same trainer, told apart by loss.advantage
+  trainer: str = "grpo"  # or "rloo": the same trainer with the leave-one-out advantage
   model: common.ModelSpec = common.ModelSpec()
   data: common.DataSpec = common.DataSpec(train="synthetic:prompt", max_length=16,
                                           buckets=(16,), eval_fraction=0.05)
@@ -65,11 +75,25 @@ class GRPOConfig:
   optimizer: OptimizerConfig = OptimizerConfig(lr=1e-5)
   run: loop.RunConfig = loop.RunConfig(output_dir="runs/grpo", batch_size=16)
 
+  def advantage(self) -> str:
+    """The advantage kind: loss.advantage, or the trainer's default when it is None."""
+    if self.trainer not in ("grpo", "rloo"):
+      raise ValueError(f"trainer must be 'grpo' or 'rloo', got {self.trainer!r}")
+    if self.trainer == "rloo":
+      if self.loss.advantage not in (None, "leave_one_out"):
+        raise ValueError(f"trainer='rloo' uses the leave-one-out baseline, but loss.advantage="
+                         f"{self.loss.advantage!r}: drop it, or use trainer='grpo'")
+      return "leave_one_out"
+    if self.loss.advantage == "leave_one_out":
+      raise ValueError("loss.advantage='leave_one_out' is RLOO's baseline: set trainer='rloo'")
+    return self.loss.advantage or "group"
+
   def validate(self):
     self.loss.validate()
     self.generation.validate()
     self.reward.validate()
     self.optimizer.validate()
+    self.advantage()
     if self.generation.num_samples < 2:
       raise ValueError("group baselines need generation.num_samples >= 2")
     rows = self.run.batch_size * self.generation.num_samples
@@ -99,6 +123,7 @@ def build_task(config: GRPOConfig) -> loop.Task:
   sample = rollout_lib.make_sampler(model, gen, common.stop_ids(tokenizer, model),
                                     tokenizer.pad_token_id)
   chunk, temperature, g = spec.logps_chunk_size, gen.temperature, gen.num_samples
+  advantage_kind = config.advantage()
   tx = make_optimizer(config.optimizer, run.steps * loss.epochs * loss.minibatches)
   make_state = lambda p, key: TrainState.create(p, tx, key)
   aggregate = lambda x, mask: losses.aggregate(
@@ -114,8 +139,12 @@ def build_task(config: GRPOConfig) -> loop.Task:
     kl_k1 = jnp.sum((old_logps - ref_logps) * mask, axis=1)
     if loss.kl_in == "reward":
       rewards = scores - loss.kl_coef * kl_k1
-    advantages = sequence_advantages(rewards, g, loss.advantage)
-    metrics = ppo.rollout_metrics(rollout, scores, old_logps, kl_k1, loss.kl_coef)
+      trained_kl = kl_k1
+    else:
+      trained_kl = jnp.sum(losses.kl(old_logps, ref_logps, estimator="k3") * mask, axis=1)
+    advantages = sequence_advantages(rewards, g, advantage_kind)
+    metrics = ppo.rollout_metrics(rollout, scores, old_logps, trained_kl, loss.kl_coef)
+    metrics["kl_k1"] = jnp.mean(kl_k1)
     return jax.lax.stop_gradient((old_logps, ref_logps, advantages)), metrics
 
   def minibatch_loss(params, rollout, old_logps, ref_logps, advantages):

@@ -5,8 +5,15 @@ any loss in PREFERENCE_LOSSES on the resulting pairs (Xiong et al. 2024, arXiv 2
 Guo et al. 2024, online AI feedback, arXiv 2402.04792). Labels come from
   "reward": a reward model or Python function; the pair is (best, worst) of the K samples,
             dropped (zero weight) when they tie;
-  "judge":  an AI judge (`rlhf_jax.feedback`) comparing the two samples of each prompt (K = 2);
-            the synthetic task uses its rule-based judge, any causal LM the constitutional one.
+  "judge":  an AI judge (`rlhf_jax.feedback`): every pair of the K samples of a prompt is
+            compared (both orders for the constitutional judge), each sample scores its summed
+            win probability, and the pair is (best, worst), dropped when they tie; K = 2 is one
+            comparison. The synthetic task uses its rule-based judge; any causal LM, with its own
+            tokenizer and `labels.constitution`, the constitutional one.
+Losses whose rows are coupled through the batch (`batch_coupled`: AOT's sorting, BCO's batch
+mean) must not see tie rows, even at zero weight: for them the round's pairs are the labelled
+pairs only, repeated to fill the round's fixed size and weighted so that each labelled pair
+carries the same total weight (`fill_with_labelled`).
 The reference's log-probs are computed when the round is generated: from the initial policy, or,
 with `reset_reference`, from the policy at the start of the round (the reference moves with it).
 """
@@ -24,17 +31,24 @@ from rlhf_jax.config import to_dict
 from rlhf_jax.train import best_of_n, common, loop, preference, rollout as rollout_lib, rounds
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer, make_schedule
 
-__all__ = ["IterativeDPOConfig", "build_task", "run", "make_labeller"]
+__all__ = ["LabelConfig", "IterativeDPOConfig", "build_task", "run", "make_labeller", "make_judge",
+           "judge_scores", "fill_with_labelled"]
 
 
 @dataclasses.dataclass(frozen=True)
 class LabelConfig:
   kind: str = "reward"  # "reward" | "judge"
-  judge: str = "rule"  # "rule": reward.gold_function as a rule | a causal-LM path: constitutional
+  # "rule": reward.gold_function as a rule | a causal-LM checkpoint (its own tokenizer is loaded
+  # from it): the constitutional judge
+  judge: str = "rule"
+  constitution: tuple[str, ...] = feedback.DEFAULT_CONSTITUTION  # principles, one per comparison
+  answers: tuple[str, str] = ("A", "B")  # the letters the constitutional judge answers with
 
   def validate(self):
     if self.kind not in ("reward", "judge"):
       raise ValueError(f"labels.kind must be 'reward' or 'judge', got {self.kind!r}")
+    if not self.constitution:
+      raise ValueError("labels.constitution needs at least one principle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,44 +74,80 @@ class IterativeDPOConfig:
     self.optimizer.validate()
     if self.generation.num_samples < 2:
       raise ValueError("iterative DPO needs generation.num_samples >= 2 responses per prompt")
-    if self.labels.kind == "judge" and self.generation.num_samples != 2:
-      raise ValueError("labels.kind='judge' compares pairs: set generation.num_samples=2")
-    if self.loss.entry().batch_coupled:
-      raise ValueError(f"loss {self.loss.name!r} couples the rows of a batch; rounds mix "
-                       "zero-weight ties into minibatches, which would leak into it")
+
+
+def make_judge(labels: LabelConfig, gold_function: str | None):
+  """The rule judge, or the constitutional judge with the checkpoint's own tokenizer."""
+  if labels.judge == "rule":
+    if gold_function is None:
+      raise ValueError("labels.judge='rule' applies reward.gold_function, which is not set")
+    return feedback.RuleJudge(rollout_lib.load_function(gold_function))
+  from rlhf_jax import models
+  spec = common.ModelSpec(path=labels.judge)
+  judge_model, judge_params = models.from_pretrained(common.resolve_model_path(labels.judge))
+  return feedback.ConstitutionalJudge(judge_model, judge_params, common.load_tokenizer(spec),
+                                      constitution=labels.constitution, answers=labels.answers)
+
+
+def judge_scores(judge, prompts, responses, k: int, key) -> np.ndarray:
+  """[B, K] summed win probabilities of each of K responses against the others of its prompt.
+
+  `responses` are prompt-major (row i·K + j is response j of prompt i); each of the K(K-1)/2
+  pairs of a prompt is one judge comparison (batched over every prompt and pair).
+  """
+  b = len(prompts)
+  first, second = np.triu_indices(k, 1)
+  rows_a = (np.arange(b)[:, None] * k + first).ravel()
+  rows_b = (np.arange(b)[:, None] * k + second).ravel()
+  p_first = np.asarray(judge.compare([prompts[i // k] for i in rows_a],
+                                     [responses[i] for i in rows_a],
+                                     [responses[i] for i in rows_b], key), np.float64)
+  scores = np.zeros(b * k)
+  np.add.at(scores, rows_a, p_first)
+  np.add.at(scores, rows_b, 1.0 - p_first)
+  return scores.reshape(b, k)
 
 
 def make_labeller(config: IterativeDPOConfig, scorer, tokenizer):
-  """labeller(rollout [B·K rows], prompts [B]) -> (chosen rows [B], rejected rows [B], weight [B])."""
+  """labeller(rollout [B·K rows], prompts [B], key) -> (chosen rows [B], rejected rows [B],
+  weight [B]): the best and worst of each prompt's K samples, weight 0 where they tie."""
   k = config.generation.num_samples
   if config.labels.kind == "reward":
-    def label(rollout, prompts, round_key):
-      scores = jnp.asarray(scorer(rollout, prompts)).reshape(-1, k)
-      base = jnp.arange(scores.shape[0]) * k
-      best, worst = jnp.argmax(scores, 1), jnp.argmin(scores, 1)
-      weight = (jnp.max(scores, 1) > jnp.min(scores, 1)).astype(jnp.float32)
-      return base + best, base + worst, weight
-    return label
-
-  decode = rollout_lib.FunctionScorer(None, tokenizer).decode
-  if config.labels.judge == "rule":
-    judge = feedback.RuleJudge(rollout_lib.load_function(config.reward.gold_function))
+    score = lambda rollout, prompts, key: jnp.asarray(scorer(rollout, prompts)).reshape(-1, k)
   else:
-    from rlhf_jax import models
-    judge_model, judge_params = models.from_pretrained(common.resolve_model_path(
-        config.labels.judge))
-    judge = feedback.ConstitutionalJudge(judge_model, judge_params, tokenizer)
+    decode = rollout_lib.FunctionScorer(None, tokenizer).decode
+    judge = make_judge(config.labels, config.reward.gold_function)
+    score = lambda rollout, prompts, key: jnp.asarray(judge_scores(
+        judge, [prompts[i] for i in np.asarray(rollout.prompt_index)[::k]], decode(rollout), k,
+        key))
 
   def label(rollout, prompts, round_key):
-    texts = decode(rollout)
-    index = np.asarray(rollout.prompt_index)[::2]
-    p_first = judge.compare([prompts[i] for i in index], texts[0::2], texts[1::2], round_key)
-    first_wins = jnp.asarray(p_first > 0.5)
-    base = jnp.arange(len(index)) * 2
-    weight = jnp.asarray(p_first != 0.5, jnp.float32)
-    return base + jnp.where(first_wins, 0, 1), base + jnp.where(first_wins, 1, 0), weight
+    scores = score(rollout, prompts, round_key)
+    base = jnp.arange(scores.shape[0]) * k
+    best, worst = jnp.argmax(scores, 1), jnp.argmin(scores, 1)
+    weight = (jnp.max(scores, 1) > jnp.min(scores, 1)).astype(jnp.float32)
+    return base + best, base + worst, weight
 
   return label
+
+
+def fill_with_labelled(chosen, rejected, weight, key):
+  """The round's pairs for batch-coupled losses: only labelled pairs (weight > 0).
+
+  The L labelled pairs, in a random order, fill the round's S slots cyclically; each slot's
+  weight is (S / L) / (how many slots hold its pair), so every labelled pair carries the same
+  total weight S / L, and weights stay near 1. A round with no labelled pair stays all zero.
+  """
+  weight = np.asarray(weight)
+  labelled = np.flatnonzero(weight > 0)
+  if labelled.size == 0:
+    return chosen, rejected, jnp.asarray(weight)
+  order = labelled[np.asarray(jax.random.permutation(key, labelled.size))]
+  slots = order[np.arange(weight.size) % labelled.size]
+  repeats = np.bincount(slots, minlength=weight.size)[slots]
+  take = lambda x: jnp.asarray(np.asarray(x)[slots])
+  return take(chosen), take(rejected), jnp.asarray(weight.size / labelled.size / repeats,
+                                                   jnp.float32)
 
 
 def build_task(config: IterativeDPOConfig) -> loop.Task:
@@ -116,6 +166,7 @@ def build_task(config: IterativeDPOConfig) -> loop.Task:
                                     tokenizer.pad_token_id)
   label = make_labeller(config, scorer, tokenizer)
   reduction, chunk = config.loss.reduction(), spec.logps_chunk_size
+  batch_coupled = config.loss.entry().batch_coupled
   per_example = preference.make_pair_losses(model, config.loss, chunk)
   steps_per_round = rc.steps_per_round()
   total = rc.rounds * steps_per_round
@@ -127,10 +178,13 @@ def build_task(config: IterativeDPOConfig) -> loop.Task:
     return preference._sequence_logps(model, params, rows, reduction, chunk)[0]
 
   def generate(state, batch, key):
-    sample_key, label_key = jax.random.split(key)
+    sample_key, label_key, fill_key = jax.random.split(key, 3)
     texts = [records[i].text for i in np.asarray(batch["index"])]
     rollout = sample(state.params, batch["prompt_ids"], batch["prompt_mask"], sample_key)
     chosen, rejected, weight = label(rollout, texts, label_key)
+    labelled = jnp.sum(weight > 0)
+    if batch_coupled:
+      chosen, rejected, weight = fill_with_labelled(chosen, rejected, weight, fill_key)
     rows = best_of_n.sft_rows_from(jax.tree.map(
         lambda x: jnp.take(x, jnp.concatenate([chosen, rejected]), axis=0), rollout))
     reference = state.params if config.reset_reference else initial_ref
@@ -140,7 +194,7 @@ def build_task(config: IterativeDPOConfig) -> loop.Task:
     pairs = {k: jnp.stack([v[:n], v[n:]], axis=1) for k, v in rows.items() if k != "weight"}
     pairs["ref_logps"] = jnp.stack([ref_logps[:n], ref_logps[n:]], axis=1)
     pairs["weight"] = weight
-    return pairs, {"labelled_pairs": jnp.sum(weight), "mean_response_length": jnp.mean(
+    return pairs, {"labelled_pairs": labelled, "mean_response_length": jnp.mean(
         jnp.sum(rollout.response_mask, 1))}
 
   def loss_fn(params, pairs):

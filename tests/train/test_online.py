@@ -217,3 +217,155 @@ def test_best_of_n_kl_matches_the_analytic_value(tmp_path):
   tolerance = 4 * error + (n - 1) / reference
   assert abs(estimate - analytic) < tolerance, (estimate, analytic, tolerance)
   assert diagnostics.best_of_n_kl_analytic(1) == 0.0
+
+
+# --- Cheap wiring tests on a random policy (no SFT): options reach the trainers ---------------
+
+
+@pytest.fixture(scope="module")
+def random_dir(tmp_path_factory):
+  return synthetic.ensure_assets(tmp_path_factory.mktemp("random_policy"), **RANDOM_MODEL)
+
+
+def _spy(monkeypatch, module, name):
+  """Records the keyword arguments of every call (at trace time for jitted callers)."""
+  calls, original = [], getattr(module, name)
+
+  def spy(*args, **kwargs):
+    calls.append(kwargs)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(module, name, spy)
+  return calls
+
+
+def _metrics(run_dir):
+  return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+          if json.loads(line)["split"] == "train"]
+
+
+def test_ppo_with_a_separate_critic_and_the_k3_estimator(random_dir, tmp_path, monkeypatch):
+  from rlhf_jax import losses
+  penalties = _spy(monkeypatch, losses, "kl_penalized_rewards")
+  config = ppo.PPOConfig(
+      model=common.ModelSpec(path=random_dir), data=_data(64),
+      generation=rollout.GenerationConfig(max_new_tokens=8),
+      reward=rollout.RewardSpec(kind="model", path=random_dir),  # a reward model scores
+      loss=ppo.PPOLoss(value_head="separate", kl_estimator="k3", epochs=1, minibatches=2),
+      optimizer=OptimizerConfig(lr=1e-3), run=_run(tmp_path, steps=2, batch_size=8, log_every=1))
+  task = ppo.build_task(config)
+  initial = jax.tree.map(np.array, jax.device_get(task.init_state().params))
+  assert set(initial) == {"policy", "critic"}  # no value head on the policy
+  out = loop.run_loop(task, config.run)
+  final = jax.device_get(out["state"].params)
+  for part in ("policy", "critic"):  # both are trained
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), initial[part],
+                                         final[part]))
+    assert max(moved) > 0, part
+  assert penalties and all(call["estimator"] == "k3" for call in penalties)
+  logged = _metrics(tmp_path)
+  assert len(logged) == 2 and all(np.isfinite(m["value_explained_variance"]) for m in logged)
+  assert logged[1]["kl"] >= 0  # a sum of k3 terms, each >= 0
+
+
+@pytest.mark.parametrize("trainer", ["grpo", "rloo"])
+def test_critic_free_options_reach_the_trainer(random_dir, tmp_path, monkeypatch, trainer):
+  from rlhf_jax import losses
+  policy_calls = _spy(monkeypatch, losses, "ppo_policy")
+  aggregate_calls = _spy(monkeypatch, losses, "aggregate")
+  loo_calls = _spy(monkeypatch, losses, "leave_one_out_advantages")
+  group_calls = _spy(monkeypatch, losses, "group_advantages")
+  # "grpo": DAPO's clip-higher and token-mean; "rloo": its baseline from the trainer name alone.
+  loss = (grpo.GRPOLoss(clip_eps_high=0.28, aggregation="dapo", epochs=2, minibatches=2)
+          if trainer == "grpo" else grpo.GRPOLoss(kl_in="reward"))
+  config = grpo.GRPOConfig(
+      trainer=trainer, model=common.ModelSpec(path=random_dir), data=_data(64),
+      generation=rollout.GenerationConfig(max_new_tokens=8, num_samples=4),
+      reward=rollout.RewardSpec(kind="model", path=random_dir), loss=loss,
+      optimizer=OptimizerConfig(lr=1e-3), run=_run(tmp_path, steps=2, batch_size=4, log_every=1))
+  grpo.run(config)
+  if trainer == "grpo":
+    assert policy_calls and all(c["clip_eps_high"] == 0.28 for c in policy_calls)
+    assert aggregate_calls and all(c["mode"] == "dapo" for c in aggregate_calls)
+    assert group_calls and not loo_calls
+  else:
+    assert loo_calls and not group_calls
+  second = _metrics(tmp_path)[1]
+  if trainer == "grpo":  # `kl` is the trained term, the summed k3; k1 is a separate diagnostic
+    assert second["kl"] >= 0 and second["kl"] != second["kl_k1"]
+  else:  # the KL in the reward is the summed k1
+    assert second["kl"] == second["kl_k1"]
+
+
+def test_rloo_and_grpo_trainers_validate_the_advantage():
+  assert grpo.GRPOConfig().advantage() == "group"
+  assert grpo.GRPOConfig(trainer="rloo").advantage() == "leave_one_out"
+  with pytest.raises(ValueError, match="trainer='rloo' uses the leave-one-out"):
+    grpo.GRPOConfig(trainer="rloo", loss=grpo.GRPOLoss(advantage="group")).validate()
+  with pytest.raises(ValueError, match="set trainer='rloo'"):
+    grpo.GRPOConfig(loss=grpo.GRPOLoss(advantage="leave_one_out")).validate()
+
+
+def test_fill_with_labelled_keeps_only_labelled_pairs_with_equal_total_weight():
+  chosen, rejected = np.arange(8), np.arange(8) + 100
+  weight = np.array([1, 0, 1, 0, 0, 1, 0, 0], np.float32)
+  c, r, w = map(np.asarray, iterative.fill_with_labelled(chosen, rejected, weight,
+                                                         jax.random.key(0)))
+  assert set(c.tolist()) == {0, 2, 5} and np.all(r == c + 100)
+  assert np.all(w > 0)
+  totals = [w[c == pair].sum() for pair in (0, 2, 5)]
+  np.testing.assert_allclose(totals, 8 / 3, rtol=1e-6)  # every pair the same total weight
+  _, _, none = iterative.fill_with_labelled(chosen, rejected, np.zeros(8), jax.random.key(0))
+  assert not np.any(np.asarray(none))
+
+
+def test_iterative_dpo_trains_a_batch_coupled_loss_on_labelled_pairs_only(sft_dir, tmp_path):
+  config = iterative.IterativeDPOConfig(
+      model=common.ModelSpec(path=sft_dir), data=_data(),
+      generation=rollout.GenerationConfig(max_new_tokens=MAX_NEW, num_samples=2), reward=GOLD,
+      loss=iterative.preference.PreferenceLossConfig(name="aot"),  # sorts across the batch
+      rounds=rounds.RoundConfig(rounds=1, prompts_per_round=32, minibatch_size=16,
+                                epochs_per_round=1), run=_run(tmp_path, steps=0))
+  task = iterative.build_task(config)
+  state, metrics = task.train_step(task.init_state(), task.batch(0))
+  pairs = jax.device_get(state.extra["round"])
+  assert 0 < metrics["round/labelled_pairs"]
+  assert np.all(pairs["weight"] > 0)  # no tie reaches a minibatch
+  distinct = {(a.tobytes(), b.tobytes()) for a, b in zip(pairs["input_ids"][:, 0],
+                                                         pairs["input_ids"][:, 1])}
+  assert len(distinct) == metrics["round/labelled_pairs"]
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_iterative_dpo_reset_reference_scores_with_the_round_s_policy(random_dir, tmp_path,
+                                                                      reset):
+  config = iterative.IterativeDPOConfig(
+      model=common.ModelSpec(path=random_dir), data=_data(64),
+      generation=rollout.GenerationConfig(max_new_tokens=6, num_samples=2),
+      reward=rollout.RewardSpec(kind="model", path=random_dir), reset_reference=reset,
+      rounds=rounds.RoundConfig(rounds=2, prompts_per_round=16, minibatch_size=16,
+                                epochs_per_round=1),
+      optimizer=OptimizerConfig(lr=1e-2), run=_run(tmp_path, steps=0))
+  task = iterative.build_task(config)
+  state = task.init_state()
+  copy = lambda params: jax.tree.map(np.array, jax.device_get(params))
+  initial = copy(state.params)
+  state, _ = task.train_step(state, task.batch(0))  # round 1: one step
+  after_round_1 = copy(state.params)
+  state, _ = task.train_step(state, task.batch(1))  # round 2 is generated from here
+  pairs = jax.device_get(state.extra["round"])
+  model, _ = common.load_policy(config.model)
+  reduction = config.loss.reduction()
+
+  def logps(params):
+    rows = {k: np.concatenate([pairs[k][:, 0], pairs[k][:, 1]])
+            for k in ("input_ids", "attention_mask", "loss_mask")}
+    out = iterative.preference._sequence_logps(model, params, rows, reduction, 512)[0]
+    n = pairs["weight"].shape[0]
+    return np.stack([out[:n], out[n:]], axis=1)
+
+  expected, other = ((logps(after_round_1), logps(initial)) if reset else
+                     (logps(initial), logps(after_round_1)))
+  np.testing.assert_allclose(pairs["ref_logps"], expected, rtol=1e-5, atol=1e-5)
+  assert np.abs(pairs["ref_logps"] - other).max() > 1e-3
