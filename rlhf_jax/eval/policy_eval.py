@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import parallel
 from rlhf_jax.eval import diagnostics
 
 __all__ = ["PolicySamples", "evaluate_policy", "summarize", "PolicyEvaluator", "evaluator_for"]
@@ -53,14 +54,14 @@ def _sampler(model, max_new_tokens, eos_ids, pad_id):
 def sample_batch(model, params, ref_params, batch, prompts, key, *, sampler, proxy=None,
                  gold_fn=None, decode, chunk_size=512) -> PolicySamples:
   rollout = sampler(params, batch["prompt_ids"], batch["prompt_mask"], key)
-  kl = np.asarray(jax.device_get(_kl_fn(model, chunk_size)(params, ref_params, rollout)))
+  kl = parallel.host_get(_kl_fn(model, chunk_size)(params, ref_params, rollout))
   responses = decode(rollout)
-  proxy_scores = None if proxy is None else np.asarray(jax.device_get(proxy(rollout, prompts)))
+  proxy_scores = None if proxy is None else parallel.host_get(proxy(rollout, prompts))
   gold = None if gold_fn is None else np.asarray(gold_fn(prompts, responses), np.float64)
   return PolicySamples(
       prompts=list(prompts), responses=responses, proxy=proxy_scores, gold=gold, kl=kl,
-      length=np.asarray(jax.device_get(rollout.response_mask.sum(1))),
-      stopped=np.asarray(jax.device_get(rollout.has_stop)))
+      length=parallel.host_get(rollout.response_mask.sum(1)),
+      stopped=parallel.host_get(rollout.has_stop))
 
 
 def evaluate_policy(model, params, ref_params, tokenizer, records, *, batch_size, max_new_tokens,

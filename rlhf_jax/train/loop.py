@@ -32,7 +32,6 @@ import shutil
 import time
 from typing import Any, Callable, Iterable
 
-import jax
 import numpy as np
 
 from rlhf_jax import parallel
@@ -167,7 +166,7 @@ def evaluate(task: Task, state) -> dict:
   if task.eval_step is not None:
     totals: dict[str, float] = {}
     for batch in task.eval_batches():
-      sums = jax.device_get(task.eval_step(state, task.put(batch)))
+      sums = parallel.host_get(task.eval_step(state, task.put(batch)))
       for key, value in sums.items():
         totals[key] = totals.get(key, 0.0) + float(value)
     weight = totals.pop("weight", 0.0)
@@ -270,7 +269,7 @@ def run_loop(task: Task, run: RunConfig) -> dict:
       batch = task.batch(step)
       window_tokens += task.count_tokens(batch)
       state, metrics = task.train_step(state, task.put(batch))
-      metrics = jax.device_get(metrics)
+      metrics = parallel.host_get(metrics)
       _check_finite(step + 1, metrics, checkpoints)
       last_metrics = {k: _scalar(v) for k, v in metrics.items()}
       writer.write(step + 1, "train", last_metrics)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import losses, models, ops
+from rlhf_jax import losses, models, ops, parallel
 from rlhf_jax.config import to_dict
 from rlhf_jax.train import common, loop, rollout as rollout_lib
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer
@@ -259,8 +259,10 @@ def rollout_metrics(rollout, scores, old_logps, kl_per_sequence, kl_coef) -> dic
 
 def _export_policy(model, tokenizer):
   def export(state, out_dir):
-    models.save_pretrained(model, jax.device_get(state.params["policy"]), out_dir)
-    tokenizer.save_pretrained(out_dir)
+    params = parallel.host_get(state.params["policy"])  # every process gathers; process 0 writes
+    if parallel.is_main_process():
+      models.save_pretrained(model, params, out_dir)
+      tokenizer.save_pretrained(out_dir)
   return export
 
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import sampling
+from rlhf_jax import parallel, sampling
 
 __all__ = ["GenerationConfig", "RewardSpec", "Rollout", "make_sampler", "ModelScorer",
            "FunctionScorer", "make_scorer", "load_function"]
@@ -139,13 +139,13 @@ class FunctionScorer:
     self.fn, self.tokenizer, self.penalty = fn, tokenizer, missing_eos_penalty
 
   def decode(self, rollout: Rollout) -> list[str]:
-    tokens = np.asarray(jax.device_get(rollout.responses()))
-    mask = np.asarray(jax.device_get(rollout.response_mask)) > 0
+    tokens = parallel.host_get(rollout.responses())
+    mask = parallel.host_get(rollout.response_mask) > 0
     return [self.tokenizer.decode(row[keep], skip_special_tokens=True)
             for row, keep in zip(tokens, mask)]
 
   def __call__(self, rollout: Rollout, prompts: list) -> jax.Array:
-    index = np.asarray(jax.device_get(rollout.prompt_index))
+    index = parallel.host_get(rollout.prompt_index)
     responses = self.decode(rollout)
     scores = np.asarray(self.fn([prompts[i] for i in index], responses), np.float32)
     if scores.shape != (len(responses),):
