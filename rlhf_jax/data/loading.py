@@ -109,6 +109,12 @@ def load_rows(source: Any, *, split: str = "train", kind: str | None = None, num
   path = pathlib.Path(source)
   if path.is_dir() and (path / "dataset_info.json").exists():
     return datasets.load_from_disk(str(path)), source
+  if path.is_dir() and (path / "dataset_dict.json").exists():  # a saved DatasetDict: pick the split
+    splits = datasets.load_from_disk(str(path))
+    if split not in splits:
+      raise ValueError(f"{source!r} has splits {sorted(splits)}, not {split!r} "
+                       "(set data.split / data.eval_split)")
+    return splits[split], f"{source}[{split}]"
   if path.suffix in _FILE_BUILDERS:
     if not path.exists():
       raise FileNotFoundError(f"data file {source!r} does not exist")

@@ -97,6 +97,23 @@ def test_saved_dataset_directory(tmp_path, word_tokenizer):
   assert len(records) == 2
 
 
+def test_saved_dataset_dict_split_and_the_trainers_eval_split(tmp_path, word_tokenizer):
+  from rlhf_jax.train import common
+
+  path = str(tmp_path / "saved_dict")
+  datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list(ROWS),
+                        "test_prefs": datasets.Dataset.from_list(ROWS[:1])}).save_to_disk(path)
+  records, _ = prepare("pair", path, word_tokenizer, CONFIG, split="test_prefs")
+  assert len(records) == 1
+  with pytest.raises(ValueError, match=r"splits \['test_prefs', 'train_prefs'\], not 'train'"):
+    prepare("pair", path, word_tokenizer, CONFIG)
+  # A hub-style layout: train on one split, evaluate on another of the same dataset.
+  spec = common.DataSpec(train=path, split="train_prefs", eval=path, eval_split="test_prefs",
+                         max_length=32)
+  train, evaluation, _ = common.load_data("pair", spec, word_tokenizer, seed=0)
+  assert (len(train), len(evaluation)) == (2, 1)
+
+
 def test_bad_row_error_names_file_row_and_field(tmp_path, word_tokenizer):
   rows = ROWS + [{"prompt": "review the show", "chosen": "the plot is ok .",
                   "rejected": "the plot is ok ."}]
