@@ -331,14 +331,8 @@ def test_single_new_token(toy_setup):
   np.testing.assert_array_equal(out.tokens[:, 0], logits.argmax(-1))
 
 
-def test_no_recompilation_for_same_shapes(toy_setup):
-  params, ids, mask = toy_setup
-  kw = dict(max_new_tokens=N, temperature=0.9, top_k=10, eos_token_id=[3, 4])
-  sampling.generate(TOY, params, ids, mask, jax.random.key(0), **kw)  # compile (or cache hit)
-  # Inputs made before listening: building them runs small eager computations that compile.
-  new_ids = jnp.asarray(np.random.default_rng(1).integers(2, 40, ids.shape), jnp.int32)
-  new_params = jax.tree.map(lambda x: x * 1.5, params)
-  new_key = jax.random.key(1)
+def _assert_no_compilation(call):
+  """Runs `call` (a generate) and asserts it neither compiled nor grew the jit cache."""
   compiles = []
 
   def listener(event, duration, **_):
@@ -348,12 +342,22 @@ def test_no_recompilation_for_same_shapes(toy_setup):
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
     size = sampling._generate._cache_size()
-    out = sampling.generate(TOY, new_params, new_ids, mask, new_key, **kw)
-    out.tokens.block_until_ready()
+    call().tokens.block_until_ready()
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert sampling._generate._cache_size() == size
   assert not compiles
+
+
+def test_no_recompilation_for_same_shapes(toy_setup):
+  params, ids, mask = toy_setup
+  kw = dict(max_new_tokens=N, temperature=0.9, top_k=10, eos_token_id=[3, 4])
+  sampling.generate(TOY, params, ids, mask, jax.random.key(0), **kw)  # compile (or cache hit)
+  # Inputs made before listening: building them runs small eager computations that compile.
+  new_ids = jnp.asarray(np.random.default_rng(1).integers(2, 40, ids.shape), jnp.int32)
+  new_params = jax.tree.map(lambda x: x * 1.5, params)
+  new_key = jax.random.key(1)
+  _assert_no_compilation(lambda: sampling.generate(TOY, new_params, new_ids, mask, new_key, **kw))
 
 
 def test_generate_validates_arguments(toy_setup):
@@ -484,23 +488,9 @@ def test_causal_lm_no_recompilation_for_same_shapes(tiny_lm):
   new_ids = jnp.asarray(np.random.default_rng(1).integers(0, 100, ids.shape), jnp.int32)
   new_params = jax.tree.map(lambda x: x * 1.5, params)
   new_key = jax.random.key(1)
-  compiles = []
-
-  def listener(event, duration, **_):
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiles.append(duration)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    size = sampling._generate._cache_size()
-    out = sampling.generate(model, new_params, new_ids, mask, new_key,
-                            **{**_REAL_LM_SAMPLING, "temperature": 0.6, "top_p": 0.8},
-                            eos_token_id=5)
-    out.tokens.block_until_ready()
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-  assert sampling._generate._cache_size() == size
-  assert not compiles
+  _assert_no_compilation(lambda: sampling.generate(
+      model, new_params, new_ids, mask, new_key,
+      **{**_REAL_LM_SAMPLING, "temperature": 0.6, "top_p": 0.8}, eos_token_id=5))
 
 
 def test_learned_positions_bound_prompt_plus_new_tokens():
