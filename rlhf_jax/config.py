@@ -14,6 +14,7 @@ import difflib
 import importlib.util
 import json
 import pathlib
+import re
 import types
 import typing
 from typing import Any
@@ -214,4 +215,9 @@ def load_experiment(path: str | pathlib.Path, arg: str | None = None):
   if not dataclasses.is_dataclass(config) or not hasattr(config, "trainer"):
     raise ConfigError(f"{path}: get_config() must return a config dataclass with a 'trainer' "
                       f"field, got {type(config).__name__}")
+  if arg is not None and to_dict(config) == to_dict(get_config()):
+    # get_config ignores args it does not know: a typo would silently run the default.
+    documented = sorted(set(re.findall(r"--arg[ =](\w+)", module.__doc__ or "")))
+    raise ConfigError(f"--arg {arg!r} changes nothing in {path.name}"
+                      + (f"; it documents: {', '.join(documented)}" if documented else ""))
   return config

@@ -46,6 +46,12 @@ def test_cli_rejects_unknown_keys_with_a_suggestion():
   assert "unknown config key 'loss.bta'; did you mean 'loss.beta'?" in result.stderr
 
 
+def test_an_unknown_arg_is_an_error_not_the_default_run():
+  result = _cli("run", str(EXPERIMENTS / "dpo.py"), "--arg", "runlcoal", "--print-config")
+  assert result.returncode == 2
+  assert "--arg 'runlcoal' changes nothing in dpo.py; it documents: rpo, runlocal" in result.stderr
+
+
 def test_cli_rejects_bad_values_and_files():
   result = _cli("run", str(EXPERIMENTS / "dpo.py"), "--set", "loss.name=dpoo")
   assert result.returncode == 2 and "did you mean 'dpo'" in result.stderr
