@@ -66,7 +66,9 @@ CHAT_TEMPLATE = (
     "{% if message['role'] == 'assistant' %}<eos> {% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|> {% endif %}")
 
-# A few-million-parameter Llama-family model (transformers LlamaConfig fields).
+# A 0.56M-parameter Llama-family model (transformers LlamaConfig fields): GQA, RMSNorm, RoPE,
+# SwiGLU and tied embeddings as in the real ones, sized so the whole pipeline fits ~3 minutes on
+# 2 CPU cores (the task's 50-token vocabulary needs no more).
 TINY_MODEL = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                   rope_theta=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)

@@ -40,7 +40,7 @@ __all__ = [
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   # A local Hugging Face directory, a hub id, or "synthetic:tiny[:seed]" (the embedded task's
-  # tokenizer and a randomly initialised few-million-parameter Llama, written once to the cache).
+  # tokenizer and a randomly initialised 0.56M-parameter Llama, written once to the cache).
   path: str = "synthetic:tiny"
   tokenizer: str | None = None  # None: the model's path
   reference_path: str | None = None  # the frozen reference; None: the initial policy
