@@ -10,10 +10,9 @@ Guo et al. 2024, online AI feedback, arXiv 2402.04792). Labels come from
             win probability, and the pair is (best, worst), dropped when they tie; K = 2 is one
             comparison. The synthetic task uses its rule-based judge; any causal LM, with its own
             tokenizer and `labels.constitution`, the constitutional one.
-Losses whose rows are coupled through the batch (`batch_coupled`: AOT's sorting, BCO's batch
-mean) must not see tie rows, even at zero weight: for them the round's pairs are the labelled
-pairs only, repeated to fill the round's fixed size and weighted so that each labelled pair
-carries the same total weight (`fill_with_labelled`).
+Ties stay in the round at zero weight (the round has a fixed size, so one compilation); losses
+whose rows are coupled through the batch (AOT's sorting, BCO's batch mean) get the real-row mask
+as `where=` from the preference trainer's per-example losses, so ties leave them alone too.
 The reference's log-probs are computed when the round is generated: from the initial policy, or,
 with `reset_reference`, from the policy at the start of the round (the reference moves with it).
 """
@@ -32,7 +31,7 @@ from rlhf_jax.train import best_of_n, common, loop, preference, rollout as rollo
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer, make_schedule
 
 __all__ = ["LabelConfig", "IterativeDPOConfig", "build_task", "run", "make_labeller", "make_judge",
-           "judge_scores", "fill_with_labelled"]
+           "judge_scores"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,25 +130,6 @@ def make_labeller(config: IterativeDPOConfig, scorer, tokenizer):
   return label
 
 
-def fill_with_labelled(chosen, rejected, weight, key):
-  """The round's pairs for batch-coupled losses: only labelled pairs (weight > 0).
-
-  The L labelled pairs, in a random order, fill the round's S slots cyclically; each slot's
-  weight is (S / L) / (how many slots hold its pair), so every labelled pair carries the same
-  total weight S / L, and weights stay near 1. A round with no labelled pair stays all zero.
-  """
-  weight = np.asarray(weight)
-  labelled = np.flatnonzero(weight > 0)
-  if labelled.size == 0:
-    return chosen, rejected, jnp.asarray(weight)
-  order = labelled[np.asarray(jax.random.permutation(key, labelled.size))]
-  slots = order[np.arange(weight.size) % labelled.size]
-  repeats = np.bincount(slots, minlength=weight.size)[slots]
-  take = lambda x: jnp.asarray(np.asarray(x)[slots])
-  return take(chosen), take(rejected), jnp.asarray(weight.size / labelled.size / repeats,
-                                                   jnp.float32)
-
-
 def build_task(config: IterativeDPOConfig) -> loop.Task:
   config.validate()
   run, spec, gen, rc = config.run, config.model, config.generation, config.rounds
@@ -166,7 +146,6 @@ def build_task(config: IterativeDPOConfig) -> loop.Task:
                                     tokenizer.pad_token_id)
   label = make_labeller(config, scorer, tokenizer)
   reduction, chunk = config.loss.reduction(), spec.logps_chunk_size
-  batch_coupled = config.loss.entry().batch_coupled
   per_example = preference.make_pair_losses(model, config.loss, chunk)
   steps_per_round = rc.steps_per_round()
   total = rc.rounds * steps_per_round
@@ -178,13 +157,11 @@ def build_task(config: IterativeDPOConfig) -> loop.Task:
     return preference._sequence_logps(model, params, rows, reduction, chunk)[0]
 
   def generate(state, batch, key):
-    sample_key, label_key, fill_key = jax.random.split(key, 3)
+    sample_key, label_key = jax.random.split(key)
     texts = [records[i].text for i in np.asarray(batch["index"])]
     rollout = sample(state.params, batch["prompt_ids"], batch["prompt_mask"], sample_key)
     chosen, rejected, weight = label(rollout, texts, label_key)
     labelled = jnp.sum(weight > 0)
-    if batch_coupled:
-      chosen, rejected, weight = fill_with_labelled(chosen, rejected, weight, fill_key)
     rows = best_of_n.sft_rows_from(jax.tree.map(
         lambda x: jnp.take(x, jnp.concatenate([chosen, rejected]), axis=0), rollout))
     reference = state.params if config.reset_reference else initial_ref
