@@ -119,12 +119,16 @@ def test_kto_batch_shapes_over_many_batches_are_the_buckets(word_tokenizer):
   assert shapes <= {(3, 16), (3, 32)}
 
 
+# One 3-completion and one 2-completion ranked row: K differs between rows.
+RANKED_ROWS = [
+    {"prompt": "review the cafe", "ranks": [1, 2, 0],
+     "completions": ["the food is ok .", "the food is bad .", "the staff is good ."]},
+    {"prompt": "review the show", "completions": ["the plot is ok .", "the plot is bad ."],
+     "ranks": [0, 1]}]
+
+
 def test_ranked_batches_have_one_k_when_rows_differ(word_tokenizer):
-  rows = [{"prompt": "review the cafe", "completions": ["the food is ok .", "the food is bad .",
-                                                        "the staff is good ."], "ranks": [1, 2, 0]},
-          {"prompt": "review the show", "completions": ["the plot is ok .", "the plot is bad ."],
-           "ranks": [0, 1]}]
-  records, _ = prepare("ranked", rows, word_tokenizer, TokenizeConfig(max_length=32))
+  records, _ = prepare("ranked", RANKED_ROWS, word_tokenizer, TokenizeConfig(max_length=32))
   stream = BatchStream(records, batch_size=1, max_length=32, shuffle=False)
   # Batch 1 holds only the 2-completion row: K stays 3 (masked), so the step does not recompile.
   shapes = {(stream.batch(i)["input_ids"].shape, stream.batch(i)["ranks"].shape)
@@ -136,11 +140,7 @@ def test_ranked_batches_have_one_k_when_rows_differ(word_tokenizer):
 
 
 def test_ranked_batches_pad_missing_slots(word_tokenizer):
-  rows = [{"prompt": "review the cafe", "completions": ["the food is ok .", "the food is bad .",
-                                                        "the staff is good ."], "ranks": [1, 2, 0]},
-          {"prompt": "review the show", "completions": ["the plot is ok .", "the plot is bad ."],
-           "ranks": [0, 1]}]
-  records, _ = prepare("ranked", rows, word_tokenizer, TokenizeConfig(max_length=32))
+  records, _ = prepare("ranked", RANKED_ROWS, word_tokenizer, TokenizeConfig(max_length=32))
   batch = BatchStream(records, batch_size=2, max_length=32, shuffle=False).batch(0)
   assert batch["input_ids"].shape[0] == 6
   np.testing.assert_array_equal(batch["ranks"], [[1, 2, 0], [0, 1, 0]])
