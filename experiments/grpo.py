@@ -9,12 +9,22 @@ G = 4 samples per prompt; advantages normalised within each group; k3 KL to the 
 loss (logged as kl, summed over tokens at the rollout; kl_k1 is the k1 diagnostic). Expected: the
 eval gold_reward rises steadily from the SFT policy's.
 
-The real recipe (GRPO on GSM8K-style verifiable math with a Python checker):
+The real recipe (GRPO on GSM8K; the rows' `answer` column is the reference the checker reads):
     python -m rlhf_jax run experiments/grpo.py --set model.path=Qwen/Qwen2.5-0.5B-Instruct \
-      --set data.train=openai/gsm8k --set reward.function=my_rewards:gsm8k_correct \
-      --set reward.gold_function=none --set generation.num_samples=8 \
+      --set data.train=openai/gsm8k --set data.subset=main --set data.prompt_column=question \
+      --set data.chat=true \
+      --set "data.system_prompt=Solve it step by step, then end with: The answer is <number>." \
+      --set data.max_length=256 --set data.eval_fraction=0.01 \
+      --set reward.functions=rlhf_jax.rewards:math_answer --set generation.num_samples=8 \
       --set generation.max_new_tokens=512 --set model.dtype=bfloat16 \
       --set optimizer.lr=1e-6 --set run.batch_size=32 --set run.steps=500
+Each reward function gets the prompts, the completions and every other column of the rows as
+keyword arguments (`fn(prompts, completions, answer, **columns) -> list[float | None]`; see
+rlhf_jax/rewards/__init__.py); one of your own: `--set reward.functions=my_rewards.py:check`.
+Several are summed with reward.weights and logged one by one (reward/<name>), e.g. DAPO's soft
+length penalty beside the checker:
+`reward.functions=rlhf_jax.rewards:math_answer,rlhf_jax.rewards:soft_overlong_penalty(max_length=512,cache=64)`.
+The gold (evaluation) reward is the embedded task's only for synthetic:* data, so none here.
 """
 
 import dataclasses
@@ -22,7 +32,7 @@ import dataclasses
 from rlhf_jax.train.common import DataSpec, ModelSpec
 from rlhf_jax.train.grpo import GRPOConfig, GRPOLoss
 from rlhf_jax.train.loop import RunConfig
-from rlhf_jax.train.rollout import GenerationConfig, RewardSpec
+from rlhf_jax.rollout import GenerationConfig, RewardSpec
 from rlhf_jax.train.state import OptimizerConfig
 
 

@@ -20,7 +20,7 @@ from rlhf_jax.train.common import DataSpec, ModelSpec
 from rlhf_jax.train.iterative import IterativeDPOConfig, LabelConfig
 from rlhf_jax.train.loop import RunConfig
 from rlhf_jax.train.preference import PreferenceLossConfig
-from rlhf_jax.train.rollout import GenerationConfig, RewardSpec
+from rlhf_jax.rollout import GenerationConfig, RewardSpec
 from rlhf_jax.train.rounds import RoundConfig
 from rlhf_jax.train.state import OptimizerConfig
 

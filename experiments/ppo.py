@@ -14,7 +14,7 @@ critic, reward.missing_eos_penalty to punish rambling.
 
 The real recipe (PPO of an SFT'd Qwen2.5-0.5B against its RM):
     python -m rlhf_jax run experiments/ppo.py --set model.path=runs/sft-qwen/hf \
-      --set reward.path=runs/rm-qwen/hf --set reward.gold_function=none \
+      --set reward.path=runs/rm-qwen/hf \
       --set data.train=trl-lib/tldr --set data.max_length=512 --set generation.max_new_tokens=53 \
       --set model.dtype=bfloat16 --set optimizer.lr=3e-6 --set run.batch_size=64 \
       --set reward.missing_eos_penalty=1.0 --set run.steps=1000
@@ -25,7 +25,7 @@ import dataclasses
 from rlhf_jax.train.common import DataSpec, ModelSpec
 from rlhf_jax.train.loop import RunConfig
 from rlhf_jax.train.ppo import PPOConfig, PPOLoss
-from rlhf_jax.train.rollout import GenerationConfig, RewardSpec
+from rlhf_jax.rollout import GenerationConfig, RewardSpec
 from rlhf_jax.train.state import OptimizerConfig
 
 

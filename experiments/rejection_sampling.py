@@ -13,7 +13,7 @@ import dataclasses
 from rlhf_jax.train.best_of_n import RejectionSamplingConfig
 from rlhf_jax.train.common import DataSpec, ModelSpec
 from rlhf_jax.train.loop import RunConfig
-from rlhf_jax.train.rollout import GenerationConfig, RewardSpec
+from rlhf_jax.rollout import GenerationConfig, RewardSpec
 from rlhf_jax.train.rounds import RoundConfig
 from rlhf_jax.train.state import OptimizerConfig
 

@@ -15,7 +15,7 @@ import dataclasses
 from rlhf_jax.train.common import DataSpec, ModelSpec
 from rlhf_jax.train.grpo import GRPOConfig, GRPOLoss
 from rlhf_jax.train.loop import RunConfig
-from rlhf_jax.train.rollout import GenerationConfig, RewardSpec
+from rlhf_jax.rollout import GenerationConfig, RewardSpec
 from rlhf_jax.train.state import OptimizerConfig
 
 

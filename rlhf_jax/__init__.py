@@ -1,7 +1,7 @@
 """rlhf_jax: aligning language models with human preferences in JAX/Flax.
 
 Light to import: `losses` and `ops` (pure math) load eagerly; the heavier subpackages (models,
-sampling, data, train, eval) load on first attribute access.
+sampling, rollout, rewards, data, train, eval, ...) load on first attribute access.
 """
 
 import importlib
@@ -10,7 +10,8 @@ from rlhf_jax import losses, ops
 
 __version__ = "0.1.0"
 
-_LAZY = ("models", "sampling", "data", "train", "eval", "parallel", "cli", "config", "bandit")
+_LAZY = ("models", "sampling", "rollout", "rewards", "data", "train", "eval", "parallel", "cli",
+         "config", "bandit", "embedded", "feedback", "pipeline")
 
 
 def __getattr__(name):

@@ -51,6 +51,16 @@ def _parser():
   run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optimizer.lr=1e-5 (repeatable)")
   run.add_argument("--print-config", action="store_true", help="print the config and exit")
+  launch = run.add_argument_group(
+      "multi-process launch (one process per host or GPU; default: the JAX_COORDINATOR_ADDRESS, "
+      "JAX_NUM_PROCESSES and JAX_PROCESS_ID variables, else SLURM / Open MPI / TPU detection)")
+  launch.add_argument("--coordinator", metavar="HOST:PORT",
+                      help="address of process 0's coordinator service")
+  launch.add_argument("--num-processes", type=int, metavar="N", help="number of processes")
+  launch.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0..N-1")
+  launch.add_argument("--distributed", action="store_true",
+                      help="initialise jax.distributed even when no launcher is detected "
+                           "(a Cloud TPU VM slice, where jax asks the metadata server)")
   return parser
 
 
@@ -66,14 +76,23 @@ def main(argv=None) -> int:
   except config_lib.ConfigError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
-  print(json.dumps(config_lib.to_dict(config), indent=2))
   if args.print_config:
+    print(json.dumps(config_lib.to_dict(config), indent=2))
     return 0
   import jax  # noqa: PLC0415 — keeps --help and config errors instant
 
   from rlhf_jax import parallel  # noqa: PLC0415
-  if parallel.initialize_distributed():
-    logging.getLogger(__name__).info("process %d of %d", jax.process_index(),
-                                     jax.process_count())
+  try:
+    launched = parallel.initialize_distributed(args.coordinator, args.num_processes,
+                                               args.process_id, force=args.distributed)
+  except parallel.LaunchError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  if launched:
+    logging.getLogger(__name__).info("process %d of %d (%d local devices of %d)",
+                                     jax.process_index(), jax.process_count(),
+                                     jax.local_device_count(), jax.device_count())
+  if parallel.is_main_process():  # one copy of the config in a multi-process job's logs
+    print(json.dumps(config_lib.to_dict(config), indent=2))
   run_config(config)
   return 0

@@ -95,7 +95,7 @@ def _coerce(raw: str, hint, key: str):
     try:
       value = ast.literal_eval(raw.strip())
     except (ValueError, SyntaxError):
-      value = [part.strip() for part in raw.split(",") if part.strip()]
+      value = [part.strip() for part in _split_top_level(raw) if part.strip()]
     if not isinstance(value, (list, tuple)):
       value = [value]
     item_hint = args[0] if args else str
@@ -110,6 +110,19 @@ def _coerce(raw: str, hint, key: str):
       raise ConfigError(f"{key}: expected a JSON object, got {raw!r}")
     return value
   raise ConfigError(f"{key}: cannot set a value of type {hint} from the command line")
+
+
+def _split_top_level(raw: str) -> list[str]:
+  """'a,f(x=1,y=2),b' -> ['a', 'f(x=1,y=2)', 'b']: commas inside brackets do not split."""
+  parts, depth, current = [], 0, []
+  for char in raw:
+    depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(char, 0)
+    if char == "," and depth == 0:
+      parts.append("".join(current))
+      current = []
+    else:
+      current.append(char)
+  return parts + ["".join(current)]
 
 
 def _initials(name: str) -> str:

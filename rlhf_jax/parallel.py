@@ -27,8 +27,12 @@ __all__ = [
     "shard_batch",
     "replicate",
     "host_get",
+    "host_get_all_processes",
+    "put_rows",
     "is_main_process",
     "initialize_distributed",
+    "distributed_settings",
+    "LaunchError",
 ]
 
 AXES = ("data", "fsdp", "tensor")
@@ -137,6 +141,21 @@ def host_get(tree):
   return jax.tree.map(get, tree)
 
 
+def host_get_all_processes(x: np.ndarray) -> np.ndarray:
+  """[process_count, ...]: every process's value of the host array `x` (same shape on all)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)[None]
+  from jax.experimental import multihost_utils  # noqa: PLC0415 — only multi-host needs it
+  return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=False))
+
+
+def put_rows(x: np.ndarray, sharding) -> jax.Array:
+  """A host array (the same on every process) placed with `sharding`: each process fills the
+  shards its devices hold, so it works across processes as on one."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def is_main_process() -> bool:
   """Whether this process writes run files (config, metrics, exports): process 0 only."""
   return jax.process_index() == 0
@@ -146,17 +165,98 @@ def replicate(tree, mesh: Mesh):
   return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
-def initialize_distributed(initialize: Callable = jax.distributed.initialize) -> bool:
-  """Calls `jax.distributed.initialize()` when launched as one of several processes.
+# Launch settings: (flag, variable) pairs; a flag wins over its variable.
+_LAUNCH_VARIABLES = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
+                     "process_id": "JAX_PROCESS_ID"}
+_LAUNCH_FLAGS = {"coordinator": "--coordinator", "num_processes": "--num-processes",
+                 "process_id": "--process-id"}
 
-  Detects the usual launchers (an explicit coordinator address, multi-node SLURM, Open MPI, a
-  multi-host TPU slice), whose variables `initialize()` then reads. Returns whether it did.
+
+class LaunchError(ValueError):
+  """The multi-process launch settings (flags, JAX_* or cluster variables) are inconsistent."""
+
+
+def _launch_int(name: str, raw, source: str) -> int:
+  try:
+    return int(raw)
+  except (TypeError, ValueError):
+    raise LaunchError(f"{source}: expected an integer for the {name.replace('_', ' ')}, got "
+                      f"{raw!r}") from None
+
+
+def _cluster(env) -> str | None:
+  """The launcher that started several processes, when its variables say so (jax reads them)."""
+  slurm_tasks = env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))
+  # SLURM_STEP_NODELIST is set inside `srun` only: a batch script's own process is not one of
+  # several tasks even when the allocation has many. One node with several tasks counts too.
+  if ("SLURM_STEP_NODELIST" in env and "SLURM_PROCID" in env
+      and _launch_int("process count", slurm_tasks, "SLURM_STEP_NUM_TASKS") > 1):
+    return "slurm"
+  if "OMPI_MCA_orte_hnp_uri" in env and int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    return "ompi"
+  if ("," in env.get("TPU_WORKER_HOSTNAMES", "") or "," in env.get("TPU_PROCESS_ADDRESSES", "")
+      or env.get("MEGASCALE_COORDINATOR_ADDRESS")):
+    return "tpu"
+  return None
+
+
+def distributed_settings(coordinator: str | None = None, num_processes: int | None = None,
+                         process_id: int | None = None, *, force: bool = False,
+                         env=None) -> dict | None:
+  """The `jax.distributed.initialize` arguments for this launch, or None for one process.
+
+  In order: explicit values (the CLI's --coordinator / --num-processes / --process-id), the
+  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables, then a cluster that
+  jax detects itself (SLURM tasks under srun, one node with several tasks included; Open MPI's
+  mpirun; a TPU slice on GKE). `force` (--distributed) initialises even when nothing is detected:
+  jax then asks the TPU metadata server, as on a Cloud TPU VM slice. Raises LaunchError, naming
+  the flag or variable, when the settings are incomplete or out of range.
   """
-  env = os.environ
-  multi = (bool(env.get("JAX_COORDINATOR_ADDRESS"))
-           or int(env.get("SLURM_JOB_NUM_NODES", "1")) > 1
-           or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-           or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
-  if multi:
-    initialize()
-  return multi
+  env = os.environ if env is None else env
+  given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
+  settings, sources = {}, {}
+  for name, value in given.items():
+    source = _LAUNCH_FLAGS[name]
+    if value is None and env.get(_LAUNCH_VARIABLES[name], "") != "":
+      value, source = env[_LAUNCH_VARIABLES[name]], _LAUNCH_VARIABLES[name]
+    if value is not None:
+      settings[name] = value if name == "coordinator" else _launch_int(name, value, source)
+      sources[name] = source
+  cluster = _cluster(env)
+  if not settings:
+    return {} if (cluster or force) else None
+  if cluster is None:
+    missing = [f"{_LAUNCH_FLAGS[n]} (or {_LAUNCH_VARIABLES[n]})" for n in _LAUNCH_VARIABLES
+               if n not in settings]
+    if missing:
+      raise LaunchError(f"a multi-process launch with {', '.join(sources.values())} also needs "
+                        f"{' and '.join(missing)}: every process gets the coordinator's "
+                        "host:port, the number of processes and its own id (0 on the "
+                        "coordinator's host)")
+  if "coordinator" in settings and ":" not in settings["coordinator"]:
+    raise LaunchError(f"{sources['coordinator']}: expected host:port (e.g. 10.0.0.1:1234), got "
+                      f"{settings['coordinator']!r}")
+  if "num_processes" in settings and settings["num_processes"] < 1:
+    raise LaunchError(f"{sources['num_processes']}: expected at least 1 process, got "
+                      f"{settings['num_processes']}")
+  if "num_processes" in settings and "process_id" in settings and not (
+      0 <= settings["process_id"] < settings["num_processes"]):
+    raise LaunchError(f"{sources['process_id']}: expected a process id in [0, "
+                      f"{settings['num_processes']}), got {settings['process_id']}")
+  return {{"coordinator": "coordinator_address"}.get(k, k): v for k, v in settings.items()}
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, *, force: bool = False, env=None,
+                           initialize: Callable = jax.distributed.initialize) -> bool:
+  """Calls `jax.distributed.initialize` when launched as one of several processes.
+
+  See `distributed_settings` for where the settings come from. Returns whether it initialised.
+  """
+  settings = distributed_settings(coordinator, num_processes, process_id, force=force, env=env)
+  if settings is None:
+    return False
+  if initialize is jax.distributed.initialize and jax.distributed.is_initialized():
+    return True  # a driver that runs several experiments in one process initialises once
+  initialize(**settings)
+  return True

@@ -24,10 +24,11 @@ import time
 import jax
 import numpy as np
 
+from rlhf_jax import parallel, rollout
 from rlhf_jax.data import BatchStream, TokenizeConfig, prepare, synthetic
 from rlhf_jax.eval import diagnostics, plots, policy_eval
 from rlhf_jax.parallel import MeshConfig
-from rlhf_jax.train import common, loop, ppo, preference, reward, rollout, sft
+from rlhf_jax.train import common, loop, ppo, preference, reward, sft
 from rlhf_jax.train.state import OptimizerConfig
 
 __all__ = ["Stage", "PipelineConfig", "run", "best_of_n_points"]
@@ -136,8 +137,9 @@ class _Lab:
     self.model, self.sft_params = model, sft_params
     self.evaluator = policy_eval.PolicyEvaluator(
         model, sft_params, self.tokenizer, records, batch_size=64,
-        max_new_tokens=self.config.max_new_tokens, eos_ids=common.stop_ids(self.tokenizer, model),
-        proxy=self.proxy, gold_fn=synthetic.gold_reward_fn, seed=self.config.seed)
+        max_new_tokens=self.config.max_new_tokens,
+        eos_ids=rollout.stop_ids(self.tokenizer, model), proxy=self.proxy,
+        gold_fn=rollout.RewardFunction(synthetic.gold_reward_fn, "gold"), seed=self.config.seed)
     self.records = records
     self.sft_samples = self.evaluator.samples(sft_params)
     return self.evaluator
@@ -252,39 +254,40 @@ def best_of_n_points(lab: _Lab, config: PipelineConfig) -> list[dict]:
   draws = n_max + m
   sample = rollout.make_sampler(lab.model, rollout.GenerationConfig(
       max_new_tokens=config.max_new_tokens, num_samples=draws),
-      common.stop_ids(lab.tokenizer, lab.model), lab.tokenizer.pad_token_id)
-  decode = rollout.FunctionScorer(None, lab.tokenizer).decode
+      rollout.stop_ids(lab.tokenizer, lab.model), lab.tokenizer.pad_token_id)
   stream = BatchStream(lab.records, 16, 16, lab.tokenizer.pad_token_id, shuffle=False)
   proxy, gold, length, seconds = [], [], [], 0.0
   key = jax.random.key(config.seed + 1)
   for i, batch in enumerate(stream.epoch()):
-    texts = [lab.records[j].text for j in batch["index"]]
+    records = [lab.records[j] for j in batch["index"]]
     start = time.perf_counter()
     samples = sample(lab.sft_params, batch["prompt_ids"], batch["prompt_mask"],
                      jax.random.fold_in(key, i))
-    scores = np.asarray(lab.proxy(samples, texts))
+    scores = parallel.host_get(lab.proxy(samples, records)[0])
     seconds += time.perf_counter() - start
     real = np.repeat(batch["weight"] > 0, draws)
     proxy.append(scores[real].reshape(-1, draws))
-    length.append(np.asarray(samples.response_mask.sum(1))[real].reshape(-1, draws))
+    length.append(parallel.host_get(samples.response_mask.sum(1))[real].reshape(-1, draws))
     # Gold (evaluation only, untimed) for the candidates; the reference draws serve the CDF.
     keep = np.flatnonzero(real & (np.arange(real.size) % draws < n_max))
-    candidates = jax.tree.map(lambda x: x[keep], samples)
-    prompts = [texts[j] for j in np.asarray(candidates.prompt_index)]
-    gold.append(synthetic.gold_reward_fn(prompts, decode(candidates)).reshape(-1, n_max))
+    candidates = rollout.take_rows(samples, keep)
+    prompts = [records[j].text for j in parallel.host_get(candidates.prompt_index)]
+    responses = rollout.decode_responses(candidates, lab.tokenizer)
+    gold.append(np.reshape(synthetic.gold_reward_fn(prompts, responses), (-1, n_max)))
   proxy, gold, length = np.concatenate(proxy), np.concatenate(gold), np.concatenate(length)
-  rows = np.arange(proxy.shape[0])
   points = []
   for n in config.best_of_n:
-    best = np.argmax(proxy[:, :n], axis=1)
+    # The winner among each prompt's first n draws (flat rows of the [prompts, n] candidates).
+    winners = parallel.host_get(rollout.group_rows(proxy[:, :n].reshape(-1), n))
+    won = lambda values: values[:, :n].reshape(-1)[winners]
     kl_estimate, kl_error = diagnostics.best_of_n_kl_estimate(
-        proxy[rows, best][:, None], proxy[:, n_max:], n)
+        won(proxy)[:, None], proxy[:, n_max:], n)
     points.append({"n": n, "kl": diagnostics.best_of_n_kl_analytic(n),
                    "kl_estimate": kl_estimate, "kl_estimate_error": kl_error,
                    "kl_estimate_bias": diagnostics.best_of_n_kl_estimate_bias(n, m),
                    "reference_samples": m,
-                   "proxy_reward": float(proxy[rows, best].mean()),
-                   "gold_reward": float(gold[rows, best].mean()),
-                   "length": float(length[rows, best].mean()),
+                   "proxy_reward": float(won(proxy).mean()),
+                   "gold_reward": float(won(gold).mean()),
+                   "length": float(won(length).mean()),
                    "seconds": seconds * n / draws})
   return points

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from rlhf_jax.data import synthetic
+from rlhf_jax import embedded
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -22,7 +22,7 @@ def _cli(*args, cwd=None):
 
 @pytest.mark.slow
 def test_cli_runs_a_tiny_dpo_experiment_end_to_end(tmp_path):
-  model_dir = synthetic.ensure_assets(tmp_path / "model", **TINY)
+  model_dir = embedded.ensure_assets(tmp_path / "model", **TINY)
   out = tmp_path / "run"
   result = _cli("run", str(EXPERIMENTS / "dpo.py"), "--arg", "runlocal",
                 "--set", f"model.path={model_dir}", "--set", f"run.output_dir={out}",

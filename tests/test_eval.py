@@ -1,11 +1,9 @@
-"""Diagnostics: win rate, length bias, best-of-N KL; rollout scoring."""
+"""Diagnostics: win rate, length bias, best-of-N KL, the over-optimisation fits."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from rlhf_jax.eval import diagnostics, plots
-from rlhf_jax.train import rollout
 
 
 def test_win_rate_counts_ties_as_half():
@@ -31,38 +29,6 @@ def test_best_of_n_kl_analytic_and_exact_estimate():
   reference = rng.random((prompts, 4000))
   estimate, error = diagnostics.best_of_n_kl_estimate(winners, reference, n)
   assert abs(estimate - diagnostics.best_of_n_kl_analytic(n)) < 4 * error + (n - 1) / 4000
-
-
-class _FakeRollout:
-  def __init__(self, has_stop):
-    self.has_stop = jnp.asarray(has_stop)
-    self.prompt_index = jnp.arange(len(has_stop))
-
-
-def test_function_scorer_checks_the_reward_function(monkeypatch):
-  scorer = rollout.FunctionScorer(lambda p, r: np.zeros(len(r) + 1), tokenizer=None)
-  monkeypatch.setattr(scorer, "decode", lambda rollout_: ["a", "b"])
-  with pytest.raises(ValueError, match="one score per response"):
-    scorer(_FakeRollout([True, True]), ["p", "q"])
-  scorer.fn = lambda p, r: np.array([1.0, np.nan])
-  with pytest.raises(ValueError, match="non-finite"):
-    scorer(_FakeRollout([True, True]), ["p", "q"])
-
-
-def test_missing_eos_penalty_applies_only_to_responses_that_never_stop(monkeypatch):
-  scorer = rollout.FunctionScorer(lambda p, r: np.array([1.0, 1.0]), tokenizer=None,
-                                  missing_eos_penalty=2.0)
-  monkeypatch.setattr(scorer, "decode", lambda rollout_: ["a", "b"])
-  np.testing.assert_array_equal(scorer(_FakeRollout([True, False]), ["p", "q"]), [1.0, -1.0])
-
-
-def test_reward_spec_and_function_loading_errors():
-  with pytest.raises(ValueError, match="reward.path"):
-    rollout.RewardSpec(kind="model").validate()
-  with pytest.raises(ValueError, match="module:name"):
-    rollout.load_function("no_colon")
-  with pytest.raises(ValueError, match="cannot load"):
-    rollout.load_function("rlhf_jax.data.synthetic:nope")
 
 
 @pytest.mark.parametrize("form,alpha,beta", [("best_of_n", 1.3, 0.4), ("rl", 0.8, 0.5)])

@@ -52,17 +52,12 @@ def test_documented_command_gives_a_valid_config(where, command):
   words = shlex.split(command)
   path = ROOT / "experiments" / pathlib.Path(words[0]).name
   assert path.exists(), f"{where} names a missing experiment {words[0]}"
-  arg, overrides = None, []
-  rest = iter(words[1:])
-  for word in rest:
-    if word == "--arg":
-      arg = next(rest)
-    elif word == "--set":
-      overrides.append(next(rest))
-    elif word != "--print-config":
-      pytest.fail(f"{where}: unknown option {word!r} in {command!r}")
-  config = config_lib.load_experiment(path, arg)
-  config = config_lib.apply_overrides(config, overrides)
+  try:  # the CLI's own parser: an unknown option fails as it would for a user
+    args = cli._parser().parse_args(["run", *words])
+  except SystemExit:
+    pytest.fail(f"{where}: the CLI does not parse {command!r}")
+  config = config_lib.load_experiment(path, args.arg)
+  config = config_lib.apply_overrides(config, args.overrides)
   if hasattr(config, "validate"):
     config.validate()
   assert config.trainer in cli.TRAINERS

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from rlhf_jax import feedback, models
+from rlhf_jax import embedded, feedback, models
 from rlhf_jax.data import formats, synthetic
 from rlhf_jax.parallel import MeshConfig
-from rlhf_jax.train import common, iterative, loop, rollout, rounds
+from rlhf_jax import rollout
+from rlhf_jax.train import common, iterative, loop, rounds
 
 PROMPTS = [({"role": "user", "content": "review the phone"},),
            ({"role": "user", "content": "review the cafe"},),
@@ -28,7 +29,7 @@ ANSWERS = (" great", " awful")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-  path = synthetic.ensure_assets(tmp_path_factory.mktemp("judge"), **TINY)
+  path = embedded.ensure_assets(tmp_path_factory.mktemp("judge"), **TINY)
   model, params = models.from_pretrained(path)
   return model, params, AutoTokenizer.from_pretrained(path)
 
@@ -113,7 +114,7 @@ def test_judge_scores_pick_best_and_worst_of_k_responses():
   prompts = PROMPTS[:2]
   # Prompt-major, K = 3: the good answer is response 1 of prompt 0 and response 2 of prompt 1.
   responses = [BAD[0], GOOD[0], "the screen is ok .", BAD[1], "the food is ok .", GOOD[1]]
-  scores = iterative.judge_scores(judge, prompts, responses, 3, None)
+  scores = iterative.judge_scores(judge.compare, prompts, responses, 3, None)
   assert scores.shape == (2, 3)
   np.testing.assert_array_equal(np.argmax(scores, 1), [1, 2])
   np.testing.assert_array_equal(np.argmin(scores, 1), [0, 0])
@@ -124,8 +125,8 @@ def test_judge_scores_pick_best_and_worst_of_k_responses():
 def test_iterative_dpo_round_with_a_model_judge_labels_pairs(tmp_path):
   """The judge loads its own tokenizer from its checkpoint: here one whose "A"/"B" are real
   tokens, while the policy's (synthetic, word-level) tokenizer reads them as <unk>."""
-  policy = synthetic.ensure_assets(tmp_path / "policy", **TINY)
-  judge_dir = synthetic.ensure_assets(tmp_path / "judge", seed=1, **TINY)
+  policy = embedded.ensure_assets(tmp_path / "policy", **TINY)
+  judge_dir = embedded.ensure_assets(tmp_path / "judge", seed=1, **TINY)
   judge_tokenizer = metaspace_tokenizer(synthetic.WORDS)
   assert len(judge_tokenizer) <= models.from_pretrained(judge_dir)[0].config.vocab_size
   judge_tokenizer.save_pretrained(judge_dir)

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from rlhf_jax import parallel
-from rlhf_jax.data import synthetic
+from rlhf_jax import embedded
 from rlhf_jax.parallel import MeshConfig
 from rlhf_jax.train import common, loop, preference
 from rlhf_jax.train.state import OptimizerConfig, TrainState
@@ -64,20 +64,58 @@ def test_per_process_batch_placement_equals_device_put():
     np.testing.assert_array_equal(parallel.host_get(per_process[key]), batch[key])
 
 
-def test_initialize_distributed_only_when_launched_multi_process(monkeypatch):
+JAX_VARIABLES = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2",
+                 "JAX_PROCESS_ID": "1"}
+
+
+def test_launch_settings_come_from_flags_then_jax_variables():
+  assert parallel.distributed_settings(env={}) is None  # one process: no initialize
+  expected = {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}
+  assert parallel.distributed_settings(env=JAX_VARIABLES) == expected
+  assert parallel.distributed_settings("127.0.0.1:9", 4, 3, env=JAX_VARIABLES) == {
+      "coordinator_address": "127.0.0.1:9", "num_processes": 4, "process_id": 3}
   calls = []
-  for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_NUM_NODES", "OMPI_COMM_WORLD_SIZE",
-               "TPU_WORKER_HOSTNAMES"):
-    monkeypatch.delenv(name, raising=False)
-  assert not parallel.initialize_distributed(lambda: calls.append(1)) and not calls
-  monkeypatch.setenv("SLURM_JOB_NUM_NODES", "4")
-  assert parallel.initialize_distributed(lambda: calls.append(1)) and calls == [1]
+  assert parallel.initialize_distributed(env=JAX_VARIABLES,
+                                         initialize=lambda **kw: calls.append(kw))
+  assert calls == [expected]
+  assert not parallel.initialize_distributed(env={}, initialize=lambda **kw: calls.append(kw))
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"JAX_COORDINATOR_ADDRESS": "h:1"}, r"with JAX_COORDINATOR_ADDRESS also needs "
+                                          r"--num-processes \(or JAX_NUM_PROCESSES\) and "
+                                          r"--process-id \(or JAX_PROCESS_ID\)"),
+    ({**JAX_VARIABLES, "JAX_PROCESS_ID": "2"}, r"JAX_PROCESS_ID: expected a process id in "
+                                                r"\[0, 2\), got 2"),
+    ({**JAX_VARIABLES, "JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES: expected an integer"),
+    ({**JAX_VARIABLES, "JAX_COORDINATOR_ADDRESS": "10.0.0.1"}, "expected host:port"),
+])
+def test_incomplete_launch_settings_name_what_is_missing(env, message):
+  with pytest.raises(parallel.LaunchError, match=message):
+    parallel.distributed_settings(env=env)
+
+
+def test_clusters_that_jax_detects_start_it_with_no_arguments():
+  srun = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node1", "SLURM_PROCID": "0",
+          "SLURM_LOCALID": "0"}
+  # One node with several tasks counts; a batch script's own process (no step) does not.
+  assert parallel.distributed_settings(env={**srun, "SLURM_STEP_NUM_TASKS": "2"}) == {}
+  assert parallel.distributed_settings(env={**srun, "SLURM_NTASKS": "1"}) is None
+  assert parallel.distributed_settings(env={"SLURM_NTASKS": "8", "SLURM_JOB_ID": "7"}) is None
+  ompi = {"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1", "OMPI_COMM_WORLD_SIZE": "4"}
+  assert parallel.distributed_settings(env=ompi) == {}
+  assert parallel.distributed_settings(env={"TPU_WORKER_HOSTNAMES": "a,b"}) == {}
+  assert parallel.distributed_settings(env={}, force=True) == {}  # --distributed: a TPU VM slice
+  # A coordinator with a cluster: jax fills in the rest.
+  assert parallel.distributed_settings(env={**srun, "SLURM_STEP_NUM_TASKS": "2",
+                                            "JAX_COORDINATOR_ADDRESS": "h:1"}) == {
+      "coordinator_address": "h:1"}
 
 
 @pytest.fixture(scope="module")
 def sharding_model_dir(tmp_path_factory):
   # Width and heads divisible by 4, so tensor=4 really splits every projection.
-  return synthetic.ensure_assets(tmp_path_factory.mktemp("shard"), hidden_size=64,
+  return embedded.ensure_assets(tmp_path_factory.mktemp("shard"), hidden_size=64,
                                  intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=4)
 

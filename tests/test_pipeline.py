@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from rlhf_jax.data import synthetic
+from rlhf_jax import embedded
 from rlhf_jax.eval import diagnostics
 from rlhf_jax.parallel import MeshConfig
 from rlhf_jax.pipeline import PipelineConfig, Stage
@@ -14,7 +14,7 @@ from rlhf_jax.pipeline import PipelineConfig, Stage
 
 @pytest.mark.slow
 def test_pipeline_runs_every_stage_and_writes_the_comparison(tmp_path):
-  base = synthetic.ensure_assets(tmp_path / "base", hidden_size=64, intermediate_size=128,
+  base = embedded.ensure_assets(tmp_path / "base", hidden_size=64, intermediate_size=128,
                                  num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2)
   config = dataclasses.replace(

@@ -93,6 +93,8 @@ class RankedExample:
 @dataclasses.dataclass(frozen=True)
 class PromptExample:
   prompt: Text
+  # Every other column of the row (e.g. a reference answer), for reward functions.
+  columns: dict = dataclasses.field(default_factory=dict)
 
 
 class _Row:
@@ -345,20 +347,33 @@ def _list_hint(value) -> str:
   return ""
 
 
-def normalize_prompt(raw, source: str = "<rows>", index: int = 0) -> PromptExample:
+def normalize_prompt(raw, source: str = "<rows>", index: int = 0, *,
+                     prompt_column: str | None = None, chat: bool = False,
+                     system_prompt: str | None = None) -> PromptExample:
+  """An RL prompt: the `prompt` (or `messages`, or `prompt_column`) field; every other field of
+  the row is kept as `columns`. With `chat`, a string prompt becomes one user turn (after a
+  system turn holding `system_prompt`, if given), so the tokenizer's chat template renders it."""
   row = _Row(raw, source, index)
-  if row.has("prompt"):
-    prompt = row.get("prompt", "text")
+  if prompt_column is not None:
+    if not row.has(prompt_column):
+      raise row.error(prompt_column, f"missing (data.prompt_column names it as the prompt); the "
+                                     f"row has {sorted(row.row)}")
+    field, prompt = prompt_column, row.get(prompt_column, "text")
+  elif row.has("prompt"):
+    field, prompt = "prompt", row.get("prompt", "text")
   elif row.has("messages"):
-    prompt = row.get("messages", "messages")
+    field, prompt = "messages", row.get("messages", "messages")
   else:
-    raise row.error(None, f"no prompt: expected 'prompt' or 'messages'; the row has "
-                          f"{sorted(row.row)}")
+    raise row.error(None, f"no prompt: expected 'prompt' or 'messages' (or set "
+                          f"data.prompt_column); the row has {sorted(row.row)}")
   if isinstance(prompt, tuple) and prompt[-1]["role"] == "assistant":
-    raise row.error("messages" if not row.has("prompt") else "prompt",
-                    "ends with an assistant turn: an RL prompt ends where the policy answers")
-  _check_nonempty(row, "prompt", prompt)
-  return PromptExample(prompt)
+    raise row.error(field, "ends with an assistant turn: an RL prompt ends where the policy "
+                           "answers")
+  _check_nonempty(row, field, prompt)
+  if chat and isinstance(prompt, str):
+    system = ({"role": "system", "content": system_prompt},) if system_prompt else ()
+    prompt = (*system, {"role": "user", "content": prompt})
+  return PromptExample(prompt, {k: v for k, v in raw.items() if k != field})
 
 
 NORMALIZERS = {

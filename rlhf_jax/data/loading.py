@@ -21,9 +21,9 @@ import pathlib
 import re
 from typing import Any
 
-from rlhf_jax.data import formats, synthetic, tokenize
+from rlhf_jax.data import arithmetic, formats, synthetic, tokenize
 
-__all__ = ["DatasetStats", "load_rows", "prepare", "KINDS"]
+__all__ = ["DatasetStats", "load_rows", "prepare", "KINDS", "synthetic_gold_function"]
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ def _check_csv_row(row, source: str, index: int):
                               "write conversational rows as JSON Lines or Parquet")
 
 
-def load_rows(source: Any, *, split: str = "train", kind: str | None = None, num_rows=None):
+def load_rows(source: Any, *, split: str = "train", kind: str | None = None, num_rows=None,
+              subset: str | None = None):
   """Returns (rows, name): an indexable sequence of dict rows and a name for error messages."""
   import datasets
 
@@ -128,39 +129,55 @@ def load_rows(source: Any, *, split: str = "train", kind: str | None = None, num
   if path.exists():
     raise ValueError(f"{source!r}: unsupported data file type {path.suffix!r}; use one of "
                      f"{sorted(_FILE_BUILDERS)} or a saved Dataset directory")
-  return datasets.load_dataset(source, split=split), source  # a hub id
+  return datasets.load_dataset(source, subset, split=split), source  # a hub id
 
 
 def _synthetic_rows(source: str, kind: str | None, num_rows):
-  """'synthetic:<kind>[:seed]' -> rows of the embedded task (sft|pair|unpaired|ranked|prompt)."""
+  """'synthetic:<kind>[:seed]' -> rows of an embedded task: the review task's sft | pair |
+  unpaired | ranked | prompt, or the arithmetic task's arith_sft | arith_prompt | arith_eval
+  (held-out operand pairs)."""
   import datasets
 
   parts = source.split(":")
-  task = synthetic.SyntheticTask(seed=int(parts[2]) if len(parts) > 2 else 0)
+  seed = int(parts[2]) if len(parts) > 2 else 0
+  task, arith = synthetic.SyntheticTask(seed=seed), arithmetic.ArithmeticTask(seed=seed)
   which = parts[1] if len(parts) > 1 and parts[1] else kind
   n = num_rows or 2048
   makers = {"sft": task.sft_rows, "pair": task.preference_rows,
             "unpaired": task.unpaired_rows, "ranked": task.ranked_rows,
-            "prompt": task.prompt_rows}
+            "prompt": task.prompt_rows, "arith_sft": arith.sft_rows,
+            "arith_prompt": arith.prompt_rows, "arith_eval": arith.eval_rows}
   if which not in makers:
     raise ValueError(f"{source!r}: synthetic kind must be one of {sorted(makers)}")
   return datasets.Dataset.from_list(makers[which](n))
 
 
+def synthetic_gold_function(source) -> str | None:
+  """The gold reward ('module:name') of an embedded task's prompts, or None for other data."""
+  if not isinstance(source, str) or not source.startswith("synthetic:"):
+    return None
+  kind = source.split(":")[1]
+  if kind.startswith("arith_"):
+    return "rlhf_jax.rewards:math_answer"  # the rows' answer column is the reference
+  return "rlhf_jax.data.synthetic:gold_reward_fn"
+
+
 def prepare(kind: str, source: Any, tokenizer, config: tokenize.TokenizeConfig, *,
             on_bad_row: str = "raise", split: str = "train", num_rows: int | None = None,
-            rows=None):
+            rows=None, subset: str | None = None, options: dict | None = None):
   """Loads, normalises and tokenises a dataset. Returns (records, DatasetStats).
 
   on_bad_row: "raise" stops at the first bad row with a DataError naming source, row and field;
   "skip" drops it and counts it by reason (logged, and in the returned stats). Never silent.
+  subset: a hub dataset's configuration (e.g. "main" for openai/gsm8k); options: keyword
+  arguments of the kind's normaliser (prompts: prompt_column, chat, system_prompt).
   """
   if kind not in KINDS:
     raise ValueError(f"unknown data kind {kind!r}; expected one of {sorted(KINDS)}")
   if on_bad_row not in ("raise", "skip"):
     raise ValueError(f"on_bad_row must be 'raise' or 'skip', got {on_bad_row!r}")
   if rows is None:
-    rows, name = load_rows(source, split=split, kind=kind, num_rows=num_rows)
+    rows, name = load_rows(source, split=split, kind=kind, num_rows=num_rows, subset=subset)
   else:
     name = str(source)
   stats = DatasetStats(source=name)
@@ -172,7 +189,7 @@ def prepare(kind: str, source: Any, tokenizer, config: tokenize.TokenizeConfig, 
     try:
       if is_csv:
         _check_csv_row(row, name, index)
-      example = normalize(row, name, index)
+      example = normalize(row, name, index, **(options or {}))
       record = tokenize.tokenize_example(example, tokenizer, config, name, index)
     except formats.DataError as err:
       if on_bad_row == "raise":

@@ -23,8 +23,6 @@ policy fine-tuned on them has gold reward near 0 and room to improve.
 from __future__ import annotations
 
 import dataclasses
-import json
-import pathlib
 
 import numpy as np
 
@@ -35,12 +33,12 @@ __all__ = [
     "gold_reward",
     "gold_reward_fn",
     "prompt_text",
+    "completion_text",
     "sample_response",
     "prompt_messages",
     "build_tokenizer",
     "CHAT_TEMPLATE",
     "TINY_MODEL",
-    "ensure_assets",
 ]
 
 CATEGORIES = {
@@ -66,9 +64,10 @@ CHAT_TEMPLATE = (
     "{% if message['role'] == 'assistant' %}<eos> {% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|> {% endif %}")
 
-# A 0.56M-parameter Llama-family model (transformers LlamaConfig fields): GQA, RMSNorm, RoPE,
-# SwiGLU and tied embeddings as in the real ones, sized so the whole pipeline fits ~3 minutes on
-# 2 CPU cores (the task's 50-token vocabulary needs no more).
+# The embedded model (rlhf_jax.embedded builds it): a 0.56M-parameter Llama-family model
+# (transformers LlamaConfig fields): GQA, RMSNorm, RoPE, SwiGLU and tied embeddings as in the real
+# ones, sized so the whole pipeline fits ~3 minutes on 2 CPU cores (the task's 50-token
+# vocabulary needs no more).
 TINY_MODEL = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                   rope_theta=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
@@ -124,10 +123,17 @@ def prompt_text(prompt) -> str:
   return [m["content"] for m in prompt if m["role"] == "user"][-1]
 
 
-def gold_reward_fn(prompts, responses) -> np.ndarray:
-  """Batched gold reward with the signature of a Python reward function (verifiable reward)."""
-  return np.array([gold_reward(prompt_text(p), r) for p, r in zip(prompts, responses)],
-                  np.float32)
+def completion_text(completion) -> str:
+  """A completion given as text or as messages (the last assistant turn's content)."""
+  if isinstance(completion, str):
+    return completion
+  return [m["content"] for m in completion if m["role"] == "assistant"][-1]
+
+
+def gold_reward_fn(prompts, completions, **columns) -> list[float]:
+  """The gold reward as a reward function (TRL's convention: prompts and completions as the
+  trainer passes them, text or messages; other columns ignored)."""
+  return [gold_reward(prompt_text(p), completion_text(c)) for p, c in zip(prompts, completions)]
 
 
 def prompt_messages(item: str) -> tuple:
@@ -251,33 +257,3 @@ def build_tokenizer():
       tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
       unk_token="<unk>", additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
       chat_template=CHAT_TEMPLATE, padding_side="right")
-
-
-def ensure_assets(directory: str | pathlib.Path, *, seed: int = 0, **model_overrides) -> str:
-  """Writes the tokenizer and a randomly initialised tiny Llama checkpoint to `directory` once.
-
-  The result loads through the same paths as any Hugging Face checkpoint
-  (`rlhf_jax.models.from_pretrained(directory)`, `AutoTokenizer.from_pretrained(directory)`).
-  """
-  import jax
-  from transformers import LlamaConfig
-
-  from rlhf_jax import models
-
-  directory = pathlib.Path(directory)
-  spec = {"seed": seed, **TINY_MODEL, **model_overrides}
-  marker = directory / "synthetic_assets.json"
-  if marker.exists() and json.loads(marker.read_text()) == spec:
-    return str(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  tokenizer = build_tokenizer()
-  tokenizer.save_pretrained(directory)
-  hf_config = LlamaConfig(
-      vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-      **{**TINY_MODEL, **model_overrides})
-  model = models.CausalLM(models.ModelConfig.from_hf(hf_config))
-  params = model.init(jax.random.key(seed))
-  models.save_pretrained(model, params, directory)
-  marker.write_text(json.dumps(spec))
-  return str(directory)

@@ -92,6 +92,8 @@ class TokenizedPrompt:
   prompt: np.ndarray
   text: Text  # the normalised prompt, for reward functions that read text
   truncated: bool = False
+  columns: dict = dataclasses.field(default_factory=dict)  # the row's other columns
+  row: int | None = None  # the row's index in its source, for error messages
 
 
 class SkipRow(Exception):
@@ -223,7 +225,7 @@ def tokenize_example(example, tokenizer, config: TokenizeConfig, source="<rows>"
         raise SkipRow("prompt over max_prompt_length")
       prompt_ids, _, _ = _truncate(prompt_ids, [prompt_ids[:1]], dataclasses.replace(
           config, max_length=limit + 1), where, bos)
-    return TokenizedPrompt(prompt_ids, example.prompt, truncated)
+    return TokenizedPrompt(prompt_ids, example.prompt, truncated, example.columns, row)
   if isinstance(example, RankedExample):
     prompt, completions, truncated = encode_and_truncate(
         example.prompt, list(example.completions))

@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import parallel
+from rlhf_jax import parallel, rollout as rollout_lib
+from rlhf_jax.data import BatchStream
 from rlhf_jax.eval import diagnostics
 
-__all__ = ["PolicySamples", "evaluate_policy", "summarize", "PolicyEvaluator", "evaluator_for"]
+__all__ = ["PolicySamples", "evaluate_policy", "summarize", "PolicyEvaluator"]
 
 
 @dataclasses.dataclass
@@ -46,42 +47,42 @@ def _kl_fn(model, chunk_size):
 
 
 def _sampler(model, max_new_tokens, eos_ids, pad_id):
-  from rlhf_jax.train.rollout import GenerationConfig, make_sampler
-  return make_sampler(model, GenerationConfig(max_new_tokens=max_new_tokens, temperature=1.0),
-                      eos_ids, pad_id)
+  return rollout_lib.make_sampler(
+      model, rollout_lib.GenerationConfig(max_new_tokens=max_new_tokens, temperature=1.0),
+      eos_ids, pad_id)
 
 
-def sample_batch(model, params, ref_params, batch, prompts, key, *, sampler, proxy=None,
-                 gold_fn=None, decode, chunk_size=512) -> PolicySamples:
+def sample_batch(model, params, ref_params, batch, records, key, *, sampler, tokenizer,
+                 proxy=None, gold_fn=None, chunk_size=512) -> PolicySamples:
+  """Samples one batch of prompts and scores it; `records` are the batch's prompt records."""
   rollout = sampler(params, batch["prompt_ids"], batch["prompt_mask"], key)
   kl = parallel.host_get(_kl_fn(model, chunk_size)(params, ref_params, rollout))
-  responses = decode(rollout)
-  proxy_scores = None if proxy is None else parallel.host_get(proxy(rollout, prompts))
-  gold = None if gold_fn is None else np.asarray(gold_fn(prompts, responses), np.float64)
+  ids = rollout_lib.completion_ids(rollout)
+  responses = [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+  proxy_scores = None if proxy is None else parallel.host_get(proxy(rollout, records)[0])
+  gold = None if gold_fn is None else gold_fn(records, responses, ids)
   return PolicySamples(
-      prompts=list(prompts), responses=responses, proxy=proxy_scores, gold=gold, kl=kl,
-      length=parallel.host_get(rollout.response_mask.sum(1)),
+      prompts=[r.text for r in records], responses=responses, proxy=proxy_scores, gold=gold,
+      kl=kl, length=parallel.host_get(rollout.response_mask.sum(1)),
       stopped=parallel.host_get(rollout.has_stop))
 
 
 def evaluate_policy(model, params, ref_params, tokenizer, records, *, batch_size, max_new_tokens,
                     eos_ids, key, proxy=None, gold_fn=None, buckets=None, chunk_size=512):
-  """Samples one response per record (prompt) and scores it. Returns PolicySamples."""
-  from rlhf_jax.data import BatchStream
-  from rlhf_jax.train.rollout import FunctionScorer
+  """Samples one response per record (prompt) and scores it. Returns PolicySamples.
 
+  proxy: a rollout scorer; gold_fn: a `rollout.RewardFunction` (NaN where it does not apply).
+  """
   sampler = _sampler(model, max_new_tokens, eos_ids, tokenizer.pad_token_id)
-  decode = FunctionScorer(None, tokenizer).decode
   max_prompt = max(len(r.prompt) for r in records)
   stream = BatchStream(list(records), batch_size, max_prompt, tokenizer.pad_token_id,
                        shuffle=False, buckets=buckets)
   parts = []
   for i, batch in enumerate(stream.epoch()):
     real = batch["weight"] > 0
-    prompts = [records[j].text for j in batch["index"]]
-    part = sample_batch(model, params, ref_params, batch, prompts, jax.random.fold_in(key, i),
-                        sampler=sampler, proxy=proxy, gold_fn=gold_fn, decode=decode,
-                        chunk_size=chunk_size)
+    part = sample_batch(model, params, ref_params, batch, [records[j] for j in batch["index"]],
+                        jax.random.fold_in(key, i), sampler=sampler, tokenizer=tokenizer,
+                        proxy=proxy, gold_fn=gold_fn, chunk_size=chunk_size)
     parts.append(_select(part, real))
   return _concat(parts)
 
@@ -108,10 +109,11 @@ def summarize(samples: PolicySamples, baseline: PolicySamples | None = None) -> 
   if samples.proxy is not None:
     out["proxy_reward"] = float(samples.proxy.mean())
     out["length_bias"] = diagnostics.length_bias(samples.proxy, samples.length)
-  if samples.gold is not None:
-    out["gold_reward"] = float(samples.gold.mean())
+  if samples.gold is not None and not np.all(np.isnan(samples.gold)):
+    out["gold_reward"] = float(np.nanmean(samples.gold))  # over the rows it applies to
     if baseline is not None and baseline.gold is not None:
-      out["win_rate"] = diagnostics.win_rate(samples.gold, baseline.gold)
+      both = ~np.isnan(samples.gold) & ~np.isnan(baseline.gold)
+      out["win_rate"] = diagnostics.win_rate(samples.gold[both], baseline.gold[both])
   return out
 
 
@@ -135,17 +137,3 @@ class PolicyEvaluator:
   def __call__(self, state) -> dict:
     summary = summarize(self.samples(self.params_of(state)))
     return {self.prefix + k: v for k, v in summary.items()}
-
-
-def evaluator_for(config, model, ref_params, tokenizer, records, proxy, *, params_of):
-  """The PolicyEvaluator an online trainer's config asks for (gold from reward.gold_function)."""
-  from rlhf_jax.train import common
-  from rlhf_jax.train.rollout import load_function
-
-  gold = config.reward.gold_function
-  return PolicyEvaluator(model, ref_params, tokenizer, records,
-                         batch_size=config.run.batch_size,
-                         max_new_tokens=config.generation.max_new_tokens,
-                         eos_ids=common.stop_ids(tokenizer, model), proxy=proxy,
-                         gold_fn=load_function(gold) if gold else None, seed=config.run.seed,
-                         params_of=params_of, chunk_size=config.model.logps_chunk_size)

@@ -16,26 +16,25 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from rlhf_jax import ops
+from rlhf_jax import ops, rollout as rollout_lib
 from rlhf_jax.config import to_dict
-from rlhf_jax.train import common, loop, rollout as rollout_lib, rounds
+from rlhf_jax.train import common, loop, rounds
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer, make_schedule
 
 __all__ = ["best_of_n", "RejectionSamplingConfig", "build_task", "run"]
 
 
-def best_of_n(sample, scorer, params, batch, prompts, key, n: int):
+def best_of_n(sample, scorer, params, batch, records, key, n: int):
   """(winners: Rollout [B rows], winner scores [B], all scores [B, N]).
 
-  `sample` must draw N responses per prompt (GenerationConfig.num_samples = n).
+  `sample` must draw N responses per prompt (GenerationConfig.num_samples = n); `records` are
+  the batch's prompt records, for reward functions.
   """
   rollout = sample(params, batch["prompt_ids"], batch["prompt_mask"], key)
-  scores = jnp.asarray(scorer(rollout, prompts)).reshape(-1, n)
-  rows = jnp.arange(scores.shape[0]) * n + jnp.argmax(scores, axis=1)
-  winners = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), rollout)
-  return winners, jnp.max(scores, axis=1), scores
+  scores, _ = scorer(rollout, records)
+  rows = rollout_lib.group_rows(scores, n)
+  return rollout_lib.take_rows(rollout, rows), jnp.take(scores, rows), scores.reshape(-1, n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +54,12 @@ class RejectionSamplingConfig:
     self.reward.validate()
     self.rounds.validate()
     self.optimizer.validate()
+    self.reward.resolved(self.data.train)
+
+  def resolved(self) -> "RejectionSamplingConfig":
+    """Validated, with the reward's 'auto' settings resolved for the data."""
+    self.validate()
+    return dataclasses.replace(self, reward=self.reward.resolved(self.data.train))
 
 
 def sft_rows_from(rollout):
@@ -67,7 +72,7 @@ def sft_rows_from(rollout):
 
 
 def build_task(config: RejectionSamplingConfig) -> loop.Task:
-  config.validate()
+  config = config.resolved()
   run, spec, gen, rc = config.run, config.model, config.generation, config.rounds
   tokenizer = common.load_tokenizer(spec)
   model, params = common.load_policy(spec)
@@ -75,7 +80,7 @@ def build_task(config: RejectionSamplingConfig) -> loop.Task:
                                                         rc.prompts_per_round, run.seed)
   scorer = rollout_lib.make_scorer(config.reward, tokenizer,
                                    lambda path: common.load_reward_model(path, spec))
-  sample = rollout_lib.make_sampler(model, gen, common.stop_ids(tokenizer, model),
+  sample = rollout_lib.make_sampler(model, gen, rollout_lib.stop_ids(tokenizer, model),
                                     tokenizer.pad_token_id)
   steps_per_round = rc.steps_per_round()
   total = rc.rounds * steps_per_round
@@ -84,8 +89,8 @@ def build_task(config: RejectionSamplingConfig) -> loop.Task:
   length = prompt_length + gen.max_new_tokens
 
   def generate(state, batch, key):
-    texts = [records[i].text for i in np.asarray(batch["index"])]
-    winners, best, all_scores = best_of_n(sample, scorer, state.params, batch, texts, key,
+    winners, best, all_scores = best_of_n(sample, scorer, state.params, batch,
+                                          [records[i] for i in batch["index"]], key,
                                           gen.num_samples)
     return sft_rows_from(winners), {"best_score": jnp.mean(best),
                                     "mean_score": jnp.mean(all_scores)}
@@ -111,7 +116,8 @@ def build_task(config: RejectionSamplingConfig) -> loop.Task:
                                         steps_per_round=steps_per_round,
                                         minibatch_size=rc.minibatch_size,
                                         schedule=make_schedule(config.optimizer, total)),
-      batch=lambda i: prompts.batch(i // steps_per_round), put=lambda b: b, num_steps=total,
+      batch=lambda i: prompts.batch(i // steps_per_round), put=placement.prompt_batch,
+      num_steps=total,
       config=to_dict(config), export=common.export_causal_lm(model, tokenizer),
       count_tokens=lambda b: rc.minibatch_size * length)
 

@@ -64,5 +64,9 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self):
+    """Waits for pending saves and releases the manager; a second call does nothing."""
+    if getattr(self, "_closed", False):
+      return
     self.manager.wait_until_finished()
     self.manager.close()
+    self._closed = True

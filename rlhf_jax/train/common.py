@@ -28,7 +28,6 @@ __all__ = [
     "load_data",
     "load_reference",
     "load_reward_model",
-    "stop_ids",
     "make_stream",
     "round_prompts",
     "Placement",
@@ -64,6 +63,18 @@ class DataSpec:
   on_overflow: str = "truncate"  # "truncate" | "skip" | "error"
   on_bad_row: str = "raise"  # "raise" | "skip" (counted in the logs)
   packing: bool = False  # SFT only: several examples per row (attention stays within each)
+  subset: str | None = None  # a hub dataset's configuration, e.g. "main" for openai/gsm8k
+  # RL prompts: the column holding the prompt when it is neither "prompt" nor "messages" (e.g.
+  # GSM8K's "question"); with chat=true a string prompt is sent as a user turn through the chat
+  # template, after a system turn holding system_prompt when set. Other columns (e.g. "answer")
+  # reach the reward functions.
+  prompt_column: str | None = None
+  chat: bool = False
+  system_prompt: str | None = None
+
+  def prompt_options(self) -> dict:
+    return {"prompt_column": self.prompt_column, "chat": self.chat,
+            "system_prompt": self.system_prompt}
 
 
 def cache_dir() -> pathlib.Path:
@@ -71,16 +82,19 @@ def cache_dir() -> pathlib.Path:
 
 
 def resolve_model_path(path: str) -> str:
-  """A loadable directory or hub id; "synthetic:tiny[:seed]" assets are generated on first use."""
+  """A loadable directory or hub id; "synthetic:tiny[:seed]" (the review task) and
+  "synthetic:arith[:seed]" (the arithmetic task) assets are generated on first use."""
   if not path.startswith("synthetic:"):
     return path
   parts = path.split(":")
-  if parts[1] != "tiny":
-    raise ValueError(f"unknown synthetic model {path!r}; use 'synthetic:tiny' or "
-                     "'synthetic:tiny:<seed>'")
+  tasks = {"tiny": "review", "arith": "arith"}
+  if parts[1] not in tasks:
+    raise ValueError(f"unknown synthetic model {path!r}; use 'synthetic:tiny[:<seed>]' or "
+                     "'synthetic:arith[:<seed>]'")
   seed = int(parts[2]) if len(parts) > 2 else 0
-  from rlhf_jax.data import synthetic
-  return synthetic.ensure_assets(cache_dir() / f"synthetic-tiny-{seed}", seed=seed)
+  from rlhf_jax import embedded
+  name = f"synthetic-{parts[1]}-{seed}"
+  return embedded.ensure_assets(cache_dir() / name, task=tasks[parts[1]], seed=seed)
 
 
 def load_tokenizer(spec: ModelSpec):
@@ -126,28 +140,19 @@ def load_reward_model(path: str, spec: ModelSpec, num_heads: int = 1, seed: int 
                                            num_labels=num_heads)
 
 
-def stop_ids(tokenizer, model) -> tuple[int, ...]:
-  """Every id that ends a response: the tokenizer's EOS and the model config's EOS ids."""
-  ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-  config_eos = getattr(model.config, "eos_token_id", None)
-  ids |= set(np.atleast_1d(config_eos).tolist()) if config_eos is not None else set()
-  if not ids:
-    raise ValueError("neither the tokenizer nor the model config defines an EOS token: set "
-                     "tokenizer.eos_token so generation can stop")
-  return tuple(sorted(int(i) for i in ids))
-
-
 def load_data(kind: str, spec: DataSpec, tokenizer, seed: int):
   """(train_records, eval_records, stats): tokenised, with a seeded hold-out when no eval set."""
   config = data_lib.TokenizeConfig(spec.max_length, spec.max_prompt_length, spec.on_overflow)
+  options = spec.prompt_options() if kind == "prompt" else None
   records, stats = data_lib.prepare(kind, spec.train, tokenizer, config,
                                     on_bad_row=spec.on_bad_row, split=spec.split,
-                                    num_rows=spec.num_rows)
+                                    num_rows=spec.num_rows, subset=spec.subset, options=options)
   if spec.eval is not None:
     eval_split = spec.split if spec.eval_split is None else spec.eval_split
     eval_records, _ = data_lib.prepare(kind, spec.eval, tokenizer, config,
                                        on_bad_row=spec.on_bad_row, split=eval_split,
-                                       num_rows=spec.num_rows)
+                                       num_rows=spec.num_rows, subset=spec.subset,
+                                       options=options)
     return records, eval_records, stats
   num_eval = int(round(len(records) * spec.eval_fraction))
   if num_eval == 0:
@@ -210,6 +215,12 @@ class Placement:
   def batch(self, batch: dict) -> dict:
     return parallel.shard_batch(batch, self.mesh)
 
+  def prompt_batch(self, batch: dict) -> dict:
+    """A prompt batch on the mesh; its "index" (which records the rows are) stays on the host,
+    the same on every process, for the reward functions that read the records."""
+    placed = self.batch({k: v for k, v in batch.items() if k != "index"})
+    return {**placed, "index": batch["index"]}
+
 
 def make_placement(mesh_config: parallel.MeshConfig, model_config) -> Placement:
   from rlhf_jax.models.partitioning import param_partition_specs
@@ -217,13 +228,13 @@ def make_placement(mesh_config: parallel.MeshConfig, model_config) -> Placement:
   return Placement(mesh, lambda params: param_partition_specs(params, model_config, mesh=mesh))
 
 
-def export_causal_lm(model, tokenizer):
+def export_causal_lm(model, tokenizer, params_of=lambda state: state.params):
   """An export hook: the policy as a Hugging Face checkpoint, with its tokenizer.
 
   Every process gathers the (possibly sharded) parameters; process 0 writes them.
   """
   def export(state, out_dir):
-    params = parallel.host_get(state.params)
+    params = parallel.host_get(params_of(state))
     if parallel.is_main_process():
       models.save_pretrained(model, params, out_dir)
       tokenizer.save_pretrained(out_dir)

@@ -1,6 +1,6 @@
 """Critic-free policy optimisation: GRPO (Shao et al. 2024) and RLOO (Ahmadian et al. 2024).
 
-Both sample G responses per prompt with PPO's rollout code and replace the value function with a
+Both sample G responses per prompt with the shared online step (`train/online.py`) and replace the value function with a
 baseline from the group:
   GRPO   A = (r - mean_group) / std_group           (`advantage="group"`)
   Dr.GRPO A = r - mean_group                        (`advantage="group_no_std"`, Liu et al. 2025)
@@ -31,12 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import losses, ops
+from rlhf_jax import losses, ops, rollout as rollout_lib
 from rlhf_jax.config import to_dict
-from rlhf_jax.train import common, loop, ppo, rollout as rollout_lib
+from rlhf_jax.train import common, loop, online
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer
 
-__all__ = ["GRPOLoss", "GRPOConfig", "build_task", "run"]
+__all__ = ["GRPOLoss", "GRPOConfig", "sequence_advantages", "make_grpo_algorithm", "build_task",
+           "run"]
 
 _ADVANTAGES = ("group", "group_no_std", "leave_one_out")
 
@@ -100,6 +101,12 @@ class GRPOConfig:
     if rows % self.loss.minibatches:
       raise ValueError(f"{rows} rollout rows do not split into loss.minibatches="
                        f"{self.loss.minibatches}")
+    self.reward.resolved(self.data.train)
+
+  def resolved(self) -> "GRPOConfig":
+    """Validated, with the reward's 'auto' settings resolved for the data."""
+    self.validate()
+    return dataclasses.replace(self, reward=self.reward.resolved(self.data.train))
 
 
 def sequence_advantages(scores, group_size: int, kind: str):
@@ -108,8 +115,54 @@ def sequence_advantages(scores, group_size: int, kind: str):
   return losses.group_advantages(scores, group_size, scale_by_std=kind == "group")
 
 
+def make_grpo_algorithm(model, loss: GRPOLoss, *, advantage: str, group_size: int,
+                        temperature: float, max_new_tokens: int,
+                        chunk_size: int = 512) -> online.OnlineAlgorithm:
+  """GRPO's / RLOO's prepare (group baselines, the KL in the reward or the loss) and clipped
+  per-minibatch loss, for `online.make_online_step`. Params are the policy's."""
+  scores_of = lambda params, rollout: online.policy_scores(model, params, rollout, temperature,
+                                                           chunk_size)
+  normalizer = {"normalizer": max_new_tokens} if loss.aggregation == "dr_grpo" else {}
+
+  def prepare(state, ref_params, rollout, scores):
+    mask = rollout.response_mask
+    old_logps, _, _ = scores_of(state.params, rollout)
+    ref_logps, _, _ = scores_of(ref_params, rollout)
+    rewards = scores
+    kl_k1 = jnp.sum((old_logps - ref_logps) * mask, axis=1)
+    if loss.kl_in == "reward":
+      rewards = scores - loss.kl_coef * kl_k1
+      trained_kl = kl_k1
+    else:
+      trained_kl = jnp.sum(losses.kl(old_logps, ref_logps, estimator="k3") * mask, axis=1)
+    advantages = sequence_advantages(rewards, group_size, advantage)
+    metrics = online.rollout_metrics(rollout, scores, old_logps, trained_kl, loss.kl_coef)
+    metrics["kl_k1"] = jnp.mean(kl_k1)
+    return (old_logps, ref_logps, advantages), metrics
+
+  def minibatch_loss(params, rollout, prepared):
+    old_logps, ref_logps, advantages = prepared
+    mask = rollout.response_mask
+    logps, entropy, _ = scores_of(params, rollout)
+    token_advantages = advantages[:, None] * jnp.ones_like(logps)
+    per_token = losses.ppo_policy(logps, old_logps, token_advantages, clip_eps=loss.clip_eps,
+                                  clip_eps_high=loss.clip_eps_high)
+    kl_k3 = losses.kl(logps, ref_logps, estimator="k3")
+    if loss.kl_in == "loss":
+      per_token = per_token + loss.kl_coef * kl_k3
+    return losses.aggregate(per_token, mask, mode=loss.aggregation, **normalizer), {
+        "entropy": ops.masked_mean(entropy, mask), "kl_k3": ops.masked_mean(kl_k3, mask),
+        "clip_fraction": losses.ppo_clip_fraction(
+            logps, old_logps, token_advantages, mask, clip_eps=loss.clip_eps,
+            clip_eps_high=loss.clip_eps_high),
+        "approx_kl": losses.approx_kl(logps, old_logps, mask)}
+
+  return online.OnlineAlgorithm(prepare=prepare, loss=minibatch_loss)
+
+
 def build_task(config: GRPOConfig) -> loop.Task:
-  config.validate()
+  """Loading and wiring: tokenizer, model, data, reference, reward, then the shared step."""
+  config = config.resolved()
   run, spec, loss, gen = config.run, config.model, config.loss, config.generation
   tokenizer = common.load_tokenizer(spec)
   model, params = common.load_policy(spec)
@@ -120,80 +173,24 @@ def build_task(config: GRPOConfig) -> loop.Task:
   ref_params = common.load_reference(spec, params, placement)
   scorer = rollout_lib.make_scorer(config.reward, tokenizer,
                                    lambda path: common.load_reward_model(path, spec))
-  sample = rollout_lib.make_sampler(model, gen, common.stop_ids(tokenizer, model),
-                                    tokenizer.pad_token_id)
-  chunk, temperature, g = spec.logps_chunk_size, gen.temperature, gen.num_samples
-  advantage_kind = config.advantage()
   tx = make_optimizer(config.optimizer, run.steps * loss.epochs * loss.minibatches)
   make_state = lambda p, key: TrainState.create(p, tx, key)
-  aggregate = lambda x, mask: losses.aggregate(
-      x, mask, mode=loss.aggregation,
-      **({"normalizer": gen.max_new_tokens} if loss.aggregation == "dr_grpo" else {}))
-
-  @jax.jit
-  def prepare(params, ref_params, rollout, scores):
-    mask = rollout.response_mask
-    old_logps, _, _ = ppo.policy_scores(model, params, rollout, temperature, chunk)
-    ref_logps, _, _ = ppo.policy_scores(model, ref_params, rollout, temperature, chunk)
-    rewards = scores
-    kl_k1 = jnp.sum((old_logps - ref_logps) * mask, axis=1)
-    if loss.kl_in == "reward":
-      rewards = scores - loss.kl_coef * kl_k1
-      trained_kl = kl_k1
-    else:
-      trained_kl = jnp.sum(losses.kl(old_logps, ref_logps, estimator="k3") * mask, axis=1)
-    advantages = sequence_advantages(rewards, g, advantage_kind)
-    metrics = ppo.rollout_metrics(rollout, scores, old_logps, trained_kl, loss.kl_coef)
-    metrics["kl_k1"] = jnp.mean(kl_k1)
-    return jax.lax.stop_gradient((old_logps, ref_logps, advantages)), metrics
-
-  def minibatch_loss(params, rollout, old_logps, ref_logps, advantages):
-    mask = rollout.response_mask
-    logps, entropy, _ = ppo.policy_scores(model, params, rollout, temperature, chunk)
-    per_token = losses.ppo_policy(logps, old_logps, advantages[:, None] * jnp.ones_like(logps),
-                                  clip_eps=loss.clip_eps, clip_eps_high=loss.clip_eps_high)
-    kl_k3 = losses.kl(logps, ref_logps, estimator="k3")
-    if loss.kl_in == "loss":
-      per_token = per_token + loss.kl_coef * kl_k3
-    return aggregate(per_token, mask), {
-        "entropy": ops.masked_mean(entropy, mask), "kl_k3": ops.masked_mean(kl_k3, mask),
-        "clip_fraction": losses.ppo_clip_fraction(
-            logps, old_logps, advantages[:, None] * jnp.ones_like(logps), mask,
-            clip_eps=loss.clip_eps, clip_eps_high=loss.clip_eps_high),
-        "approx_kl": losses.approx_kl(logps, old_logps, mask)}
-
-  @jax.jit
-  def update(state, rollout, prepared, key):
-    old_logps, ref_logps, advantages = prepared
-    order = ppo.shuffled_minibatches(key, rollout.input_ids.shape[0], loss.minibatches,
-                                     loss.epochs)
-
-    def one_minibatch(state, rows):
-      take = lambda x: jnp.take(x, rows, axis=0)
-      batch = jax.tree.map(take, (rollout, old_logps, ref_logps, advantages))
-      (value, metrics), grads = jax.value_and_grad(minibatch_loss, has_aux=True)(state.params,
-                                                                                  *batch)
-      return state.apply_gradients(grads), {**metrics, "loss": value}
-
-    state, metrics = jax.lax.scan(one_minibatch, state, order)
-    return state, jax.tree.map(jnp.mean, metrics)
-
-  def train_step(state, batch):
-    sample_key, shuffle_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
-    rollout = sample(state.params, batch["prompt_ids"], batch["prompt_mask"], sample_key)
-    scores = scorer(rollout, [records[i].text for i in np.asarray(batch["index"])])
-    prepared, rollout_stats = prepare(state.params, ref_params, rollout, scores)
-    state, metrics = update(state, rollout, prepared, shuffle_key)
-    return state, {**metrics, **rollout_stats}
-
+  step = online.make_online_step(
+      make_grpo_algorithm(model, loss, advantage=config.advantage(),
+                          group_size=gen.num_samples, temperature=gen.temperature,
+                          max_new_tokens=gen.max_new_tokens, chunk_size=spec.logps_chunk_size),
+      sample=rollout_lib.make_sampler(model, gen, rollout_lib.stop_ids(tokenizer, model),
+                                      tokenizer.pad_token_id),
+      score=lambda rollout, batch: scorer(rollout, [records[i] for i in batch["index"]]),
+      epochs=loss.epochs, minibatches=loss.minibatches)
   task = loop.Task(
       init_state=lambda: placement.state(make_state, params, jax.random.key(run.seed)),
-      train_step=train_step, batch=stream.batch, put=placement.batch, num_steps=run.steps,
-      config=to_dict(config), export=common.export_causal_lm(model, tokenizer),
-      count_tokens=lambda b: int(np.sum(b["prompt_mask"])) * g)
+      train_step=lambda state, batch: step(state, batch, ref_params), batch=stream.batch,
+      put=placement.prompt_batch, num_steps=run.steps, config=to_dict(config),
+      export=common.export_causal_lm(model, tokenizer),
+      count_tokens=lambda b: int(np.sum(b["prompt_mask"])) * gen.num_samples)
   if eval_records:
-    from rlhf_jax.eval import policy_eval
-    task.evaluators.append(policy_eval.evaluator_for(
+    task.evaluators.append(online.policy_evaluator(
         config, model, ref_params, tokenizer, eval_records, scorer,
         params_of=lambda state: state.params))
   return task

@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import feedback
+from rlhf_jax import feedback, parallel, rollout as rollout_lib
 from rlhf_jax.config import to_dict
-from rlhf_jax.train import best_of_n, common, loop, preference, rollout as rollout_lib, rounds
+from rlhf_jax.train import best_of_n, common, loop, preference, rounds
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer, make_schedule
 
 __all__ = ["LabelConfig", "IterativeDPOConfig", "build_task", "run", "make_labeller", "make_judge",
@@ -73,24 +73,43 @@ class IterativeDPOConfig:
     self.optimizer.validate()
     if self.generation.num_samples < 2:
       raise ValueError("iterative DPO needs generation.num_samples >= 2 responses per prompt")
+    if self.labels.kind == "reward":
+      self.reward.validate()
+    self._reward()
+
+  def _reward(self) -> rollout_lib.RewardSpec:
+    # A judge labels without the reward's scorer (the rule judge reads only gold_function).
+    return self.reward.resolved(self.data.train, scorer=self.labels.kind == "reward")
+
+  def resolved(self) -> "IterativeDPOConfig":
+    """Validated, with the reward's 'auto' settings resolved for the data."""
+    self.validate()
+    return dataclasses.replace(self, reward=self._reward())
 
 
 def make_judge(labels: LabelConfig, gold_function: str | None):
-  """The rule judge, or the constitutional judge with the checkpoint's own tokenizer."""
+  """compare(records, responses_a, responses_b, key) -> P(a ≻ b): the rule judge (the gold
+  reward on each prompt's whole row), or the constitutional judge (its own tokenizer) on the
+  prompts' text."""
   if labels.judge == "rule":
     if gold_function is None:
-      raise ValueError("labels.judge='rule' applies reward.gold_function, which is not set")
-    return feedback.RuleJudge(rollout_lib.load_function(gold_function))
+      raise ValueError("labels.judge='rule' applies reward.gold_function, which is not set (it "
+                       "is 'auto' only for synthetic:* data): set reward.gold_function or "
+                       "labels.judge=<a judge checkpoint>")
+    gold = rollout_lib.RewardFunction.load(gold_function, "gold")
+    return feedback.RuleJudge(lambda records, responses: gold(records, responses)).compare
   from rlhf_jax import models
   spec = common.ModelSpec(path=labels.judge)
   judge_model, judge_params = models.from_pretrained(common.resolve_model_path(labels.judge))
-  return feedback.ConstitutionalJudge(judge_model, judge_params, common.load_tokenizer(spec),
-                                      constitution=labels.constitution, answers=labels.answers)
+  judge = feedback.ConstitutionalJudge(judge_model, judge_params, common.load_tokenizer(spec),
+                                       constitution=labels.constitution, answers=labels.answers)
+  return lambda records, a, b, key: judge.compare([r.text for r in records], a, b, key)
 
 
-def judge_scores(judge, prompts, responses, k: int, key) -> np.ndarray:
+def judge_scores(compare, prompts, responses, k: int, key) -> np.ndarray:
   """[B, K] summed win probabilities of each of K responses against the others of its prompt.
 
+  `compare(prompts, a, b, key)` is a judge's comparison (`feedback.RuleJudge.compare`, ...);
   `responses` are prompt-major (row i·K + j is response j of prompt i); each of the K(K-1)/2
   pairs of a prompt is one judge comparison (batched over every prompt and pair).
   """
@@ -98,9 +117,9 @@ def judge_scores(judge, prompts, responses, k: int, key) -> np.ndarray:
   first, second = np.triu_indices(k, 1)
   rows_a = (np.arange(b)[:, None] * k + first).ravel()
   rows_b = (np.arange(b)[:, None] * k + second).ravel()
-  p_first = np.asarray(judge.compare([prompts[i // k] for i in rows_a],
-                                     [responses[i] for i in rows_a],
-                                     [responses[i] for i in rows_b], key), np.float64)
+  p_first = parallel.host_get(compare([prompts[i // k] for i in rows_a],
+                                      [responses[i] for i in rows_a],
+                                      [responses[i] for i in rows_b], key)).astype(np.float64)
   scores = np.zeros(b * k)
   np.add.at(scores, rows_a, p_first)
   np.add.at(scores, rows_b, 1.0 - p_first)
@@ -108,30 +127,32 @@ def judge_scores(judge, prompts, responses, k: int, key) -> np.ndarray:
 
 
 def make_labeller(config: IterativeDPOConfig, scorer, tokenizer):
-  """labeller(rollout [B·K rows], prompts [B], key) -> (chosen rows [B], rejected rows [B],
+  """labeller(rollout [B·K rows], records [B], key) -> (chosen rows [B], rejected rows [B],
   weight [B]): the best and worst of each prompt's K samples, weight 0 where they tie."""
   k = config.generation.num_samples
   if config.labels.kind == "reward":
-    score = lambda rollout, prompts, key: jnp.asarray(scorer(rollout, prompts)).reshape(-1, k)
+    score = lambda rollout, records, key: scorer(rollout, records)[0]
   else:
-    decode = rollout_lib.FunctionScorer(None, tokenizer).decode
-    judge = make_judge(config.labels, config.reward.gold_function)
-    score = lambda rollout, prompts, key: jnp.asarray(judge_scores(
-        judge, [prompts[i] for i in np.asarray(rollout.prompt_index)[::k]], decode(rollout), k,
-        key))
+    compare = make_judge(config.labels, config.reward.gold_function)
 
-  def label(rollout, prompts, round_key):
-    scores = score(rollout, prompts, round_key)
-    base = jnp.arange(scores.shape[0]) * k
-    best, worst = jnp.argmax(scores, 1), jnp.argmin(scores, 1)
-    weight = (jnp.max(scores, 1) > jnp.min(scores, 1)).astype(jnp.float32)
-    return base + best, base + worst, weight
+    def score(rollout, records, key):
+      scores = judge_scores(compare, records, rollout_lib.decode_responses(rollout, tokenizer),
+                            k, key)
+      return parallel.put_rows(scores.reshape(-1).astype(np.float32),
+                               rollout.has_stop.sharding)
+
+  def label(rollout, records, round_key):
+    scores = score(rollout, records, round_key)
+    grouped = jnp.reshape(scores, (-1, k))
+    weight = (jnp.max(grouped, 1) > jnp.min(grouped, 1)).astype(jnp.float32)
+    return (rollout_lib.group_rows(scores, k), rollout_lib.group_rows(scores, k, best=False),
+            weight)
 
   return label
 
 
 def build_task(config: IterativeDPOConfig) -> loop.Task:
-  config.validate()
+  config = config.resolved()
   run, spec, gen, rc = config.run, config.model, config.generation, config.rounds
   tokenizer = common.load_tokenizer(spec)
   model, params = common.load_policy(spec)
@@ -142,7 +163,7 @@ def build_task(config: IterativeDPOConfig) -> loop.Task:
   scorer = (rollout_lib.make_scorer(config.reward, tokenizer,
                                     lambda path: common.load_reward_model(path, spec))
             if config.labels.kind == "reward" else None)
-  sample = rollout_lib.make_sampler(model, gen, common.stop_ids(tokenizer, model),
+  sample = rollout_lib.make_sampler(model, gen, rollout_lib.stop_ids(tokenizer, model),
                                     tokenizer.pad_token_id)
   label = make_labeller(config, scorer, tokenizer)
   reduction, chunk = config.loss.reduction(), spec.logps_chunk_size
@@ -158,12 +179,11 @@ def build_task(config: IterativeDPOConfig) -> loop.Task:
 
   def generate(state, batch, key):
     sample_key, label_key = jax.random.split(key)
-    texts = [records[i].text for i in np.asarray(batch["index"])]
     rollout = sample(state.params, batch["prompt_ids"], batch["prompt_mask"], sample_key)
-    chosen, rejected, weight = label(rollout, texts, label_key)
+    chosen, rejected, weight = label(rollout, [records[i] for i in batch["index"]], label_key)
     labelled = jnp.sum(weight > 0)
-    rows = best_of_n.sft_rows_from(jax.tree.map(
-        lambda x: jnp.take(x, jnp.concatenate([chosen, rejected]), axis=0), rollout))
+    rows = best_of_n.sft_rows_from(rollout_lib.take_rows(rollout,
+                                                         jnp.concatenate([chosen, rejected])))
     reference = state.params if config.reset_reference else initial_ref
     ref_logps = sequence_logps(reference, rows)
     n = chosen.shape[0]
@@ -198,7 +218,8 @@ def build_task(config: IterativeDPOConfig) -> loop.Task:
                                         steps_per_round=steps_per_round,
                                         minibatch_size=rc.minibatch_size,
                                         schedule=make_schedule(config.optimizer, total)),
-      batch=lambda i: prompts.batch(i // steps_per_round), put=lambda b: b, num_steps=total,
+      batch=lambda i: prompts.batch(i // steps_per_round), put=placement.prompt_batch,
+      num_steps=total,
       config=to_dict(config), export=common.export_causal_lm(model, tokenizer),
       count_tokens=lambda b: 2 * rc.minibatch_size * length)
 

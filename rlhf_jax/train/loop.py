@@ -14,6 +14,11 @@ write none and a later resume would restore the old run) unless `run.overwrite=t
 Resuming checks that the checkpoint was written with the same `seed` and `batch_size` (the data
 order) and `steps` (the learning-rate schedule).
 
+Order at a step that checkpoints: the checkpoint is written first, then the evaluation; at the
+end, the final checkpoint is on disk before the export and the final evaluation, so neither can
+lose the run: rerunning the same command resumes at the last step and redoes them (a resume at a
+step that evaluates redoes that evaluation too).
+
 Metrics go to output_dir/metrics.jsonl every step, and a compact line goes to stdout every
 `log_every` steps (and after every evaluation).
 
@@ -100,8 +105,10 @@ class MetricsWriter:
     if not enabled:
       return
     if resume_step is not None and path.exists():  # drop lines the resumed run will rewrite
-      kept = [line for line in path.read_text().splitlines()
-              if line.strip() and json.loads(line)["step"] <= resume_step]
+      # (training past the checkpoint, and its evaluations: the one at the checkpoint's own step
+      # runs after the save, so a resume redoes it)
+      kept = [line for line in path.read_text().splitlines() if line.strip() and _kept(
+          json.loads(line), resume_step)]
       path.write_text("".join(line + "\n" for line in kept))
     self.file = path.open("a")
     if tensorboard_dir is not None:
@@ -139,6 +146,12 @@ class MetricsWriter:
       self.tensorboard.close()
     if self.wandb is not None:
       self.wandb.finish()
+
+
+def _kept(record: dict, resume_step: int) -> bool:
+  if record["split"] == "train":
+    return record["step"] <= resume_step
+  return record["step"] < resume_step
 
 
 def _scalar(value):
@@ -263,8 +276,12 @@ def run_loop(task: Task, run: RunConfig) -> dict:
   bar = tqdm(total=task.num_steps, initial=start, disable=not run.progress, unit="step",
              dynamic_ncols=True)
   last_metrics, eval_metrics = {}, {}
+  evaluates = task.eval_step is not None or bool(task.evaluators)
   window_tokens, window_start = 0, time.perf_counter()
   try:
+    if evaluates and 0 < start < task.num_steps and run.eval_every and start % run.eval_every == 0:
+      eval_metrics = evaluate(task, state)  # the evaluation after that checkpoint, redone
+      writer.write(start, "eval", eval_metrics)
     for step in range(start, task.num_steps):
       batch = task.batch(step)
       window_tokens += task.count_tokens(batch)
@@ -283,21 +300,31 @@ def run_loop(task: Task, run: RunConfig) -> dict:
                f"tok/s={throughput:.0f}")
         window_tokens, window_start = 0, time.perf_counter()
       done = step + 1 == task.num_steps
-      evaluates = task.eval_step is not None or task.evaluators
-      if evaluates and (done or run.eval_every and (step + 1) % run.eval_every == 0):
+      # The checkpoint comes first: an evaluation or export that fails loses no training.
+      if done or run.checkpoint_every and (step + 1) % run.checkpoint_every == 0:
+        save(step + 1)
+      if evaluates and not done and run.eval_every and (step + 1) % run.eval_every == 0:
         eval_metrics = evaluate(task, state)
         writer.write(step + 1, "eval", eval_metrics)
         _print(f"eval step {step + 1}/{task.num_steps} {_format(eval_metrics)}")
-      if done or run.checkpoint_every and (step + 1) % run.checkpoint_every == 0:
-        save(step + 1)
-    if start == task.num_steps and (task.eval_step is not None or task.evaluators):
-      eval_metrics = evaluate(task, state)
+    bar.close()
+    checkpoints.close()  # the final checkpoint is on disk before anything else can fail
+    try:
+      if run.export and task.export is not None:
+        task.export(state, str(out / "hf"))
+      if evaluates:
+        eval_metrics = evaluate(task, state)
+        writer.write(task.num_steps, "eval", eval_metrics)
+        _print(f"eval step {task.num_steps}/{task.num_steps} {_format(eval_metrics)}")
+    except Exception as err:
+      log.error("the final export or evaluation failed; the final checkpoint (step %d) is in %s: "
+                "rerun the same command to resume there and redo them", task.num_steps,
+                checkpoints.directory)
+      raise err
   finally:
     bar.close()
     writer.close()
     checkpoints.close()
-  if run.export and task.export is not None:
-    task.export(state, str(out / "hf"))
   return {"state": state, "train": last_metrics, "eval": eval_metrics, "output_dir": str(out)}
 
 

@@ -28,12 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import losses, models, ops, parallel
+from rlhf_jax import losses, models, ops, rollout as rollout_lib
 from rlhf_jax.config import to_dict
-from rlhf_jax.train import common, loop, rollout as rollout_lib
+from rlhf_jax.train import common, loop, online
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer
 
-__all__ = ["PPOLoss", "PPOConfig", "build_task", "run", "policy_scores", "shuffled_minibatches"]
+__all__ = ["PPOLoss", "PPOConfig", "ValueFunction", "make_ppo_algorithm", "init_params",
+           "build_task", "run"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,22 +88,12 @@ class PPOConfig:
     if rows % self.loss.minibatches:
       raise ValueError(f"{rows} rollout rows do not split into loss.minibatches="
                        f"{self.loss.minibatches}")
+    self.reward.resolved(self.data.train)
 
-
-def policy_scores(model, params, rollout: rollout_lib.Rollout, temperature, chunk_size):
-  """(response log-probs [B, N], entropies [B, N], hidden states [B, P + N, D]) under the policy
-  at the sampling temperature, from one forward pass."""
-  scores = model.score_tokens(params, rollout.input_ids, rollout.attention_mask,
-                              temperature=temperature, chunk_size=chunk_size, entropy=True)
-  p = rollout.prompt_length
-  return scores.logps[:, p:], scores.entropy[:, p:], scores.hidden
-
-
-def shuffled_minibatches(key, num_rows: int, num_minibatches: int, epochs: int):
-  """[epochs · num_minibatches, rows per minibatch] row indices: a fresh permutation per epoch."""
-  keys = jax.random.split(key, epochs)
-  orders = jax.vmap(lambda k: jax.random.permutation(k, num_rows))(keys)
-  return orders.reshape(epochs * num_minibatches, num_rows // num_minibatches)
+  def resolved(self) -> "PPOConfig":
+    """Validated, with the reward's 'auto' settings resolved for the data."""
+    self.validate()
+    return dataclasses.replace(self, reward=self.reward.resolved(self.data.train))
 
 
 def explained_variance(values, returns, mask):
@@ -113,7 +104,7 @@ def explained_variance(values, returns, mask):
   return 1.0 - var(returns - values) / jnp.maximum(var(returns), 1e-8)
 
 
-class _ValueFunction:
+class ValueFunction:
   """The value estimates V(s_t) for each response token, shared head or separate critic."""
 
   def __init__(self, kind: str, critic=None):
@@ -130,61 +121,33 @@ class _ValueFunction:
     return values[:, p - 1:p + n - 1]
 
 
-def build_task(config: PPOConfig) -> loop.Task:
-  config.validate()
-  run, spec, loss, gen = config.run, config.model, config.loss, config.generation
-  tokenizer = common.load_tokenizer(spec)
-  model, policy_params = common.load_policy(spec)
-  records, eval_records, _ = common.load_data("prompt", config.data, tokenizer, run.seed)
-  pad = tokenizer.pad_token_id
-  stream = common.make_stream(records, config.data, run.batch_size, pad, run.seed)
-  placement = common.make_placement(run.mesh, model.config)
-  ref_params = common.load_reference(spec, policy_params, placement)
-  load_rm = lambda path: common.load_reward_model(path, spec)
-  scorer = rollout_lib.make_scorer(config.reward, tokenizer, load_rm)
-  eos = common.stop_ids(tokenizer, model)
-  sample = rollout_lib.make_sampler(model, gen, eos, pad)
-  chunk, temperature = spec.logps_chunk_size, gen.temperature
+def make_ppo_algorithm(model, loss: PPOLoss, value_fn: ValueFunction, *, temperature: float,
+                       chunk_size: int = 512) -> online.OnlineAlgorithm:
+  """PPO's prepare (KL-penalised rewards, GAE, whitening), its clipped policy + value loss, and
+  the adaptive KL controller, for `online.make_online_step`. Params are {"policy", "value_head"
+  or "critic"}; the reference is the policy's structure; the KL coefficient is
+  state.extra["kl"]."""
+  scores_of = lambda params, rollout: online.policy_scores(model, params, rollout, temperature,
+                                                           chunk_size)
 
-  key = jax.random.key(run.seed)
-  if loss.value_head == "shared":
-    value_fn = _ValueFunction("shared")
-    params = {"policy": policy_params,
-              "value_head": models.init_value_head(jax.random.fold_in(key, 1),
-                                                   model.config.hidden_size)}
-  else:
-    critic, critic_params = load_rm(config.reward.path)
-    value_fn = _ValueFunction("separate", critic)
-    params = {"policy": policy_params, "critic": critic_params}
-
-  updates_per_step = loss.epochs * loss.minibatches
-  tx = make_optimizer(config.optimizer, run.steps * updates_per_step)
-
-  def make_state(params, key):
-    return TrainState.create(params, tx, key,
-                             extra={"kl": losses.init_kl_controller(loss.kl_coef)})
-
-  @jax.jit
-  def prepare(params, ref_params, rollout, scores, kl_coef):
-    """Old log-probs, values, KL-penalised rewards, advantages and returns (all detached), and
-    the rollout's metrics."""
-    mask = rollout.response_mask
-    old_logps, _, hidden = policy_scores(model, params["policy"], rollout, temperature, chunk)
-    values = value_fn(params, hidden, rollout) * mask
-    ref_logps, _, _ = policy_scores(model, ref_params, rollout, temperature, chunk)
+  def prepare(state, ref_params, rollout, scores):
+    mask, kl_coef = rollout.response_mask, state.extra["kl"].kl_coef
+    old_logps, _, hidden = scores_of(state.params["policy"], rollout)
+    values = value_fn(state.params, hidden, rollout) * mask
+    ref_logps, _, _ = scores_of(ref_params, rollout)
     rewards, kl = losses.kl_penalized_rewards(scores, old_logps, ref_logps, mask,
                                               kl_coef=kl_coef, estimator=loss.kl_estimator)
     advantages, returns = losses.gae(rewards, values, mask, gamma=loss.gamma, lam=loss.lam)
     if loss.whiten_advantages:
       advantages = losses.whiten(advantages, mask)
-    metrics = rollout_metrics(rollout, scores, old_logps, jnp.sum(kl, axis=1), kl_coef)
+    metrics = online.rollout_metrics(rollout, scores, old_logps, jnp.sum(kl, axis=1), kl_coef)
     metrics["value_explained_variance"] = explained_variance(values, returns, mask)
-    prepared = jax.lax.stop_gradient((old_logps, values, advantages, returns))
-    return prepared, metrics
+    return (old_logps, values, advantages, returns), metrics
 
-  def minibatch_loss(params, rollout, old_logps, old_values, advantages, returns):
+  def minibatch_loss(params, rollout, prepared):
+    old_logps, old_values, advantages, returns = prepared
     mask = rollout.response_mask
-    logps, entropy, hidden = policy_scores(model, params["policy"], rollout, temperature, chunk)
+    logps, entropy, hidden = scores_of(params["policy"], rollout)
     values = value_fn(params, hidden, rollout)
     policy_loss = losses.aggregate(
         losses.ppo_policy(logps, old_logps, advantages, clip_eps=loss.clip_eps), mask,
@@ -200,70 +163,68 @@ def build_task(config: PPOConfig) -> loop.Task:
                                                   clip_eps=loss.clip_eps),
         "approx_kl": losses.approx_kl(logps, old_logps, mask)}
 
-  @jax.jit
-  def update(state, rollout, prepared, key, observed_kl):
-    old_logps, values, advantages, returns = prepared
-    order = shuffled_minibatches(key, rollout.input_ids.shape[0], loss.minibatches, loss.epochs)
+  def finish(state, rollout, rollout_stats):
+    if loss.kl_target is None:
+      return state
+    # Ziegler et al.'s controller, on the rollout's KL.
+    controller = losses.update_kl_controller(
+        state.extra["kl"], rollout_stats["kl"], rollout.input_ids.shape[0],
+        target=loss.kl_target, horizon=loss.kl_horizon)
+    return state.replace(extra={**state.extra, "kl": controller})
 
-    def one_minibatch(state, rows):
-      take = lambda x: jnp.take(x, rows, axis=0)
-      batch = jax.tree.map(take, (rollout, old_logps, values, advantages, returns))
-      (_, metrics), grads = jax.value_and_grad(minibatch_loss, has_aux=True)(state.params,
-                                                                               *batch)
-      return state.apply_gradients(grads), metrics
+  return online.OnlineAlgorithm(prepare=prepare, loss=minibatch_loss, finish=finish,
+                                policy=lambda params: params["policy"])
 
-    state, metrics = jax.lax.scan(one_minibatch, state, order)
-    if loss.kl_target is not None:  # Ziegler et al.'s controller, on the rollout's KL
-      controller = losses.update_kl_controller(
-          state.extra["kl"], observed_kl, rollout.input_ids.shape[0], target=loss.kl_target,
-          horizon=loss.kl_horizon)
-      state = state.replace(extra={**state.extra, "kl": controller})
-    return state, jax.tree.map(jnp.mean, metrics)
 
-  def train_step(state, batch):
-    # Host orchestration only: every array operation happens inside the jitted functions.
-    step_key = jax.random.fold_in(state.rng, state.step)
-    sample_key, shuffle_key = jax.random.split(step_key)
-    rollout = sample(state.params["policy"], batch["prompt_ids"], batch["prompt_mask"],
-                     sample_key)
-    prompts = [records[i].text for i in np.asarray(batch["index"])]
-    scores = scorer(rollout, prompts)
-    prepared, rollout_stats = prepare(state.params, ref_params, rollout, scores,
-                                      state.extra["kl"].kl_coef)
-    state, metrics = update(state, rollout, prepared, shuffle_key, rollout_stats["kl"])
-    return state, {**metrics, **rollout_stats}
+def init_params(model, policy_params, loss: PPOLoss, key, critic_params=None) -> dict:
+  """The optimised params: the policy with a fresh value head, or with the critic."""
+  if loss.value_head == "shared":
+    return {"policy": policy_params,
+            "value_head": models.init_value_head(key, model.config.hidden_size)}
+  return {"policy": policy_params, "critic": critic_params}
 
+
+def build_task(config: PPOConfig) -> loop.Task:
+  """Loading and wiring: tokenizer, model, data, reference, reward, then the shared step."""
+  config = config.resolved()
+  run, spec, loss, gen = config.run, config.model, config.loss, config.generation
+  tokenizer = common.load_tokenizer(spec)
+  model, policy_params = common.load_policy(spec)
+  records, eval_records, _ = common.load_data("prompt", config.data, tokenizer, run.seed)
+  stream = common.make_stream(records, config.data, run.batch_size, tokenizer.pad_token_id,
+                              run.seed)
+  placement = common.make_placement(run.mesh, model.config)
+  ref_params = common.load_reference(spec, policy_params, placement)
+  load_rm = lambda path: common.load_reward_model(path, spec)
+  scorer = rollout_lib.make_scorer(config.reward, tokenizer, load_rm)
+  key = jax.random.key(run.seed)
+  if loss.value_head == "shared":
+    value_fn, critic_params = ValueFunction("shared"), None
+  else:
+    critic, critic_params = load_rm(config.reward.path)
+    value_fn = ValueFunction("separate", critic)
+  params = init_params(model, policy_params, loss, jax.random.fold_in(key, 1), critic_params)
+  tx = make_optimizer(config.optimizer, run.steps * loss.epochs * loss.minibatches)
+  make_state = lambda params, key: TrainState.create(
+      params, tx, key, extra={"kl": losses.init_kl_controller(loss.kl_coef)})
+  step = online.make_online_step(
+      make_ppo_algorithm(model, loss, value_fn, temperature=gen.temperature,
+                         chunk_size=spec.logps_chunk_size),
+      sample=rollout_lib.make_sampler(model, gen, rollout_lib.stop_ids(tokenizer, model),
+                                      tokenizer.pad_token_id),
+      score=lambda rollout, batch: scorer(rollout, [records[i] for i in batch["index"]]),
+      epochs=loss.epochs, minibatches=loss.minibatches)
   task = loop.Task(
       init_state=lambda: placement.state(make_state, params, key),
-      train_step=train_step, batch=stream.batch, put=placement.batch,
-      num_steps=run.steps, config=to_dict(config),
-      export=_export_policy(model, tokenizer),
+      train_step=lambda state, batch: step(state, batch, ref_params), batch=stream.batch,
+      put=placement.prompt_batch, num_steps=run.steps, config=to_dict(config),
+      export=common.export_causal_lm(model, tokenizer, params_of=lambda s: s.params["policy"]),
       count_tokens=lambda b: int(np.sum(b["prompt_mask"])) * gen.num_samples)
   if eval_records:
-    from rlhf_jax.eval import policy_eval
-    task.evaluators.append(policy_eval.evaluator_for(
+    task.evaluators.append(online.policy_evaluator(
         config, model, ref_params, tokenizer, eval_records, scorer,
         params_of=lambda state: state.params["policy"]))
   return task
-
-
-def rollout_metrics(rollout, scores, old_logps, kl_per_sequence, kl_coef) -> dict:
-  """What every online method logs about its samples (call inside jit)."""
-  mask = rollout.response_mask
-  return {
-      "reward": jnp.mean(scores), "kl": jnp.mean(kl_per_sequence), "kl_coef": kl_coef,
-      "response_length": jnp.mean(jnp.sum(mask, axis=1)),
-      "stopped": jnp.mean(rollout.has_stop.astype(jnp.float32)),
-      "sampler_logp_gap": ops.masked_mean(jnp.abs(rollout.sampler_logps - old_logps), mask)}
-
-
-def _export_policy(model, tokenizer):
-  def export(state, out_dir):
-    params = parallel.host_get(state.params["policy"])  # every process gathers; process 0 writes
-    if parallel.is_main_process():
-      models.save_pretrained(model, params, out_dir)
-      tokenizer.save_pretrained(out_dir)
-  return export
 
 
 def run(config: PPOConfig) -> dict:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import parallel
 from rlhf_jax.train.steps import make_train_step
 
 __all__ = ["RoundConfig", "make_round_step", "minibatch_rows"]
@@ -44,7 +45,7 @@ def minibatch_rows(key, step_in_round: int, num_rows: int, minibatch_size: int) 
   """Rows of minibatch `step_in_round`: a fresh permutation of the round's rows every epoch."""
   per_epoch = num_rows // minibatch_size
   epoch, k = divmod(step_in_round, per_epoch)
-  order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), num_rows))
+  order = parallel.host_get(jax.random.permutation(jax.random.fold_in(key, epoch), num_rows))
   return order[k * minibatch_size:(k + 1) * minibatch_size]
 
 
@@ -59,7 +60,7 @@ def make_round_step(*, generate: Callable, loss_fn: Callable, steps_per_round: i
   take = jax.jit(lambda data, rows: jax.tree.map(lambda x: jnp.take(x, rows, axis=0), data))
 
   def train_step(state, batch):
-    step = int(state.step)
+    step = int(parallel.host_get(state.step))
     round_index, step_in_round = divmod(step, steps_per_round)
     round_key = jax.random.fold_in(state.rng, round_index)
     generated = {}

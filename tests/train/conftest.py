@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from rlhf_jax.data import synthetic
+from rlhf_jax import embedded
 from rlhf_jax.train.common import DataSpec, ModelSpec
 from rlhf_jax.parallel import MeshConfig
 from rlhf_jax.train.loop import RunConfig
@@ -15,7 +15,7 @@ TEST_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
   """The synthetic tokenizer and a random tiny Llama, saved as a Hugging Face checkpoint."""
-  return synthetic.ensure_assets(tmp_path_factory.mktemp("tiny"), seed=0, **TEST_MODEL)
+  return embedded.ensure_assets(tmp_path_factory.mktemp("tiny"), seed=0, **TEST_MODEL)
 
 
 @pytest.fixture

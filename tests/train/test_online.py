@@ -7,12 +7,12 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import models
+from rlhf_jax import embedded, models
 from rlhf_jax.data import TokenizeConfig, prepare, synthetic
 from rlhf_jax.eval import diagnostics, policy_eval
 from rlhf_jax.parallel import MeshConfig
-from rlhf_jax.train import (best_of_n, common, grpo, iterative, loop, ppo, rollout, rounds,
-                            sft)
+from rlhf_jax import rollout
+from rlhf_jax.train import best_of_n, common, grpo, iterative, loop, ppo, rounds, sft
 from rlhf_jax.train.state import OptimizerConfig
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ GOLD = rollout.RewardSpec(kind="function")  # the verifiable gold reward itself
 def sft_dir(tmp_path_factory):
   """A small policy fine-tuned on the synthetic demonstrations (gold reward near 0)."""
   root = tmp_path_factory.mktemp("online")
-  base = synthetic.ensure_assets(root / "base", **MODEL)
+  base = embedded.ensure_assets(root / "base", **MODEL)
   config = sft.SFTConfig(
       model=common.ModelSpec(path=base),
       data=common.DataSpec(train="synthetic:sft", num_rows=4096, max_length=32, buckets=(32,)),
@@ -49,7 +49,8 @@ def judge_gold(sft_dir):
                        TokenizeConfig(max_length=16))
   evaluator = policy_eval.PolicyEvaluator(
       model, sft_params, tokenizer, records, batch_size=64, max_new_tokens=MAX_NEW,
-      eos_ids=common.stop_ids(tokenizer, model), gold_fn=synthetic.gold_reward_fn)
+      eos_ids=rollout.stop_ids(tokenizer, model),
+      gold_fn=rollout.RewardFunction(synthetic.gold_reward_fn, "gold"))
   return lambda params: policy_eval.summarize(evaluator.samples(params)), sft_params
 
 
@@ -192,7 +193,7 @@ def test_ppo_resumes_bit_exactly(sft_dir, tmp_path):
 def test_best_of_n_kl_matches_the_analytic_value(tmp_path):
   """On a random policy (responses almost never repeat, so the reward has no ties) scored by a
   random reward model, the estimated KL of best-of-4 is log 4 - 3/4 within its tolerance."""
-  path = synthetic.ensure_assets(tmp_path / "random", **RANDOM_MODEL)
+  path = embedded.ensure_assets(tmp_path / "random", **RANDOM_MODEL)
   spec = common.ModelSpec(path=path)
   tokenizer = common.load_tokenizer(spec)
   model, params = common.load_policy(spec)
@@ -202,13 +203,13 @@ def test_best_of_n_kl_matches_the_analytic_value(tmp_path):
   draws = n * groups + reference
   sample = rollout.make_sampler(model, rollout.GenerationConfig(max_new_tokens=12,
                                                                 num_samples=draws),
-                                common.stop_ids(tokenizer, model), tokenizer.pad_token_id)
+                                rollout.stop_ids(tokenizer, model), tokenizer.pad_token_id)
   records, _ = prepare("prompt", synthetic.SyntheticTask().prompt_rows(32), tokenizer,
                        TokenizeConfig(max_length=16))
   from rlhf_jax.data import BatchStream
   batch = BatchStream(records, 32, 16, tokenizer.pad_token_id, shuffle=False).batch(0)
   scores = np.asarray(scorer(sample(params, batch["prompt_ids"], batch["prompt_mask"],
-                                    jax.random.key(0)))).reshape(32, draws)
+                                    jax.random.key(0)))[0]).reshape(32, draws)
   assert len(np.unique(scores)) > 0.95 * scores.size  # (almost) no ties
   winners = scores[:, :n * groups].reshape(32, groups, n).max(axis=2)  # [P, W]
   estimate, error = diagnostics.best_of_n_kl_estimate(winners, scores[:, n * groups:], n)
@@ -224,7 +225,7 @@ def test_best_of_n_kl_matches_the_analytic_value(tmp_path):
 
 @pytest.fixture(scope="module")
 def random_dir(tmp_path_factory):
-  return synthetic.ensure_assets(tmp_path_factory.mktemp("random_policy"), **RANDOM_MODEL)
+  return embedded.ensure_assets(tmp_path_factory.mktemp("random_policy"), **RANDOM_MODEL)
 
 
 def _spy(monkeypatch, module, name):

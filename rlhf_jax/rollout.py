@@ -1,0 +1,467 @@
+"""Rollouts on top of sampling: sample responses, then score them.
+
+Shared by PPO, GRPO, RLOO, best-of-N, rejection sampling, iterative DPO and the evaluation.
+
+A rollout samples `num_samples` responses per prompt with the jitted KV-cache sampler (rows are
+prompt-major: row i·G + g is sample g of prompt i) and lays each out as one training sequence
+[left-padded prompt | right-padded response], so positions from the attention mask are right and
+the response's token log-probs are `token_logps(...)[:, P:]`.
+
+Scores come from a reward model (read at the last real token; `ModelScorer`) or from Python
+reward functions (`FunctionScorer`: verifiable rewards, the embedded tasks' gold rewards), each
+called with TRL's convention (`RewardFunction`):
+
+    fn(prompts, completions, **columns) -> list[float | None]
+
+`prompts` holds each row's prompt as the dataset gave it (a string, or a list of message dicts),
+`completions` the decoded responses (strings; for conversational prompts, a list with one
+assistant message each), and the keyword arguments every other column of the prompt's dataset
+row, one value per completion, plus `completion_ids` (the sampled token ids, stop token included).
+None means "does not apply to this row". Several functions are combined with weights; each is
+logged on its own (`reward/<name>`).
+
+Multi-process runs: the rollout is sharded over the batch axes; every process reads the whole
+rollout (`parallel.host_get`), decodes and scores every row, and checks that all processes got the
+same scores (a reward function must be a deterministic function of its arguments) before the
+scores are placed back on the mesh like the rollout's rows.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import inspect
+import logging
+import math
+import os
+import pathlib
+import sys
+from typing import Any, Callable, Literal, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import parallel, sampling
+
+__all__ = ["GenerationConfig", "RewardSpec", "Rollout", "make_sampler", "stop_ids",
+           "decode_responses", "group_rows", "take_rows", "RewardFunction", "RewardError",
+           "load_function", "ModelScorer", "FunctionScorer", "make_scorer"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+  max_new_tokens: int = 32
+  temperature: float = 1.0  # the trainer scores with the same temperature (one log-prob function)
+  top_k: int = 0
+  top_p: float = 1.0
+  num_samples: int = 1  # responses per prompt (the group size G of GRPO / RLOO)
+
+  def validate(self):
+    if self.temperature <= 0:
+      raise ValueError("RL needs a stochastic policy: generation.temperature must be > 0")
+    if self.num_samples < 1 or self.max_new_tokens < 1:
+      raise ValueError("generation.num_samples and generation.max_new_tokens must be >= 1")
+
+
+@flax.struct.dataclass
+class Rollout:
+  input_ids: jax.Array  # [B, P + N] int32
+  attention_mask: jax.Array  # [B, P + N] int32
+  response_mask: jax.Array  # [B, N] float32: 1 on response tokens, up to and incl. the stop
+  sampler_logps: jax.Array  # [B, N]: the sampler's log-probs of its tokens
+  has_stop: jax.Array  # [B] bool: the response emitted a stop token
+  prompt_index: jax.Array  # [B] int32: which prompt of the batch each row answers
+
+  @property
+  def prompt_length(self) -> int:
+    return self.input_ids.shape[1] - self.response_mask.shape[1]
+
+  def responses(self) -> jax.Array:
+    return self.input_ids[:, self.prompt_length:]
+
+
+def stop_ids(tokenizer, model) -> tuple[int, ...]:
+  """Every id that ends a response: the tokenizer's EOS and the model config's EOS ids."""
+  ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+  config_eos = getattr(model.config, "eos_token_id", None)
+  ids |= set(np.atleast_1d(config_eos).tolist()) if config_eos is not None else set()
+  if not ids:
+    raise ValueError("neither the tokenizer nor the model config defines an EOS token: set "
+                     "tokenizer.eos_token so generation can stop")
+  return tuple(sorted(int(i) for i in ids))
+
+
+def make_sampler(model, config: GenerationConfig, eos_ids, pad_id: int):
+  """sample(params, prompt_ids [B, P], prompt_mask [B, P], key) -> Rollout with B·G rows."""
+  stops = tuple(int(i) for i in np.atleast_1d(eos_ids).tolist())
+  g = config.num_samples
+
+  def sample(params, prompt_ids, prompt_mask, key):
+    ids, mask = _repeat_rows(prompt_ids, prompt_mask, g)
+    out = sampling.generate(model, params, ids, mask, key, max_new_tokens=config.max_new_tokens,
+                            temperature=config.temperature, top_k=config.top_k,
+                            top_p=config.top_p, eos_token_id=stops)
+    return _assemble(ids, mask, out, stops, g)
+
+  return sample
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _repeat_rows(ids, mask, g):
+  return jnp.repeat(ids, g, axis=0), jnp.repeat(mask, g, axis=0)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _assemble(ids, mask, out, stops, g):
+  response_mask = out.mask.astype(jnp.float32)
+  is_stop = jnp.isin(out.tokens, jnp.asarray(stops)) & (out.mask > 0)
+  return Rollout(
+      input_ids=jnp.concatenate([ids, out.tokens], axis=1),
+      attention_mask=jnp.concatenate([mask, out.mask.astype(mask.dtype)], axis=1),
+      response_mask=response_mask, sampler_logps=out.logps, has_stop=jnp.any(is_stop, axis=1),
+      prompt_index=jnp.repeat(jnp.arange(ids.shape[0] // g, dtype=jnp.int32), g))
+
+
+def completion_ids(rollout: Rollout) -> list[list[int]]:
+  """Each row's sampled token ids (stop token included), read on every process."""
+  tokens, mask = parallel.host_get((rollout.responses(), rollout.response_mask))
+  return [row[keep > 0].tolist() for row, keep in zip(tokens, mask)]
+
+
+def decode_responses(rollout: Rollout, tokenizer) -> list[str]:
+  """Each row's response as text (special tokens dropped), read on every process."""
+  return [tokenizer.decode(ids, skip_special_tokens=True) for ids in completion_ids(rollout)]
+
+
+def group_rows(scores, group_size: int, *, best: bool = True) -> jax.Array:
+  """[B] row indices of each group's best (or worst) of `group_size` consecutive scores.
+
+  `scores` is [B·G], prompt-major as a rollout's rows; ties go to the first row of the group.
+  Best-of-N, rejection sampling and iterative DPO's (best, worst) pairs all select with this.
+  """
+  grouped = jnp.reshape(jnp.asarray(scores), (-1, group_size))
+  pick = jnp.argmax(grouped, axis=1) if best else jnp.argmin(grouped, axis=1)
+  return jnp.arange(grouped.shape[0]) * group_size + pick
+
+
+@jax.jit
+def take_rows(tree, rows):
+  """The rows `rows` of every array of a pytree (a Rollout, a dict of batches)."""
+  return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), tree)
+
+
+# ----------------------------------------------------------------------------- reward functions
+
+
+class RewardError(ValueError):
+  """A reward function failed, or returned something that cannot be trained on."""
+
+
+def _import_module(module_name: str, spec: str):
+  if module_name.endswith(".py"):  # a file, relative to the working directory
+    path = pathlib.Path(module_name)
+    if not path.is_file():
+      raise RewardError(f"reward function {spec!r}: the file {str(path)!r} does not exist")
+    file_spec = importlib.util.spec_from_file_location(f"rlhf_jax_rewards_{path.stem}", path)
+    module = importlib.util.module_from_spec(file_spec)
+    file_spec.loader.exec_module(module)
+    return module
+  if os.getcwd() not in sys.path:  # `rlhf-jax run` (the console script) does not add it
+    sys.path.append(os.getcwd())
+  try:
+    return importlib.import_module(module_name)
+  except ImportError as err:
+    raise RewardError(f"cannot load reward function {spec!r}: {err} (a module must be "
+                      "importable from the working directory, or give a file as "
+                      "path/to/file.py:name)") from err
+
+
+def _call_arguments(call: ast.Call, spec: str):
+  try:
+    args = [ast.literal_eval(a) for a in call.args]
+    kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+  except ValueError:
+    raise RewardError(f"reward function {spec!r}: factory arguments must be literals "
+                      "(numbers, strings, tuples), e.g. module:factory(max_length=512)") from None
+  if any(k.arg is None for k in call.keywords):
+    raise RewardError(f"reward function {spec!r}: no **kwargs in a factory call")
+  return args, kwargs
+
+
+def load_function(spec: str) -> Callable:
+  """'module:name', 'path/to/file.py:name', or 'module:factory(arg=value, ...)' -> the function.
+
+  A factory call (literal arguments only) returns the reward function it builds, e.g.
+  'rlhf_jax.rewards:soft_overlong_penalty(max_length=512, cache=128)'.
+  """
+  module_name, _, expression = spec.partition(":")
+  if not module_name or not expression:
+    raise RewardError(f"reward function {spec!r} must be given as 'module:name' (or "
+                      "'path/to/file.py:name')")
+  try:
+    tree = ast.parse(expression.strip(), mode="eval").body
+  except SyntaxError:
+    raise RewardError(f"reward function {spec!r}: {expression!r} is not a name or a factory "
+                      "call") from None
+  call = tree if isinstance(tree, ast.Call) else None
+  target = call.func if call else tree
+  if not isinstance(target, ast.Name):
+    raise RewardError(f"reward function {spec!r}: expected a name after ':', got "
+                      f"{expression!r}")
+  module = _import_module(module_name, spec)
+  if not hasattr(module, target.id):
+    raise RewardError(f"cannot load reward function {spec!r}: {module_name} has no "
+                      f"{target.id!r}")
+  fn = getattr(module, target.id)
+  if call is not None:
+    args, kwargs = _call_arguments(call, spec)
+    try:
+      fn = fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 — the factory's own message, with where it came from
+      raise RewardError(f"reward function {spec!r}: the factory raised {err!r}") from err
+  if not callable(fn):
+    raise RewardError(f"reward function {spec!r} is not callable")
+  return fn
+
+
+def _as_user_value(value):
+  """A prompt or column value as the dataset gave it (message tuples become lists of dicts)."""
+  if isinstance(value, tuple) and all(isinstance(m, dict) for m in value):
+    return [dict(m) for m in value]
+  return value
+
+
+class RewardFunction:
+  """A reward function with TRL's calling convention, checked on every call.
+
+  `__call__(records, completions, ids)` takes one prompt record per completion (with `.text`,
+  `.columns` and `.row`, as the data layer makes them), the decoded completions and their token
+  ids (the `completion_ids` column; None when there are none, as for a judge's texts), and returns a float64 array with NaN where the function said None. A function that
+  raises, returns the wrong number of values, a non-number or a non-finite number is a
+  RewardError naming the function and the dataset row.
+  """
+
+  def __init__(self, fn: Callable, name: str):
+    self.fn, self.name = fn, name
+    parameters = inspect.signature(fn).parameters.values()
+    self.takes_all = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    self.named = {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY,
+                                                           p.POSITIONAL_OR_KEYWORD)}
+
+  @classmethod
+  def load(cls, spec: str, name: str | None = None) -> "RewardFunction":
+    expression = spec.partition(":")[2]
+    return cls(load_function(spec), name or expression.split("(")[0].strip())
+
+  def _arguments(self, records, completions, ids):
+    prompts = [_as_user_value(r.text) for r in records]
+    texts = [c if isinstance(r.text, str) else [{"role": "assistant", "content": c}]
+             for r, c in zip(records, completions)]
+    columns = {} if ids is None else {"completion_ids": [list(i) for i in ids]}
+    for name in sorted({key for r in records for key in r.columns}):
+      columns[name] = [_as_user_value(r.columns.get(name)) for r in records]
+    if not self.takes_all:  # a function without **kwargs gets the columns it names
+      missing = sorted(n for n in self.named - {"prompts", "completions"} - set(columns)
+                       if n not in _defaults(self.fn))
+      if missing:
+        raise RewardError(f"reward function {self.name!r} needs the column(s) {missing}, which "
+                          f"the prompt rows do not have (they have {sorted(columns)})")
+      columns = {k: v for k, v in columns.items() if k in self.named}
+    return prompts, texts, columns
+
+  def __call__(self, records: Sequence[Any], completions: Sequence[str],
+               ids: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    prompts, texts, columns = self._arguments(records, completions, ids)
+    try:
+      values = self.fn(prompts, texts, **columns)
+    except Exception as err:  # noqa: BLE001 — located below, then re-raised with where
+      raise self._locate(err, prompts, texts, columns, records) from err
+    return self._check(values, records)
+
+  def _locate(self, err, prompts, texts, columns, records) -> RewardError:
+    """The first row on which the function raises alone, for the message."""
+    for i in range(len(prompts)):
+      try:
+        self.fn(prompts[i:i + 1], texts[i:i + 1], **{k: v[i:i + 1] for k, v in columns.items()})
+      except Exception as row_err:  # noqa: BLE001
+        return RewardError(f"reward function {self.name!r} raised {type(row_err).__name__}: "
+                           f"{row_err} on dataset row {records[i].row} (completion "
+                           f"{texts[i]!r:.200})")
+    return RewardError(f"reward function {self.name!r} raised {type(err).__name__}: {err} on "
+                       f"a batch of {len(prompts)} completions (no single row raises alone)")
+
+  def _check(self, values, records) -> np.ndarray:
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
+      raise RewardError(f"reward function {self.name!r} returned {type(values).__name__}; "
+                        f"expected a list of {len(records)} floats (or None)")
+    if len(values) != len(records):
+      raise RewardError(f"reward function {self.name!r} returned {len(values)} values for "
+                        f"{len(records)} completions; expected one per completion")
+    out = np.empty(len(records), np.float64)
+    for i, value in enumerate(list(values)):
+      if value is None:
+        out[i] = np.nan
+        continue
+      try:
+        out[i] = float(value)
+      except (TypeError, ValueError):
+        raise RewardError(f"reward function {self.name!r} returned {value!r} for dataset row "
+                          f"{records[i].row}; expected a float or None") from None
+      if not math.isfinite(out[i]):
+        raise RewardError(f"reward function {self.name!r} returned {value!r} for dataset row "
+                          f"{records[i].row}; expected a finite float (None: not applicable)")
+    return out
+
+
+def _defaults(fn) -> set[str]:
+  return {name for name, p in inspect.signature(fn).parameters.items()
+          if p.default is not inspect.Parameter.empty}
+
+
+# ----------------------------------------------------------------------------- scorers
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSpec:
+  kind: Literal["model", "function"] = "model"
+  path: str | None = None  # the reward model's directory or hub id (kind="model")
+  # kind="function": "module:name", "path/to/file.py:name" or "module:factory(arg=value)";
+  # "auto": the embedded task's gold reward, for synthetic:* data only.
+  functions: tuple[str, ...] = ("auto",)
+  weights: tuple[float, ...] = ()  # one per function; (): all 1
+  # Evaluation only: the true reward, where one exists. "auto": the embedded task's, for
+  # synthetic:* data (none otherwise); None: no gold reward.
+  gold_function: str | None = "auto"
+  missing_eos_penalty: float | None = None  # subtracted from responses that never stop
+
+  def validate(self):
+    if self.kind not in ("model", "function"):
+      raise ValueError(f"reward.kind must be 'model' or 'function', got {self.kind!r}")
+    if self.kind == "model" and not self.path:
+      raise ValueError("reward.kind='model' needs reward.path (a reward-model checkpoint)")
+    if self.kind == "function" and not self.functions:
+      raise ValueError("reward.kind='function' needs reward.functions (e.g. "
+                       "rlhf_jax.rewards:math_answer)")
+    if self.weights and len(self.weights) != len(self.functions):
+      raise ValueError(f"reward.weights has {len(self.weights)} values for "
+                       f"{len(self.functions)} reward.functions; give one per function")
+    if any(not math.isfinite(w) for w in self.weights):
+      raise ValueError(f"reward.weights must be finite, got {self.weights}")
+
+  def resolved(self, data_source: str, *, scorer: bool = True) -> "RewardSpec":
+    """'auto' replaced by the embedded task's gold reward for its data (an error for other data
+    when the reward functions are used: `scorer`), or None for the gold function."""
+    from rlhf_jax.data import loading  # noqa: PLC0415 — only the names of the embedded tasks
+    gold = loading.synthetic_gold_function(data_source)
+    functions = self.functions
+    if scorer and self.kind == "function" and "auto" in functions:
+      if gold is None:
+        raise ValueError(
+            f"reward.functions='auto' is the embedded task's gold reward, which applies only to "
+            f"synthetic:* data, but data.train is {data_source!r}: set reward.functions to your "
+            "reward function(s), e.g. rlhf_jax.rewards:math_answer (see rlhf_jax.rewards)")
+      functions = tuple(gold if f == "auto" else f for f in functions)
+    gold_function = gold if self.gold_function == "auto" else self.gold_function
+    return dataclasses.replace(self, functions=functions, gold_function=gold_function)
+
+
+def _penalise(scores, rollout: Rollout, penalty):
+  if penalty is None:
+    return scores
+  return jnp.where(rollout.has_stop, scores, scores - penalty)
+
+
+class ModelScorer:
+  """Scores with a reward model (head 0) at each sequence's last real token."""
+
+  def __init__(self, rm, params, missing_eos_penalty=None):
+    self.rm, self.params, self.penalty = rm, params, missing_eos_penalty
+    self._score = jax.jit(lambda p, ids, mask: rm.apply(p, ids, mask)[:, 0])
+
+  def __call__(self, rollout: Rollout, records: Sequence[Any] = ()) -> tuple[jax.Array, dict]:
+    scores = _penalise(self._score(self.params, rollout.input_ids, rollout.attention_mask),
+                       rollout, self.penalty)
+    return scores, {}
+
+
+class FunctionScorer:
+  """Scores decoded responses with weighted reward functions on the host.
+
+  `__call__(rollout, records)` takes the batch's prompt records (row i of the rollout answers
+  `records[rollout.prompt_index[i]]`) and returns (scores [B·G] on the mesh like the rollout's
+  rows, metrics): the weighted sum over the functions that apply to each row (0 where none does;
+  `reward/unscored` counts them), and `reward/<name>`, each function's mean where it applies.
+  """
+
+  def __init__(self, functions: Sequence[RewardFunction], tokenizer, weights=(),
+               missing_eos_penalty=None):
+    self.functions, self.tokenizer = list(functions), tokenizer
+    self.weights = np.asarray(weights or [1.0] * len(self.functions), np.float64)
+    self.penalty = missing_eos_penalty
+
+  def values(self, rollout: Rollout, records: Sequence[Any]):
+    """(per-function values [F, B·G] with NaN = not applicable, the per-row records, texts)."""
+    ids = completion_ids(rollout)
+    texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+    rows = [records[i] for i in parallel.host_get(rollout.prompt_index)]
+    return np.stack([fn(rows, texts, ids) for fn in self.functions]), rows, texts
+
+  def __call__(self, rollout: Rollout, records: Sequence[Any]) -> tuple[jax.Array, dict]:
+    values, _, _ = self.values(rollout, records)
+    applies = ~np.isnan(values)
+    total = np.sum(np.where(applies, values, 0.0) * self.weights[:, None], axis=0)
+    self._check_processes_agree(values)
+    metrics = {}
+    for fn, row_values, ok in zip(self.functions, values, applies):
+      metrics[f"reward/{fn.name}"] = float(np.mean(row_values[ok])) if ok.any() else 0.0
+    if not applies.any(axis=0).all():
+      metrics["reward/unscored"] = float(np.mean(~applies.any(axis=0)))
+    scores = parallel.put_rows(total.astype(np.float32), rollout.has_stop.sharding)
+    return _penalise(scores, rollout, self.penalty), metrics
+
+
+  def _check_processes_agree(self, values):
+    """Every process scored every row: they must agree (a reward function must be a pure
+    function of its arguments, or the processes would train on different rewards)."""
+    if jax.process_count() == 1:
+      return
+    everyone = parallel.host_get_all_processes(np.nan_to_num(values, nan=np.inf))
+    for process, theirs in enumerate(everyone):
+      differs = np.argwhere(theirs != everyone[0])
+      if differs.size:
+        f, row = differs[0]
+        raise RewardError(
+            f"reward function {self.functions[f].name!r} gave rollout row {row} a different "
+            f"value on process {process} ({theirs[f, row]}) than on process 0 "
+            f"({everyone[0][f, row]}): a reward function must be a deterministic function of "
+            "its arguments (seed any randomness from them)")
+
+
+def _names(specs: Sequence[str]) -> list[str]:
+  names = [spec.partition(":")[2].split("(")[0].strip() for spec in specs]
+  return [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def make_scorer(spec: RewardSpec, tokenizer, load_reward_model: Callable[[str], Any]):
+  """The scorer a (resolved) RewardSpec describes."""
+  spec.validate()
+  if spec.kind == "function":
+    functions = [RewardFunction.load(s, name) for s, name in zip(spec.functions,
+                                                                  _names(spec.functions))]
+    return FunctionScorer(functions, tokenizer, spec.weights, spec.missing_eos_penalty)
+  rm, params = load_reward_model(spec.path)
+  return ModelScorer(rm, params, spec.missing_eos_penalty)
+
+
+def gold_function(spec: RewardSpec) -> RewardFunction | None:
+  """The evaluation's gold reward of a resolved RewardSpec, or None."""
+  if spec.gold_function in (None, "auto"):
+    return None
+  return RewardFunction.load(spec.gold_function, "gold")
