@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import parallel
+
 __all__ = ["DEFAULT_CONSTITUTION", "JUDGE_TEMPLATE", "ConstitutionalJudge", "RuleJudge",
            "answer_token_ids", "critique_and_revise", "prompt_as_text"]
 
@@ -103,7 +105,7 @@ def answer_token_ids(tokenizer, prompt: str, answers: Sequence[str]) -> np.ndarr
   if len(set(ids)) != len(ids):
     raise ValueError(f"the answers {tuple(answers)} map to the same token ids {ids}: the judge "
                      "could not tell them apart")
-  return np.asarray(ids)
+  return np.asarray(ids)  # host: token ids from the tokenizer
 
 
 @dataclasses.dataclass
@@ -128,20 +130,20 @@ class ConstitutionalJudge:
     if len(found) != 1:
       raise ValueError(f"the answers {self.answers} tokenise differently after different "
                        f"principles ({sorted(found)}): end the template with a fixed text")
-    self.answer_ids = np.asarray(found.pop())
+    self.answer_ids = np.asarray(found.pop())  # host: token ids
 
   def _first_wins(self, principles, prompts, firsts, seconds) -> np.ndarray:
     texts = [self.template.format(principle=p, prompt=prompt_as_text(q), first=a, second=b,
                                   answer_prefix="")
              for p, q, a, b in zip(principles, prompts, firsts, seconds)]
     ids, mask = _left_pad(self.tokenizer, texts)
-    logps = np.asarray(_next_token_logps(self.model)(self.params, ids, mask))
+    logps = parallel.host_get(_next_token_logps(self.model)(self.params, ids, mask))
     pair = logps[:, self.answer_ids]  # [B, 2]: the letters of the first and second response
     return np.exp(pair[:, 0] - np.logaddexp(pair[:, 0], pair[:, 1]))
 
   def compare(self, prompts, responses_a, responses_b, key) -> np.ndarray:
     """P(a ≻ b) for each row, in [0, 1]; one principle sampled per comparison with `key`."""
-    picks = np.asarray(jax.random.randint(key, (len(prompts),), 0, len(self.constitution)))
+    picks = parallel.host_get(jax.random.randint(key, (len(prompts),), 0, len(self.constitution)))
     principles = [self.constitution[i] for i in picks]
     forward = self._first_wins(principles, prompts, responses_a, responses_b)
     backward = self._first_wins(principles, prompts, responses_b, responses_a)
@@ -154,8 +156,8 @@ class RuleJudge:
   rule: Callable
 
   def compare(self, prompts, responses_a, responses_b, key=None) -> np.ndarray:
-    a = np.asarray(self.rule(prompts, responses_a), np.float64)
-    b = np.asarray(self.rule(prompts, responses_b), np.float64)
+    a = np.asarray(self.rule(prompts, responses_a), np.float64)  # host: a Python rule
+    b = np.asarray(self.rule(prompts, responses_b), np.float64)  # host: a Python rule
     return (a > b) + 0.5 * (a == b)
 
 
@@ -166,7 +168,7 @@ def critique_and_revise(model, params, tokenizer, prompts, responses, key, *,
   from rlhf_jax.sampling import generate_text
 
   pick_key, critique_key, revise_key = jax.random.split(key, 3)
-  picks = np.asarray(jax.random.randint(pick_key, (len(prompts),), 0, len(constitution)))
+  picks = parallel.host_get(jax.random.randint(pick_key, (len(prompts),), 0, len(constitution)))
   principles = [constitution[i] for i in picks]
   as_text = [prompt_as_text(p) for p in prompts]
   critiques = generate_text(model, params, tokenizer, [

@@ -91,6 +91,7 @@ def stop_ids(tokenizer, model) -> tuple[int, ...]:
   """Every id that ends a response: the tokenizer's EOS and the model config's EOS ids."""
   ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
   config_eos = getattr(model.config, "eos_token_id", None)
+  # host: config values
   ids |= set(np.atleast_1d(config_eos).tolist()) if config_eos is not None else set()
   if not ids:
     raise ValueError("neither the tokenizer nor the model config defines an EOS token: set "
@@ -100,7 +101,7 @@ def stop_ids(tokenizer, model) -> tuple[int, ...]:
 
 def make_sampler(model, config: GenerationConfig, eos_ids, pad_id: int):
   """sample(params, prompt_ids [B, P], prompt_mask [B, P], key) -> Rollout with B·G rows."""
-  stops = tuple(int(i) for i in np.atleast_1d(eos_ids).tolist())
+  stops = tuple(int(i) for i in np.atleast_1d(eos_ids).tolist())  # host: config values
   g = config.num_samples
 
   def sample(params, prompt_ids, prompt_mask, key):
@@ -132,6 +133,7 @@ def _assemble(ids, mask, out, stops, g):
 def completion_ids(rollout: Rollout) -> list[list[int]]:
   """Each row's sampled token ids (stop token included), read on every process."""
   tokens, mask = parallel.host_get((rollout.responses(), rollout.response_mask))
+  # host: read through parallel.host_get just above
   return [row[keep > 0].tolist() for row, keep in zip(tokens, mask)]
 
 
@@ -243,9 +245,10 @@ class RewardFunction:
 
   `__call__(records, completions, ids)` takes one prompt record per completion (with `.text`,
   `.columns` and `.row`, as the data layer makes them), the decoded completions and their token
-  ids (the `completion_ids` column; None when there are none, as for a judge's texts), and returns a float64 array with NaN where the function said None. A function that
-  raises, returns the wrong number of values, a non-number or a non-finite number is a
-  RewardError naming the function and the dataset row.
+  ids (the `completion_ids` column; None when there are none, as for a judge's texts), and
+  returns a float64 array with NaN where the function said None. A function that raises,
+  returns the wrong number of values, a non-number or a non-finite number is a RewardError
+  naming the function and the dataset row.
   """
 
   def __init__(self, fn: Callable, name: str):
@@ -403,7 +406,7 @@ class FunctionScorer:
   def __init__(self, functions: Sequence[RewardFunction], tokenizer, weights=(),
                missing_eos_penalty=None):
     self.functions, self.tokenizer = list(functions), tokenizer
-    self.weights = np.asarray(weights or [1.0] * len(self.functions), np.float64)
+    self.weights = np.asarray(weights or [1.0] * len(self.functions), np.float64)  # host: config
     self.penalty = missing_eos_penalty
 
   def values(self, rollout: Rollout, records: Sequence[Any]):

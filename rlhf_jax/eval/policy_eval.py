@@ -88,7 +88,7 @@ def evaluate_policy(model, params, ref_params, tokenizer, records, *, batch_size
 
 
 def _select(samples: PolicySamples, keep) -> PolicySamples:
-  pick = lambda x: None if x is None else np.asarray(x)[keep]
+  pick = lambda x: None if x is None else np.asarray(x)[keep]  # host: PolicySamples
   return PolicySamples([p for p, k in zip(samples.prompts, keep) if k],
                        [r for r, k in zip(samples.responses, keep) if k], pick(samples.proxy),
                        pick(samples.gold), pick(samples.kl), pick(samples.length),

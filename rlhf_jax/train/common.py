@@ -158,7 +158,7 @@ def load_data(kind: str, spec: DataSpec, tokenizer, seed: int):
   if num_eval == 0:
     return records, [], stats
   order = np.random.default_rng([seed, 7]).permutation(len(records))
-  held = set(order[:num_eval].tolist())
+  held = set(order[:num_eval].tolist())  # host: a NumPy permutation
   return ([r for i, r in enumerate(records) if i not in held],
           [r for i, r in enumerate(records) if i in held], stats)
 

@@ -155,11 +155,12 @@ def _kept(record: dict, resume_step: int) -> bool:
 
 
 def _scalar(value):
-  value = np.asarray(value)
+  value = np.asarray(value)  # host: metrics come through parallel.host_get
   return value.item() if value.size == 1 else value.tolist()
 
 
 def _check_finite(step: int, metrics: dict, checkpoints: Checkpointer):
+  # host: metrics come through parallel.host_get
   bad = {k: v for k, v in metrics.items() if not np.all(np.isfinite(np.asarray(v, np.float64)))}
   if bad:
     checkpoints.wait()
