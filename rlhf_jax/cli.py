@@ -29,6 +29,7 @@ TRAINERS = {
     "rejection_sampling": "rlhf_jax.train.best_of_n:run",
     "iterative_dpo": "rlhf_jax.train.iterative:run",
     "pipeline": "rlhf_jax.pipeline:run",
+    "verifiable": "rlhf_jax.verifiable:run",
 }
 
 

@@ -29,3 +29,17 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # An accidental broadcast ([B] against [B, 1]) is an error, not a silently wrong loss.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# The longest files first: pytest-xdist's `--dist loadfile` hands whole files to the workers in
+# collection order, so a long file collected last would end the run on one worker alone.
+_LONGEST_FIRST = ("tests/train/test_online.py", "tests/test_multiprocess.py",
+                  "tests/test_pipeline.py", "tests/test_verifiable.py",
+                  "tests/train/test_trainers.py", "tests/test_feedback.py",
+                  "tests/models/test_hf_io.py", "tests/test_notebooks.py")
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    path = item.nodeid.split("::")[0]
+    return _LONGEST_FIRST.index(path) if path in _LONGEST_FIRST else len(_LONGEST_FIRST)
+  items.sort(key=rank)  # stable: the order within a file is kept

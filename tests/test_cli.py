@@ -66,3 +66,26 @@ def test_print_config_shows_the_final_config():
   assert result.returncode == 0
   printed = json.loads(result.stdout)
   assert printed["optimizer"]["lr"] == 1e-5 and printed["loss"]["beta"] == 0.05
+
+
+def test_an_incomplete_multi_process_launch_is_a_clear_error():
+  result = subprocess.run(
+      [sys.executable, "-m", "rlhf_jax", "run", str(EXPERIMENTS / "grpo.py"), "--arg", "runlocal"],
+      capture_output=True, text=True, timeout=600,
+      env={**os.environ, "JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234"})
+  assert result.returncode == 2
+  assert ("error: a multi-process launch with JAX_COORDINATOR_ADDRESS also needs --num-processes "
+          "(or JAX_NUM_PROCESSES) and --process-id (or JAX_PROCESS_ID)") in result.stderr
+
+
+def test_the_synthetic_gold_reward_is_not_the_default_for_real_data():
+  # A real prompt file with the embedded task's reward left at 'auto': refused before loading.
+  result = _cli("run", str(EXPERIMENTS / "grpo.py"), "--set", "data.train=prompts.jsonl",
+                "--print-config")
+  assert result.returncode == 2
+  assert ("reward.functions='auto' is the embedded task's gold reward, which applies only to "
+          "synthetic:* data, but data.train is 'prompts.jsonl'") in result.stderr
+  result = _cli("run", str(EXPERIMENTS / "grpo.py"), "--set", "data.train=prompts.jsonl",
+                "--set", "reward.functions=rlhf_jax.rewards:math_answer", "--print-config")
+  assert result.returncode == 0, result.stderr
+  assert json.loads(result.stdout)["reward"]["gold_function"] == "auto"  # resolves to none

@@ -24,8 +24,23 @@ def _documented_commands(text: str) -> list[str]:
   for line in joined.splitlines():
     match = re.search(r"python -m rlhf_jax run (\S+\.py.*)", line)
     if match:
-      commands.append(match.group(1).split(" #")[0].split("`")[0].strip())
+      command = match.group(1).split(" #")[0].split("`")[0].strip()
+      if command.count('"') % 2:  # the end of a quoted --command "..." around it
+        command = command[:command.rindex('"')]
+      commands.append(command)
   return commands
+
+
+def _words(command: str) -> list[str]:
+  """The command's words, up to the shell around it (&, ;, |)."""
+  lexer = shlex.shlex(command, posix=True, punctuation_chars="&;|")
+  lexer.whitespace_split = True
+  words = []
+  for word in lexer:
+    if word and set(word) <= set("&;|"):
+      break
+    words.append(word)
+  return words
 
 
 def _cases():
@@ -43,13 +58,13 @@ CASES = _cases()
 
 
 def test_every_experiment_documents_how_to_run_it():
-  documented = {pathlib.Path(shlex.split(command)[0]).name for _, command in CASES}
+  documented = {pathlib.Path(_words(command)[0]).name for _, command in CASES}
   assert documented >= {path.name for path in EXPERIMENTS}
 
 
 @pytest.mark.parametrize("where, command", CASES, ids=[f"{w}:{c[:60]}" for w, c in CASES])
 def test_documented_command_gives_a_valid_config(where, command):
-  words = shlex.split(command)
+  words = _words(command)
   path = ROOT / "experiments" / pathlib.Path(words[0]).name
   assert path.exists(), f"{where} names a missing experiment {words[0]}"
   try:  # the CLI's own parser: an unknown option fails as it would for a user

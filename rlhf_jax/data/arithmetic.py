@@ -45,21 +45,26 @@ def problem_text(a: int, b: int) -> str:
 class ArithmeticTask:
   """Seeded generators of the task's rows."""
   seed: int = 0
-  max_operand: int = 99  # operands are drawn from 0..max_operand
-  held_out_fraction: float = 0.1  # of all operand pairs, never in demonstrations or RL prompts
+  min_operand: int = 0  # the first operand is drawn from min_operand..max_operand
+  max_operand: int = 9
+  max_addend: int = 9  # the second from 0..max_addend
+  # Of all operand pairs, never in demonstrations or RL prompts (0: evaluation prompts are
+  # fresh rows over the same pairs).
+  held_out_fraction: float = 0.0
   demo_error_rate: float = 0.3  # demonstrations with a slip in the answer
 
   @functools.cached_property
   def _pairs(self) -> tuple[np.ndarray, np.ndarray]:
     """(training pairs [M, 2], held-out pairs [H, 2]), split by a permutation fixed by seed."""
-    n = self.max_operand + 1
-    pairs = np.stack(np.divmod(np.arange(n * n), n), axis=1)
+    n = self.max_addend + 1
+    pairs = np.stack(np.divmod(np.arange((self.max_operand + 1) * n), n), axis=1)
+    pairs = pairs[pairs[:, 0] >= self.min_operand]
     order = np.random.default_rng([self.seed, 77]).permutation(len(pairs))
     held = int(round(len(pairs) * self.held_out_fraction))
     return pairs[order[held:]], pairs[order[:held]]
 
   def _draw(self, n: int, stream: int, held_out: bool) -> np.ndarray:
-    pool = self._pairs[1] if held_out else self._pairs[0]
+    pool = self._pairs[1] if held_out and len(self._pairs[1]) else self._pairs[0]
     rng = np.random.default_rng([self.seed, 500 + stream])
     return pool[rng.integers(len(pool), size=n)]
 
@@ -86,8 +91,9 @@ class ArithmeticTask:
             for a, b in self._draw(n, 100 + stream, held_out)]
 
   def eval_rows(self, n: int, stream: int = 0) -> list[dict]:
-    """Prompts on held-out operand pairs (never in sft_rows or prompt_rows)."""
-    return self.prompt_rows(n, stream, held_out=True)
+    """Prompts on the held-out operand pairs (never in sft_rows or prompt_rows), or with
+    held_out_fraction=0 fresh draws over the training pairs (a stream of their own)."""
+    return self.prompt_rows(n, 1000 + stream, held_out=True)
 
 
 def build_tokenizer():

@@ -228,3 +228,35 @@ def test_killed_and_resumed_toy_run_with_async_checkpoints(tmp_path):
   np.testing.assert_array_equal(np.asarray(resumed["state"]["w"]),
                                 np.asarray(straight["state"]["w"]))
   assert [m["step"] for m in _metrics(tmp_path / "b" / "run")] == list(range(1, 7))
+
+
+def test_a_failing_export_or_evaluation_loses_no_training(tmp_path, caplog):
+  """The final checkpoint is on disk before the export and the final evaluation; rerunning the
+  same command resumes there, trains nothing, and redoes them."""
+  calls = []
+
+  def broken(state, out_dir):
+    calls.append(float(state["w"][0]))
+    raise RuntimeError("disk full")
+
+  task = _toy_task(4)
+  task.export = broken
+  run = _toy_run(tmp_path, export=True)
+  with pytest.raises(RuntimeError, match="disk full"):
+    loop.run_loop(task, run)
+  from rlhf_jax.train.checkpoint import Checkpointer
+  checkpoints = Checkpointer(tmp_path / "run" / "checkpoints")
+  assert checkpoints.latest_step() == 4
+  checkpoints.close()
+  assert "rerun the same command to resume there and redo them" in caplog.text
+  exported = []
+  task = _toy_task(4)
+  task.export = lambda state, out_dir: exported.append(float(state["w"][0]))
+  task.evaluators.append(lambda state: {"w0": float(state["w"][0])})
+  train_steps = []
+  step = task.train_step
+  task.train_step = lambda state, batch: train_steps.append(1) or step(state, batch)
+  summary = loop.run_loop(task, run)
+  assert not train_steps and exported == calls  # the same final state, exported this time
+  assert summary["eval"] == {"w0": calls[0]}
+  assert [r["step"] for r in _metrics(tmp_path / "run", "eval")] == [4]

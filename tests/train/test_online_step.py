@@ -48,6 +48,20 @@ def _apply(model):
   return jax.jit(model.apply)
 
 
+@pytest.fixture(scope="module")
+def policy_and_reference(model):
+  return model.init(jax.random.key(0)), model.init(jax.random.key(1))
+
+
+@pytest.fixture(scope="module")
+def grpo_algorithm(model):
+  """GRPO with β = 0.1, ε = 0.2, and its prepare and loss jitted (shared by the tests)."""
+  algorithm = grpo.make_grpo_algorithm(
+      model, grpo.GRPOLoss(kl_coef=0.1, clip_eps=0.2), advantage="group", group_size=G,
+      temperature=1.0, max_new_tokens=N)
+  return algorithm, jax.jit(algorithm.prepare), jax.jit(algorithm.loss)
+
+
 def _numpy_logps(model, params, rollout) -> np.ndarray:
   """log π(y_t | y_<t) of the response tokens, from the logits by hand."""
   logits = np.asarray(_apply(model)(params, rollout.input_ids, rollout.attention_mask).logits,
@@ -69,15 +83,13 @@ def _masked_row_mean(x, mask):
   return np.mean(np.sum(x * mask, 1) / np.sum(mask, 1))
 
 
-def test_grpo_prepare_and_loss_match_the_hand_computation(model, rollout):
-  params, ref = model.init(jax.random.key(0)), model.init(jax.random.key(1))
+def test_grpo_prepare_and_loss_match_the_hand_computation(model, rollout, grpo_algorithm,
+                                                         policy_and_reference):
+  params, ref = policy_and_reference
   beta, eps = 0.1, 0.2
-  algorithm = grpo.make_grpo_algorithm(
-      model, grpo.GRPOLoss(kl_coef=beta, clip_eps=eps), advantage="group", group_size=G,
-      temperature=1.0, max_new_tokens=N)
+  _, prepare, loss = grpo_algorithm
   state = TrainState.create(params, optax.sgd(0.1), jax.random.key(2))
-  (old, ref_logps, advantages), metrics = algorithm.prepare(state, ref, rollout,
-                                                            jnp.asarray(SCORES))
+  (old, ref_logps, advantages), metrics = prepare(state, ref, rollout, jnp.asarray(SCORES))
   mask = RESPONSE_MASK
   np.testing.assert_allclose(np.asarray(old) * mask, _numpy_logps(model, params, rollout) * mask,
                              atol=1e-5)
@@ -88,7 +100,7 @@ def test_grpo_prepare_and_loss_match_the_hand_computation(model, rollout):
 
   # The loss at other params: ratio ≠ 1, some tokens clipped.
   new_params = _perturbed(params, 0.3, 3)
-  value, _ = algorithm.loss(new_params, rollout, (old, ref_logps, advantages))
+  value, _ = loss(new_params, rollout, (old, ref_logps, advantages))
   new, old_np, ref_np = (_numpy_logps(model, new_params, rollout), np.asarray(old, np.float64),
                          _numpy_logps(model, ref, rollout))
   ratio = np.exp(new - old_np)
@@ -99,14 +111,15 @@ def test_grpo_prepare_and_loss_match_the_hand_computation(model, rollout):
   np.testing.assert_allclose(value, _masked_row_mean(surrogate + beta * k3, mask), rtol=1e-4)
 
 
-def test_grpo_update_takes_one_sgd_step_on_that_loss(model, rollout):
-  params, ref = model.init(jax.random.key(0)), model.init(jax.random.key(1))
-  algorithm = grpo.make_grpo_algorithm(model, grpo.GRPOLoss(kl_coef=0.1), advantage="group",
-                                       group_size=G, temperature=1.0, max_new_tokens=N)
+def test_grpo_update_takes_one_sgd_step_on_that_loss(model, rollout, grpo_algorithm,
+                                                     policy_and_reference):
+  params, ref = policy_and_reference
+  algorithm, prepare, loss = grpo_algorithm
   lr = 0.05
-  state = TrainState.create(params, optax.sgd(lr), jax.random.key(2))
-  prepared, _ = algorithm.prepare(state, ref, rollout, jnp.asarray(SCORES))
-  grads = jax.grad(lambda p: algorithm.loss(p, rollout, prepared)[0])(params)
+  # A copy: the update donates the state's buffers, and the fixture's params are shared.
+  state = TrainState.create(jax.tree.map(jnp.copy, params), optax.sgd(lr), jax.random.key(2))
+  prepared, _ = prepare(state, ref, rollout, jnp.asarray(SCORES))
+  grads = jax.jit(jax.grad(lambda p: loss(p, rollout, prepared)[0]))(params)
   expected = jax.tree.map(lambda p, g: p - lr * g, params, grads)
   # At the rollout's own params the ratio is 1: loss = mean_rows(mean_tokens(-A + β·k3)).
   new, ref_np = _numpy_logps(model, params, rollout), _numpy_logps(model, ref, rollout)
@@ -132,8 +145,8 @@ def _numpy_gae(rewards, values, mask, gamma, lam):
   return advantages, (advantages + values) * mask
 
 
-def test_ppo_prepare_and_loss_match_the_hand_computation(model, rollout):
-  policy, ref = model.init(jax.random.key(0)), model.init(jax.random.key(1))
+def test_ppo_prepare_and_loss_match_the_hand_computation(model, rollout, policy_and_reference):
+  policy, ref = policy_and_reference
   loss = ppo.PPOLoss(kl_coef=0.05, gamma=0.9, lam=0.8, vf_coef=0.1, clip_eps=0.2,
                      value_clip_eps=0.2)
   value_fn = ppo.ValueFunction("shared")
@@ -141,7 +154,7 @@ def test_ppo_prepare_and_loss_match_the_hand_computation(model, rollout):
   algorithm = ppo.make_ppo_algorithm(model, loss, value_fn, temperature=1.0)
   state = TrainState.create(params, optax.sgd(0.1), jax.random.key(2),
                             extra={"kl": losses.init_kl_controller(loss.kl_coef)})
-  prepared, _ = algorithm.prepare(state, ref, rollout, jnp.asarray(SCORES))
+  prepared, _ = jax.jit(algorithm.prepare)(state, ref, rollout, jnp.asarray(SCORES))
   old, values, advantages, returns = (np.asarray(x, np.float64) for x in prepared)
   mask = RESPONSE_MASK
   logps, ref_np = _numpy_logps(model, policy, rollout), _numpy_logps(model, ref, rollout)
@@ -159,7 +172,7 @@ def test_ppo_prepare_and_loss_match_the_hand_computation(model, rollout):
   np.testing.assert_allclose(advantages, (adv - mean) / np.sqrt(var + 1e-8) * mask, atol=1e-4)
 
   new_params = _perturbed(params, 0.3, 6)
-  value, metrics = algorithm.loss(new_params, rollout, prepared)
+  value, metrics = jax.jit(algorithm.loss)(new_params, rollout, prepared)
   new = _numpy_logps(model, new_params["policy"], rollout)
   ratio = np.exp(new - old)
   policy_loss = np.maximum(-advantages * ratio, -advantages * np.clip(ratio, 0.8, 1.2))
@@ -175,11 +188,12 @@ def test_ppo_prepare_and_loss_match_the_hand_computation(model, rollout):
                              rtol=1e-4)
 
 
-def test_the_donated_update_holds_one_copy_of_the_state(model, rollout):
-  params, ref = model.init(jax.random.key(0)), model.init(jax.random.key(1))
-  algorithm = grpo.make_grpo_algorithm(model, grpo.GRPOLoss(), advantage="group", group_size=G,
-                                       temperature=1.0, max_new_tokens=N)
-  state = TrainState.create(params, optax.adamw(1e-3), jax.random.key(2))
+def test_the_donated_update_holds_one_copy_of_the_state(model, rollout, grpo_algorithm,
+                                                       policy_and_reference):
+  params, ref = policy_and_reference
+  algorithm = grpo_algorithm[0]
+  state = TrainState.create(jax.tree.map(jnp.copy, params), optax.adamw(1e-3),
+                            jax.random.key(2))
   args = (state, ref, rollout, jnp.asarray(SCORES), jax.random.key(3))
   state_bytes = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
   donated = online.make_update(algorithm, epochs=2, minibatches=2).lower(*args).compile()
