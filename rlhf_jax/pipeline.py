@@ -24,7 +24,7 @@ import time
 import jax
 import numpy as np
 
-from rlhf_jax import parallel, rollout
+from rlhf_jax import parallel, rewards, rollout
 from rlhf_jax.data import BatchStream, TokenizeConfig, prepare, synthetic
 from rlhf_jax.eval import diagnostics, plots, policy_eval
 from rlhf_jax.parallel import MeshConfig
@@ -139,7 +139,7 @@ class _Lab:
         model, sft_params, self.tokenizer, records, batch_size=64,
         max_new_tokens=self.config.max_new_tokens,
         eos_ids=rollout.stop_ids(self.tokenizer, model), proxy=self.proxy,
-        gold_fn=rollout.RewardFunction(synthetic.gold_reward_fn, "gold"), seed=self.config.seed)
+        gold_fn=rewards.RewardFunction(synthetic.gold_reward_fn, "gold"), seed=self.config.seed)
     self.records = records
     self.sft_samples = self.evaluator.samples(sft_params)
     return self.evaluator

@@ -26,7 +26,7 @@ import logging
 import pathlib
 import time
 
-from rlhf_jax import rollout
+from rlhf_jax import rewards, rollout
 from rlhf_jax.data import TokenizeConfig, arithmetic, prepare
 from rlhf_jax.eval import policy_eval
 from rlhf_jax.parallel import MeshConfig
@@ -141,7 +141,7 @@ def run(config: VerifiableConfig) -> dict:
   evaluator = policy_eval.PolicyEvaluator(
       model, sft_params, tokenizer, records, batch_size=64, max_new_tokens=config.max_new_tokens,
       eos_ids=rollout.stop_ids(tokenizer, model), seed=config.seed,
-      gold_fn=rollout.RewardFunction.load("rlhf_jax.rewards:math_answer", "accuracy"))
+      gold_fn=rewards.RewardFunction.load("rlhf_jax.rewards:math_answer", "accuracy"))
   rows = [{"method": "SFT", **policy_eval.summarize(evaluator.samples(sft_params))}]
   for method in config.methods:
     method_start = time.perf_counter()

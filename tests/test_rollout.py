@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import rollout
+from rlhf_jax import rewards, rollout
 from rlhf_jax.data import arithmetic, prepare, TokenizeConfig
 
 
@@ -53,7 +53,7 @@ def test_a_reward_function_sees_prompts_completions_and_every_column(tokenizer):
     seen.update(prompts=prompts, completions=completions, **columns)
     return [float(c[0]["content"] == a) for c, a in zip(completions, columns["answer"])]
 
-  out = rollout.RewardFunction(reward, "check")(CHAT, ["3", "11"], [[1, 2], [3]])
+  out = rewards.RewardFunction(reward, "check")(CHAT, ["3", "11"], [[1, 2], [3]])
   np.testing.assert_array_equal(out, [1.0, 0.0])
   # Conversational rows: prompts as lists of message dicts, completions as assistant messages.
   assert seen["prompts"] == [[{"role": "user", "content": "1+2"}],
@@ -64,7 +64,7 @@ def test_a_reward_function_sees_prompts_completions_and_every_column(tokenizer):
   assert seen["completion_ids"] == [[1, 2], [3]]
   # Plain-text prompts get plain-text completions.
   seen.clear()
-  plain = rollout.RewardFunction(lambda prompts, completions, **kw: seen.update(
+  plain = rewards.RewardFunction(lambda prompts, completions, **kw: seen.update(
       prompts=prompts, completions=completions) or [0.0], "plain")
   plain([Record("1+2", {}, 0)], ["3"], [[1]])
   assert seen == {"prompts": ["1+2"], "completions": ["3"]}
@@ -74,15 +74,15 @@ def test_a_function_without_kwargs_gets_the_columns_it_names(tokenizer):
   def reward(prompts, completions, answer):
     return [float(c[0]["content"] == a) for c, a in zip(completions, answer)]
 
-  np.testing.assert_array_equal(rollout.RewardFunction(reward, "r")(CHAT, ["3", "10"], [[], []]),
+  np.testing.assert_array_equal(rewards.RewardFunction(reward, "r")(CHAT, ["3", "10"], [[], []]),
                                 [1.0, 1.0])
 
   def needs_solution(prompts, completions, solution):
     return [0.0] * len(prompts)
 
-  with pytest.raises(rollout.RewardError, match=r"'needs_solution' needs the column\(s\) "
+  with pytest.raises(rewards.RewardError, match=r"'needs_solution' needs the column\(s\) "
                                                r"\['solution'\]"):
-    rollout.RewardFunction(needs_solution, "needs_solution")(CHAT, ["3", "10"], [[], []])
+    rewards.RewardFunction(needs_solution, "needs_solution")(CHAT, ["3", "10"], [[], []])
 
 
 @pytest.mark.parametrize("returned, message", [
@@ -93,8 +93,8 @@ def test_a_function_without_kwargs_gets_the_columns_it_names(tokenizer):
     ([float("inf"), 1.0], "returned inf for dataset row 7"),
 ])
 def test_bad_reward_values_name_the_function_and_the_row(returned, message):
-  fn = rollout.RewardFunction(lambda prompts, completions, **kw: returned, "bad")
-  with pytest.raises(rollout.RewardError, match=f"reward function 'bad' {message}"):
+  fn = rewards.RewardFunction(lambda prompts, completions, **kw: returned, "bad")
+  with pytest.raises(rewards.RewardError, match=f"reward function 'bad' {message}"):
     fn(CHAT, ["3", "10"], [[], []])
 
 
@@ -102,13 +102,13 @@ def test_a_raising_reward_function_names_the_row_that_raises():
   def reward(prompts, completions, answer, **kw):
     return [1.0 / (int(a) - 10) for a in answer]  # the second row divides by zero
 
-  with pytest.raises(rollout.RewardError, match=r"'div' raised ZeroDivisionError: .* on dataset "
+  with pytest.raises(rewards.RewardError, match=r"'div' raised ZeroDivisionError: .* on dataset "
                                                r"row 8 \(completion"):
-    rollout.RewardFunction(reward, "div")(CHAT, ["3", "10"], [[], []])
+    rewards.RewardFunction(reward, "div")(CHAT, ["3", "10"], [[], []])
 
 
 def test_none_means_not_applicable():
-  fn = rollout.RewardFunction(lambda p, c, **kw: [None, 2.0], "partial")
+  fn = rewards.RewardFunction(lambda p, c, **kw: [None, 2.0], "partial")
   out = fn(CHAT, ["3", "10"], [[], []])
   assert np.isnan(out[0]) and out[1] == 2.0
 
@@ -118,8 +118,8 @@ def test_function_scorer_weights_logs_each_function_and_penalises_no_stop(tokeni
       float(c[0]["content"] == a) for c, a in zip(completions, answer)]
   short = lambda prompts, completions, completion_ids, **kw: [
       None if i == 0 else -len(ids) for i, ids in enumerate(completion_ids)]
-  scorer = rollout.FunctionScorer([rollout.RewardFunction(exact, "exact"),
-                                   rollout.RewardFunction(short, "short")], tokenizer,
+  scorer = rollout.FunctionScorer([rewards.RewardFunction(exact, "exact"),
+                                   rewards.RewardFunction(short, "short")], tokenizer,
                                   weights=(2.0, 0.5), missing_eos_penalty=1.0)
   scores, metrics = scorer(_rollout(tokenizer, ["3", "10"], has_stop=[True, False]), CHAT)
   # Row 0: 2·1 (short does not apply). Row 1: 2·1 + 0.5·(-3 tokens incl. EOS), minus 1 (no stop).
@@ -128,7 +128,7 @@ def test_function_scorer_weights_logs_each_function_and_penalises_no_stop(tokeni
 
 
 def test_rows_no_function_applies_to_score_zero_and_are_counted(tokenizer):
-  scorer = rollout.FunctionScorer([rollout.RewardFunction(
+  scorer = rollout.FunctionScorer([rewards.RewardFunction(
       lambda p, c, **kw: [None, 1.0], "some")], tokenizer)
   scores, metrics = scorer(_rollout(tokenizer, ["3", "10"]), CHAT)
   np.testing.assert_array_equal(np.asarray(scores), [0.0, 1.0])
@@ -136,13 +136,13 @@ def test_rows_no_function_applies_to_score_zero_and_are_counted(tokenizer):
 
 
 def test_reward_functions_load_by_module_file_and_factory_call(tmp_path, monkeypatch):
-  assert rollout.load_function("rlhf_jax.rewards:math_answer").__name__ == "math_answer"
+  assert rewards.load_function("rlhf_jax.rewards:math_answer").__name__ == "math_answer"
   (tmp_path / "my_rewards.py").write_text(
       "def check(prompts, completions, **kw):\n  return [1.0] * len(prompts)\n")
   monkeypatch.chdir(tmp_path)
-  assert rollout.load_function("my_rewards.py:check")(["p"], ["c"]) == [1.0]
-  assert rollout.load_function("my_rewards:check")(["p"], ["c"]) == [1.0]  # cwd is importable
-  penalty = rollout.load_function(
+  assert rewards.load_function("my_rewards.py:check")(["p"], ["c"]) == [1.0]
+  assert rewards.load_function("my_rewards:check")(["p"], ["c"]) == [1.0]  # cwd is importable
+  penalty = rewards.load_function(
       "rlhf_jax.rewards:soft_overlong_penalty(max_length=8, cache=4)")
   assert penalty(["p"], ["c"], completion_ids=[[0] * 6]) == [-0.5]
 
@@ -157,8 +157,8 @@ def test_reward_functions_load_by_module_file_and_factory_call(tmp_path, monkeyp
     ("rlhf_jax.rewards:math_answer.x", "expected a name after ':'"),
 ])
 def test_reward_function_specs_fail_with_a_clear_message(spec, message):
-  with pytest.raises(rollout.RewardError, match=message):
-    rollout.load_function(spec)
+  with pytest.raises(rewards.RewardError, match=message):
+    rewards.load_function(spec)
 
 
 def test_auto_rewards_apply_only_to_the_embedded_tasks_data():

@@ -71,7 +71,7 @@ def evaluate_policy(model, params, ref_params, tokenizer, records, *, batch_size
                     eos_ids, key, proxy=None, gold_fn=None, buckets=None, chunk_size=512):
   """Samples one response per record (prompt) and scores it. Returns PolicySamples.
 
-  proxy: a rollout scorer; gold_fn: a `rollout.RewardFunction` (NaN where it does not apply).
+  proxy: a rollout scorer; gold_fn: a `rewards.RewardFunction` (NaN where it does not apply).
   """
   sampler = _sampler(model, max_new_tokens, eos_ids, tokenizer.pad_token_id)
   max_prompt = max(len(r.prompt) for r in records)

@@ -15,8 +15,17 @@ Calling convention (the trainers call every reward function this way):
 The result has one entry per completion: a float, or None where the function does not apply to
 that row (no reference answer, or a reference with no answer in it). None means "no opinion",
 not 0: as in TRL, where the rewards of a row are summed over the functions that did score it.
-Never NaN. A missing column that a
-function needs is a ValueError naming the column.
+Never NaN. A missing column that a function needs is a ValueError naming the column.
+
+The trainers name reward functions by spec in `reward.functions`: "module:name",
+"path/to/file.py:name" (relative to the working directory), or a factory call with literal
+arguments, "rlhf_jax.rewards:soft_overlong_penalty(max_length=512,cache=128)".
+
+Loading and calling (`rlhf_jax.rewards.loading`):
+  load_function         a spec -> the function
+  RewardFunction        calls a function with the convention above and checks what it returns:
+                        wrong length, non-numbers, NaN or inf, and exceptions are RewardErrors
+                        naming the function and the dataset row
 
 Math (`rlhf_jax.rewards.math`, exact rational arithmetic):
   math_answer           1/0 by the final answer against the `answer` column (GSM8K, MATH, ...)
@@ -38,6 +47,7 @@ Text (`rlhf_jax.rewards.text`):
 
 from __future__ import annotations
 
+from rlhf_jax.rewards.loading import RewardError, RewardFunction, load_function
 from rlhf_jax.rewards.math import (answers_equal, extract_answer, math_answer, math_answer_column,
                                    parse_number)
 from rlhf_jax.rewards.text import (completion_text, exact_match, extract_tagged_answer,
@@ -45,6 +55,9 @@ from rlhf_jax.rewards.text import (completion_text, exact_match, extract_tagged_
                                    soft_overlong_penalty)
 
 __all__ = [
+    "load_function",
+    "RewardFunction",
+    "RewardError",
     "math_answer",
     "math_answer_column",
     "extract_answer",

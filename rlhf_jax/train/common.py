@@ -33,6 +33,8 @@ __all__ = [
     "Placement",
     "make_placement",
     "export_causal_lm",
+    "OnlineSetup",
+    "load_online",
 ]
 
 
@@ -239,3 +241,31 @@ def export_causal_lm(model, tokenizer, params_of=lambda state: state.params):
       models.save_pretrained(model, params, out_dir)
       tokenizer.save_pretrained(out_dir)
   return export
+
+
+@dataclasses.dataclass
+class OnlineSetup:
+  """What the prompt-stream online trainers (PPO, GRPO, RLOO) load the same way."""
+  tokenizer: Any
+  model: Any
+  params: Any  # the initial policy's
+  records: list  # training prompts
+  eval_records: list
+  stream: data_lib.BatchStream
+  placement: Placement
+  ref_params: Any  # the frozen reference, on the mesh
+  load_reward_model: Callable[[str], Any]
+
+
+def load_online(config) -> OnlineSetup:
+  """Tokenizer, policy, prompt data (and the held-out prompts), its batch stream, the mesh and
+  the reference, from an online config's model, data and run sections."""
+  run, spec = config.run, config.model
+  tokenizer = load_tokenizer(spec)
+  model, params = load_policy(spec)
+  records, eval_records, _ = load_data("prompt", config.data, tokenizer, run.seed)
+  stream = make_stream(records, config.data, run.batch_size, tokenizer.pad_token_id, run.seed)
+  placement = make_placement(run.mesh, model.config)
+  return OnlineSetup(tokenizer, model, params, records, eval_records, stream, placement,
+                     load_reference(spec, params, placement),
+                     lambda path: load_reward_model(path, spec))

@@ -164,15 +164,9 @@ def build_task(config: GRPOConfig) -> loop.Task:
   """Loading and wiring: tokenizer, model, data, reference, reward, then the shared step."""
   config = config.resolved()
   run, spec, loss, gen = config.run, config.model, config.loss, config.generation
-  tokenizer = common.load_tokenizer(spec)
-  model, params = common.load_policy(spec)
-  records, eval_records, _ = common.load_data("prompt", config.data, tokenizer, run.seed)
-  stream = common.make_stream(records, config.data, run.batch_size, tokenizer.pad_token_id,
-                              run.seed)
-  placement = common.make_placement(run.mesh, model.config)
-  ref_params = common.load_reference(spec, params, placement)
-  scorer = rollout_lib.make_scorer(config.reward, tokenizer,
-                                   lambda path: common.load_reward_model(path, spec))
+  setup = common.load_online(config)
+  model, tokenizer, records = setup.model, setup.tokenizer, setup.records
+  scorer = rollout_lib.make_scorer(config.reward, tokenizer, setup.load_reward_model)
   tx = make_optimizer(config.optimizer, run.steps * loss.epochs * loss.minibatches)
   make_state = lambda p, key: TrainState.create(p, tx, key)
   step = online.make_online_step(
@@ -184,14 +178,15 @@ def build_task(config: GRPOConfig) -> loop.Task:
       score=lambda rollout, batch: scorer(rollout, [records[i] for i in batch["index"]]),
       epochs=loss.epochs, minibatches=loss.minibatches)
   task = loop.Task(
-      init_state=lambda: placement.state(make_state, params, jax.random.key(run.seed)),
-      train_step=lambda state, batch: step(state, batch, ref_params), batch=stream.batch,
-      put=placement.prompt_batch, num_steps=run.steps, config=to_dict(config),
-      export=common.export_causal_lm(model, tokenizer),
+      init_state=lambda: setup.placement.state(make_state, setup.params,
+                                               jax.random.key(run.seed)),
+      train_step=lambda state, batch: step(state, batch, setup.ref_params),
+      batch=setup.stream.batch, put=setup.placement.prompt_batch, num_steps=run.steps,
+      config=to_dict(config), export=common.export_causal_lm(model, tokenizer),
       count_tokens=lambda b: int(np.sum(b["prompt_mask"])) * gen.num_samples)
-  if eval_records:
+  if setup.eval_records:
     task.evaluators.append(online.policy_evaluator(
-        config, model, ref_params, tokenizer, eval_records, scorer,
+        config, model, setup.ref_params, tokenizer, setup.eval_records, scorer,
         params_of=lambda state: state.params))
   return task
 

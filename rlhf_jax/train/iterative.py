@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import feedback, parallel, rollout as rollout_lib
+from rlhf_jax import feedback, parallel, rewards, rollout as rollout_lib
 from rlhf_jax.config import to_dict
 from rlhf_jax.train import best_of_n, common, loop, preference, rounds
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer, make_schedule
@@ -96,7 +96,7 @@ def make_judge(labels: LabelConfig, gold_function: str | None):
       raise ValueError("labels.judge='rule' applies reward.gold_function, which is not set (it "
                        "is 'auto' only for synthetic:* data): set reward.gold_function or "
                        "labels.judge=<a judge checkpoint>")
-    gold = rollout_lib.RewardFunction.load(gold_function, "gold")
+    gold = rewards.RewardFunction.load(gold_function, "gold")
     return feedback.RuleJudge(lambda records, responses: gold(records, responses)).compare
   from rlhf_jax import models
   spec = common.ModelSpec(path=labels.judge)

@@ -11,7 +11,7 @@ from rlhf_jax import embedded, models
 from rlhf_jax.data import TokenizeConfig, prepare, synthetic
 from rlhf_jax.eval import diagnostics, policy_eval
 from rlhf_jax.parallel import MeshConfig
-from rlhf_jax import rollout
+from rlhf_jax import rewards, rollout
 from rlhf_jax.train import best_of_n, common, grpo, iterative, loop, ppo, rounds, sft
 from rlhf_jax.train.state import OptimizerConfig
 
@@ -50,7 +50,7 @@ def judge_gold(sft_dir):
   evaluator = policy_eval.PolicyEvaluator(
       model, sft_params, tokenizer, records, batch_size=64, max_new_tokens=MAX_NEW,
       eos_ids=rollout.stop_ids(tokenizer, model),
-      gold_fn=rollout.RewardFunction(synthetic.gold_reward_fn, "gold"))
+      gold_fn=rewards.RewardFunction(synthetic.gold_reward_fn, "gold"))
   return lambda params: policy_eval.summarize(evaluator.samples(params)), sft_params
 
 
