@@ -2,6 +2,8 @@
 
 The experiment's config names its trainer; the CLI applies overrides, prints the final config,
 and calls the trainer. Trainers are looked up by import path so `--help` stays instant.
+`python -m rlhf_jax export RUN_DIR OUT_DIR [--step N]` writes a run's checkpoint as a Hugging
+Face directory.
 """
 
 from __future__ import annotations
@@ -52,7 +54,20 @@ def _parser():
   run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optimizer.lr=1e-5 (repeatable)")
   run.add_argument("--print-config", action="store_true", help="print the config and exit")
-  launch = run.add_argument_group(
+  export = commands.add_parser(
+      "export", help="write a run's checkpoint as a Hugging Face directory (with its tokenizer)")
+  export.add_argument("run_dir", help="the run's output directory (holds config.json and "
+                                      "checkpoints/)")
+  export.add_argument("out_dir", help="where to write config.json, safetensors and tokenizer")
+  export.add_argument("--step", type=int, default=None,
+                      help="the checkpoint step to export (default: the latest)")
+  for command in (run, export):
+    _launch_arguments(command)
+  return parser
+
+
+def _launch_arguments(command):
+  launch = command.add_argument_group(
       "multi-process launch (one process per host or GPU; default: the JAX_COORDINATOR_ADDRESS, "
       "JAX_NUM_PROCESSES and JAX_PROCESS_ID variables, else SLURM / Open MPI / TPU detection)")
   launch.add_argument("--coordinator", metavar="HOST:PORT",
@@ -62,7 +77,6 @@ def _parser():
   launch.add_argument("--distributed", action="store_true",
                       help="initialise jax.distributed even when no launcher is detected "
                            "(a Cloud TPU VM slice, where jax asks the metadata server)")
-  return parser
 
 
 def main(argv=None) -> int:
@@ -71,6 +85,8 @@ def main(argv=None) -> int:
                       datefmt="%H:%M:%S")
   for noisy in ("absl", "jax._src", "orbax", "httpx", "datasets"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  if args.command == "export":
+    return _export(args)
   try:
     config = config_lib.load_experiment(args.experiment, args.arg)
     config = config_lib.apply_overrides(config, args.overrides)
@@ -80,7 +96,31 @@ def main(argv=None) -> int:
   if args.print_config:
     print(json.dumps(config_lib.to_dict(config), indent=2))
     return 0
-  import jax  # noqa: PLC0415 — keeps --help and config errors instant
+  if not _launch(args):
+    return 2
+  from rlhf_jax import parallel  # noqa: PLC0415 — keeps --help and config errors instant
+  if parallel.is_main_process():  # one copy of the config in a multi-process job's logs
+    print(json.dumps(config_lib.to_dict(config), indent=2))
+  run_config(config)
+  return 0
+
+
+def _export(args) -> int:
+  from rlhf_jax.train import export  # noqa: PLC0415 — keeps --help instant
+  if not _launch(args):
+    return 2
+  try:
+    step = export.export_run(args.run_dir, args.out_dir, step=args.step)
+  except export.ExportError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  print(f"exported step {step} of {args.run_dir} to {args.out_dir}")
+  return 0
+
+
+def _launch(args) -> bool:
+  """Starts jax.distributed when the flags, variables or a launcher ask; False on a bad launch."""
+  import jax  # noqa: PLC0415
 
   from rlhf_jax import parallel  # noqa: PLC0415
   try:
@@ -88,12 +128,9 @@ def main(argv=None) -> int:
                                                args.process_id, force=args.distributed)
   except parallel.LaunchError as err:
     print(f"error: {err}", file=sys.stderr)
-    return 2
+    return False
   if launched:
     logging.getLogger(__name__).info("process %d of %d (%d local devices of %d)",
                                      jax.process_index(), jax.process_count(),
                                      jax.local_device_count(), jax.device_count())
-  if parallel.is_main_process():  # one copy of the config in a multi-process job's logs
-    print(json.dumps(config_lib.to_dict(config), indent=2))
-  run_config(config)
-  return 0
+  return True

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import embedded
+from rlhf_jax.models import hf_io
 import jax_processes
 
 pytestmark = pytest.mark.slow
@@ -88,8 +89,12 @@ def test_two_processes_match_one_process_step_by_step(jobs, trainer):
   two, one = _records(root / "two" / trainer), _records(root / "one" / trainer)
   assert sum(r["split"] == "train" for r in two) >= 2
   _assert_same_metrics(two, one)
-  if trainer in ("sft", "ppo"):  # exported: gathered on every process, written by process 0
-    assert (root / "two" / trainer / "hf" / "config.json").exists()
+  if trainer in ("sft", "ppo"):  # exported tensor by tensor: gathered by all, written by one
+    exported = [hf_io.read_safetensors(str(root / run / trainer / "hf")) for run in ("two", "one")]
+    assert exported[0].keys() == exported[1].keys()
+    for name in exported[0]:
+      np.testing.assert_allclose(exported[0][name], exported[1][name], rtol=1e-5, atol=1e-5,
+                                 err_msg=name)
   if trainer == "ppo":  # the sampled held-out evaluation ran on both processes
     assert any(r["split"] == "eval" and "gold_reward" in r for r in two)
   lines = (root / "logs-two" / "process-1.log").read_text().splitlines()

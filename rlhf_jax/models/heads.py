@@ -106,42 +106,53 @@ class RewardModel:
 
 
 def from_pretrained_reward_model(path_or_repo_id: str, dtype=jnp.float32, num_labels=None, *,
-                                 revision: str | None = None, **config_overrides):
+                                 revision: str | None = None, mesh=None, shardings=None,
+                                 **config_overrides):
   """(RewardModel, params) from an HF *ForSequenceClassification checkpoint (local or hub).
 
   num_labels: None reads the config's (id2label); an int must match the checkpoint's score.
+  mesh, shardings: as in `from_pretrained` (streamed into the shards of the mesh).
   """
   directory = hf_io.resolve_checkpoint_dir(path_or_repo_id, revision)
   hf_config = hf_io.load_hf_config(directory)
   config = ModelConfig.from_hf(hf_config, **config_overrides)
   rm = RewardModel(config, int(num_labels or hf_config.num_labels))
-  tensors = hf_io.read_safetensors(directory)
-  if "score.weight" not in tensors and "lm_head.weight" in tensors:
+  tensors = hf_io.open_checkpoint(directory)
+  if "score.weight" not in tensors.keys() and "lm_head.weight" in tensors.keys():
     raise hf_io.CheckpointError(
         f"{path_or_repo_id!r} is a causal-LM checkpoint (lm_head.weight, no score.weight): load it "
         "with from_pretrained and make a reward model with RewardModel.from_causal_lm")
   shapes = jax.eval_shape(lambda k: rm.init(k, dtype), jax.random.key(0))
   flat_shapes = {**shapes["backbone"], "score": shapes["score"]}
+  shardings = hf_io.mesh_shardings(shapes, config, mesh, shardings)
+  if shardings is not None:
+    shardings = {**shardings["backbone"], "score": shardings["score"]}
   params = hf_io.params_from_hf_tensors(
       hf_io.tensor_map(config, head="score"), tensors, flat_shapes, config.num_layers,
-      base_prefix=hf_io.base_prefix(config), dtype=dtype)
+      base_prefix=hf_io.base_prefix(config), dtype=dtype, shardings=shardings)
   score = params.pop("score")
   return rm, {"backbone": params, "score": score}
 
 
-def save_pretrained_reward_model(rm: RewardModel, params: dict, out_dir: str, *,
-                                 dtype=None) -> None:
-  """config.json + model.safetensors loadable by AutoModelForSequenceClassification.
+def save_pretrained_reward_model(rm: RewardModel, params: dict, out_dir: str, *, dtype=None,
+                                 max_shard_size=hf_io.safetensors_io.DEFAULT_MAX_SHARD_BYTES
+                                 ) -> None:
+  """config.json + safetensors loadable by AutoModelForSequenceClassification, streamed tensor
+  by tensor as in `save_pretrained` (every process calls it; process 0 writes).
 
   The config's pad_token_id is what transformers reads the score at (see the module docstring);
   set it (e.g. to the tokenizer's pad id) before scoring batches of more than one row there.
   """
   config = rm.config
-  hf_config = config.to_hf("ForSequenceClassification", num_labels=rm.num_labels)
-  hf_config.dtype = hf_io.dtype_string(params, dtype)
-  hf_config.save_pretrained(out_dir)
+  write = jax.process_index() == 0
+  if write:
+    hf_config = config.to_hf("ForSequenceClassification", num_labels=rm.num_labels)
+    hf_config.dtype = hf_io.dtype_string(params, dtype)
+    hf_config.save_pretrained(out_dir)
   flat = {**params["backbone"], "score": params["score"]}
   flat.pop("lm_head", None)
-  tensors = hf_io.params_to_hf_tensors(hf_io.tensor_map(config, head="score"), flat,
-                                       config.num_layers, dtype)
-  hf_io.write_safetensors(tensors, out_dir)
+  entries = hf_io.hf_entries(hf_io.tensor_map(config, head="score"), flat, config.num_layers,
+                             dtype)
+  hf_io.safetensors_io.write_checkpoint(
+      entries, out_dir, max_shard_bytes=hf_io.safetensors_io.parse_size(max_shard_size),
+      write=write)

@@ -23,12 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import parallel
+from rlhf_jax.models import safetensors_io
 from rlhf_jax.models.config import ModelConfig, UnsupportedModelError
+from rlhf_jax.models.partitioning import param_partition_specs
 
 __all__ = ["TensorRule", "tensor_map", "checkpoint_files", "resolve_checkpoint_dir",
            "read_safetensors", "params_from_hf_tensors", "params_to_hf_tensors",
            "write_safetensors", "from_pretrained", "save_pretrained", "CheckpointError",
-           "base_prefix", "dtype_string", "load_hf_config"]
+           "base_prefix", "dtype_string", "load_hf_config", "open_checkpoint", "hf_entries"]
 
 Path = tuple[str, ...]
 
@@ -119,8 +122,7 @@ def _p(layered: bool, *names) -> Path:
 
 
 # ------------------------------------------------------------------------------------ files
-_INDEX = "model.safetensors.index.json"
-_SINGLE = "model.safetensors"
+_INDEX, _SINGLE = safetensors_io.INDEX, safetensors_io.SINGLE
 _CONFIG_FILES = ("config.json", "generation_config.json")
 
 
@@ -174,35 +176,25 @@ def resolve_checkpoint_dir(path_or_repo_id: str, revision: str | None = None) ->
                            allow_patterns=checkpoint_files(repo_files, index))
 
 
-def read_safetensors(directory: str, dtype=None) -> dict[str, np.ndarray]:
-  """name -> numpy array from model.safetensors or the shards listed in the index file."""
-  from safetensors import safe_open
+def open_checkpoint(directory: str) -> safetensors_io.SafetensorsSource:
+  """The checkpoint's tensors, read lazily (headers now, data slice by slice when placed)."""
+  try:
+    return safetensors_io.SafetensorsSource(directory)
+  except FileNotFoundError as error:
+    raise CheckpointError(str(error)) from None
 
-  index = os.path.join(directory, _INDEX)
-  if os.path.exists(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
-  elif os.path.exists(os.path.join(directory, _SINGLE)):
-    files = [_SINGLE]
-  else:
-    raise CheckpointError(
-        f"no model.safetensors or model.safetensors.index.json in {directory!r} "
-        f"(only safetensors checkpoints are supported)")
-  tensors = {}
-  for file in files:
-    with safe_open(os.path.join(directory, file), framework="np") as f:
-      for name in f.keys():
-        array = f.get_tensor(name)
-        tensors[name] = array if dtype is None else array.astype(dtype)
-  return tensors
+
+def read_safetensors(directory: str, dtype=None) -> dict[str, np.ndarray]:
+  """name -> numpy array of every tensor (the whole checkpoint in host memory: small models)."""
+  source = open_checkpoint(directory)
+  return {name: source.read(name) if dtype is None else source.read(name).astype(dtype)
+          for name in source.keys()}
 
 
 def write_safetensors(tensors: dict[str, np.ndarray], out_dir: str) -> None:
-  from safetensors.numpy import save_file
-
-  os.makedirs(out_dir, exist_ok=True)
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-            os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+  entries = [safetensors_io.Entry(name, tuple(np.shape(v)), np.asarray(v).dtype,
+                                  lambda v=v: v) for name, v in tensors.items()]
+  safetensors_io.write_checkpoint(entries, out_dir)
 
 
 # ------------------------------------------------------------------------------- conversion
@@ -234,14 +226,18 @@ def _unflatten(flat: dict[Path, Any]) -> dict:
   return tree
 
 
-def params_from_hf_tensors(rules: list[TensorRule], tensors: dict[str, np.ndarray],
-                           our_shapes: dict, num_layers: int, *, base_prefix: str = "",
-                           optional: Iterable[str] = (), dtype=jnp.float32) -> dict:
+def params_from_hf_tensors(rules: list[TensorRule], tensors, our_shapes: dict, num_layers: int,
+                           *, base_prefix: str = "", optional: Iterable[str] = (),
+                           dtype=jnp.float32, shardings=None) -> dict:
   """Our params from HF tensors, checking names and shapes against `our_shapes` (eval_shape tree).
 
-  Names without `base_prefix` (GPT-2's "h.0...", as in openai-community/gpt2, saved from the
-  bare GPT2Model) are accepted too.
+  tensors: a dict of arrays, or a `SafetensorsSource` (names and shapes are checked from its
+  headers before any data is read). shardings: None gives single-device arrays; a tree of
+  `jax.sharding.Sharding` like `our_shapes` streams each tensor straight into its shards (see
+  `_place`). Names without `base_prefix` (GPT-2's "h.0...", as in openai-community/gpt2, saved
+  from the bare GPT2Model) are accepted too.
   """
+  source = tensors if hasattr(tensors, "read") else safetensors_io.DictSource(tensors)
   flat_shapes = {k: tuple(v.shape) for k, v in _flatten(our_shapes).items()}
   covered = {path for rule in rules for path in rule.ours}
   if covered != set(flat_shapes):  # a bug of tensor_map for this config, not of the checkpoint
@@ -253,41 +249,101 @@ def params_from_hf_tensors(rules: list[TensorRule], tensors: dict[str, np.ndarra
   expected_names = {rule.hf_name.format(i=i) for rule in rules
                     for i in (range(num_layers) if rule.per_layer else [None])}
   names = {}  # canonical HF name -> name in the checkpoint
-  for name in tensors:
+  for name in source.keys():
     for canonical in (name, base_prefix + name):
       if canonical in expected_names:
         names.setdefault(canonical, name)
-  used, missing, flat = set(), [], {}
+  used, missing = set(), []
+  plan: dict[Path, list] = {}  # our path -> [(name in the file, rule, part)] per layer
   for rule in rules:
-    layers = range(num_layers) if rule.per_layer else [None]
-    stacked = {path: [] for path in rule.ours}
-    for i in layers:
+    for i in range(num_layers) if rule.per_layer else [None]:
       hf_name = rule.hf_name.format(i=i)
       if hf_name not in names:
         if hf_name not in optional:
           missing.append(hf_name)
         continue
-      array = tensors[names[hf_name]]
       used.add(names[hf_name])
       our_shape = flat_shapes[rule.ours[0]][1:] if rule.per_layer else flat_shapes[rule.ours[0]]
-      expected = _hf_shape(rule.kind, our_shape)
-      if tuple(array.shape) != expected:
+      expected, got = _hf_shape(rule.kind, our_shape), source.shape(names[hf_name])
+      if got != expected:
         raise CheckpointError(
-            f"tensor {hf_name!r} has the wrong shape: expected {expected}, "
-            f"got {tuple(array.shape)}")
-      for path, part in zip(rule.ours, _to_ours(rule.kind, array, len(rule.ours))):
-        stacked[path].append(part)
-    for path, parts in stacked.items():
-      if parts:
-        flat[path] = np.stack(parts) if rule.per_layer else parts[0]
+            f"tensor {hf_name!r} has the wrong shape: expected {expected}, got {got}")
+      for part, path in enumerate(rule.ours):
+        plan.setdefault(path, []).append((names[hf_name], rule, part))
   if missing:
     raise CheckpointError(f"checkpoint is missing tensor(s): {missing[:8]}"
                           + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-  unexpected = sorted(n for n in tensors if n not in used and not _IGNORED.search(n)
+  unexpected = sorted(n for n in source.keys() if n not in used and not _IGNORED.search(n)
                       and n not in optional)
   if unexpected:
     raise CheckpointError(f"checkpoint has unexpected tensor(s) nothing maps: {unexpected[:8]}")
-  return _unflatten({k: jnp.asarray(v, dtype) for k, v in flat.items()})
+  flat_shardings = None if shardings is None else _flatten(shardings)
+  flat = {}
+  for path, layers in plan.items():
+    stacked = layers[0][1].per_layer
+    if flat_shardings is None:
+      parts = [_read_ours(source, name, rule, part, flat_shapes[path][stacked:])
+               for name, rule, part in layers]
+      flat[path] = jnp.asarray(np.stack(parts) if stacked else parts[0], dtype)
+    else:
+      flat[path] = _place(source, layers, flat_shapes[path], jnp.dtype(dtype),
+                          flat_shardings[path], stacked)
+  return _unflatten(flat)
+
+
+def _normalised(index, shape) -> tuple[slice, ...]:
+  return tuple(slice(*s.indices(dim)) for s, dim in zip(index, shape))
+
+
+def _read_ours(source, name: str, rule: TensorRule, part: int, our_shape, index=None):
+  """Our [index] of one param part from one HF tensor, reading only that slice where the mapping
+  allows ("copy", "linear", "split3"), else the whole tensor."""
+  index = _normalised(index or (slice(None),) * len(our_shape), our_shape)
+  if rule.kind == "copy":
+    return source.read(name, index)
+  if rule.kind == "linear":
+    return source.read(name, index[::-1]).T
+  if rule.kind == "split3":
+    width = our_shape[-1]
+    columns = slice(part * width + index[-1].start, part * width + index[-1].stop)
+    return source.read(name, (*index[:-1], columns))
+  return _to_ours(rule.kind, source.read(name), len(rule.ours))[part][index]
+
+
+def _place(source, layers, shape, dtype, sharding, stacked: bool) -> jax.Array:
+  """One param put straight into its shards, read from the file tensor by tensor.
+
+  Each device shard is read as a slice of its tensor (equal shards read once). A stacked
+  [L, ...] param is filled layer by layer into a zero buffer (a donated in-place update), so the
+  host holds at most one layer's addressable shards at a time, whatever the model's size.
+  """
+  def callback_for(name, rule, part, our_shape):
+    seen = {}
+
+    def callback(index):
+      key = tuple((s.start, s.stop) for s in _normalised(index, our_shape))
+      if key not in seen:
+        seen[key] = _read_ours(source, name, rule, part, our_shape, index).astype(dtype)
+      return seen[key]
+    return callback
+
+  if not stacked:
+    name, rule, part = layers[0]
+    return jax.make_array_from_callback(shape, sharding, callback_for(name, rule, part, shape))
+  layer_sharding = jax.sharding.NamedSharding(sharding.mesh,
+                                              jax.sharding.PartitionSpec(*sharding.spec[1:]))
+  buffer = jnp.zeros(shape, dtype, device=sharding)
+  for i, (name, rule, part) in enumerate(layers):
+    layer = jax.make_array_from_callback(shape[1:], layer_sharding,
+                                         callback_for(name, rule, part, shape[1:]))
+    buffer = _set_layer(buffer, layer, i)
+    del layer
+  return buffer
+
+
+# In place (the stack is donated); the output keeps the stack's sharding.
+_set_layer = jax.jit(lambda stack, layer, i: jax.lax.dynamic_update_index_in_dim(stack, layer, i, 0),
+                     donate_argnums=0)
 
 
 def _to_ours(kind: str, array: np.ndarray, parts: int) -> list[np.ndarray]:
@@ -298,22 +354,52 @@ def _to_ours(kind: str, array: np.ndarray, parts: int) -> list[np.ndarray]:
   return [array]
 
 
+def _from_ours(kind: str, parts: list[np.ndarray]) -> np.ndarray:
+  if kind == "linear":
+    return parts[0].T
+  if kind == "split3":
+    return np.concatenate(parts, axis=-1)
+  return parts[0]
+
+
+def hf_entries(rules: list[TensorRule], params: dict, num_layers: int,
+               dtype=None) -> list[safetensors_io.Entry]:
+  """The HF tensors of our (possibly sharded) params as write entries, fetched one at a time.
+
+  Each entry's `produce` gathers just that tensor's layer slice to the host (an all-gather when
+  the params span several processes: every process must call them, in order).
+  """
+  flat = _flatten(params)
+  entries = []
+  for rule in rules:
+    arrays = [flat[path] for path in rule.ours]
+    our_shape = tuple(arrays[0].shape[1:] if rule.per_layer else arrays[0].shape)
+    out_dtype = np.dtype(dtype if dtype is not None else arrays[0].dtype)
+    for i in range(num_layers) if rule.per_layer else [None]:
+      def produce(arrays=arrays, i=i, kind=rule.kind):
+        return _from_ours(kind, [parallel.host_get(_layer(a, i)) for a in arrays])
+      entries.append(safetensors_io.Entry(rule.hf_name.format(i=i),
+                                          _hf_shape(rule.kind, our_shape), out_dtype, produce))
+  return entries
+
+
+def _layer(array, i: int | None):
+  """Layer i of a stacked param (a device-side slice: only that layer is ever gathered)."""
+  if i is None:
+    return array
+  if isinstance(array, jax.Array):
+    return _take_layer(array, i)  # one compilation per param, not per layer
+  return np.asarray(array)[i]
+
+
+_take_layer = jax.jit(lambda array, i: jax.lax.dynamic_index_in_dim(array, i, 0, keepdims=False))
+
+
 def params_to_hf_tensors(rules: list[TensorRule], params: dict, num_layers: int,
                          dtype=None) -> dict[str, np.ndarray]:
-  """HF tensors from our params (optionally cast to `dtype`, e.g. np.float32)."""
-  flat = {k: np.asarray(jax.device_get(v)) for k, v in _flatten(params).items()}
-  out = {}
-  for rule in rules:
-    for i in range(num_layers) if rule.per_layer else [None]:
-      parts = [flat[path][i] if rule.per_layer else flat[path] for path in rule.ours]
-      if rule.kind == "linear":
-        array = parts[0].T
-      elif rule.kind == "split3":
-        array = np.concatenate(parts, axis=-1)
-      else:
-        array = parts[0]
-      out[rule.hf_name.format(i=i)] = array if dtype is None else array.astype(dtype)
-  return out
+  """HF tensors from our params (optionally cast to `dtype`, e.g. np.float32), all in memory."""
+  return {entry.name: entry.produce().astype(entry.dtype, copy=False)
+          for entry in hf_entries(rules, params, num_layers, dtype)}
 
 
 # ------------------------------------------------------------------------------ public API
@@ -331,9 +417,13 @@ def load_hf_config(directory: str):
 
 
 def from_pretrained(path_or_repo_id: str, dtype=jnp.float32, *, revision: str | None = None,
-                    **config_overrides):
+                    mesh: jax.sharding.Mesh | None = None, shardings=None, **config_overrides):
   """(CausalLM, params) from a local HF directory or a hub id (safetensors, single or sharded).
 
+  mesh: streams each tensor into its shards on the mesh, laid out by `param_partition_specs`,
+  each process reading only the slices its devices hold (never the whole model in host memory).
+  shardings: instead of mesh, a tree of Shardings like the params, or a function of the params'
+  shapes returning one. Neither: single-device arrays.
   config_overrides replace ModelConfig fields (e.g. remat_policy="full", attention_impl="xla").
   """
   from rlhf_jax.models.transformer import CausalLM
@@ -341,27 +431,46 @@ def from_pretrained(path_or_repo_id: str, dtype=jnp.float32, *, revision: str | 
   directory = resolve_checkpoint_dir(path_or_repo_id, revision)
   config = ModelConfig.from_hf(load_hf_config(directory), **config_overrides)
   model = CausalLM(config)
-  tensors = read_safetensors(directory)
   shapes = jax.eval_shape(lambda k: model.init(k, dtype), jax.random.key(0))
   optional = ["lm_head.weight"] if config.tie_embeddings else []
-  params = params_from_hf_tensors(tensor_map(config), tensors, shapes, config.num_layers,
-                                  base_prefix=base_prefix(config), optional=optional,
-                                  dtype=dtype)
+  params = params_from_hf_tensors(tensor_map(config), open_checkpoint(directory), shapes,
+                                  config.num_layers, base_prefix=base_prefix(config),
+                                  optional=optional, dtype=dtype,
+                                  shardings=mesh_shardings(shapes, config, mesh, shardings))
   return model, params
 
 
-def save_pretrained(model, params: dict, out_dir: str, *, dtype=None) -> None:
-  """config.json + model.safetensors that transformers.AutoModelForCausalLM loads.
+def mesh_shardings(shapes, config: ModelConfig, mesh=None, shardings=None):
+  """The shardings a load places params with: `shardings` (a tree, or a function of the shapes),
+  else the partition rules' on `mesh`, else None (single device)."""
+  if shardings is not None:
+    return shardings(shapes) if callable(shardings) else shardings
+  if mesh is None:
+    return None
+  specs = param_partition_specs(shapes, config, mesh=mesh)
+  return jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec), specs,
+                      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
+
+def save_pretrained(model, params: dict, out_dir: str, *, dtype=None,
+                    max_shard_size: int | str = safetensors_io.DEFAULT_MAX_SHARD_BYTES) -> None:
+  """config.json + safetensors that transformers.AutoModelForCausalLM loads.
+
+  Streams: one tensor at a time is gathered to the host and written, into files of at most
+  `max_shard_size` (bytes or e.g. "2GB"; several files get model.safetensors.index.json).
+  With params sharded over several processes every process must call it; process 0 writes.
   dtype: None keeps the params' dtype; e.g. np.float32 casts on write.
   """
   config = model.config
-  hf_config = config.to_hf("ForCausalLM")
-  hf_config.dtype = dtype_string(params, dtype)
-  os.makedirs(out_dir, exist_ok=True)
-  hf_config.save_pretrained(out_dir)
-  tensors = params_to_hf_tensors(tensor_map(config), params, config.num_layers, dtype)
-  write_safetensors(tensors, out_dir)
+  write = jax.process_index() == 0
+  if write:
+    hf_config = config.to_hf("ForCausalLM")
+    hf_config.dtype = dtype_string(params, dtype)
+    os.makedirs(out_dir, exist_ok=True)
+    hf_config.save_pretrained(out_dir)
+  safetensors_io.write_checkpoint(
+      hf_entries(tensor_map(config), params, config.num_layers, dtype), out_dir,
+      max_shard_bytes=safetensors_io.parse_size(max_shard_size), write=write)
 
 
 def dtype_string(params, dtype) -> str:

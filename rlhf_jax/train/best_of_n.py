@@ -75,11 +75,11 @@ def build_task(config: RejectionSamplingConfig) -> loop.Task:
   config = config.resolved()
   run, spec, gen, rc = config.run, config.model, config.generation, config.rounds
   tokenizer = common.load_tokenizer(spec)
-  model, params = common.load_policy(spec)
+  model, params = common.load_policy(spec, mesh=run.mesh)
   records, prompt_length, prompts = common.round_prompts(config.data, tokenizer,
                                                         rc.prompts_per_round, run.seed)
   scorer = rollout_lib.make_scorer(config.reward, tokenizer,
-                                   lambda path: common.load_reward_model(path, spec))
+                                   lambda path: common.load_reward_model(path, spec, mesh=run.mesh))
   sample = rollout_lib.make_sampler(model, gen, rollout_lib.stop_ids(tokenizer, model),
                                     tokenizer.pad_token_id)
   steps_per_round = rc.steps_per_round()

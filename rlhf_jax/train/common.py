@@ -108,15 +108,22 @@ def load_tokenizer(spec: ModelSpec):
   return tokenizer
 
 
-def load_policy(spec: ModelSpec, path: str | None = None):
-  """(CausalLM, params) with the spec's dtype and speed switches."""
+def load_policy(spec: ModelSpec, path: str | None = None, *, mesh=None):
+  """(CausalLM, params) with the spec's dtype and speed switches; with `mesh` (a MeshConfig),
+  streamed straight into the shards the partition rules give them there (or a Mesh)."""
   overrides = {}
   if spec.remat_policy is not None:
     overrides["remat_policy"] = spec.remat_policy
   if spec.attention_impl is not None:
     overrides["attention_impl"] = spec.attention_impl
   dtype = jnp.dtype(spec.dtype)
-  return models.from_pretrained(resolve_model_path(path or spec.path), dtype=dtype, **overrides)
+  return models.from_pretrained(resolve_model_path(path or spec.path), dtype=dtype,
+                                mesh=_as_mesh(mesh), **overrides)
+
+
+def _as_mesh(mesh):
+  """A jax Mesh from a MeshConfig (or a Mesh as it is; None stays None)."""
+  return mesh if mesh is None or isinstance(mesh, jax.sharding.Mesh) else parallel.make_mesh(mesh)
 
 
 def is_sequence_classifier(path: str) -> bool:
@@ -128,16 +135,18 @@ def is_sequence_classifier(path: str) -> bool:
   return any(a.endswith("ForSequenceClassification") for a in architectures)
 
 
-def load_reward_model(path: str, spec: ModelSpec, num_heads: int = 1, seed: int = 0):
+def load_reward_model(path: str, spec: ModelSpec, num_heads: int = 1, seed: int = 0, *,
+                      mesh=None):
   """(RewardModel, params): a *ForSequenceClassification checkpoint as it is, or a causal LM with
-  a freshly initialised score head."""
+  a freshly initialised score head; with `mesh` (a MeshConfig) streamed onto it."""
   path = resolve_model_path(path)
   if is_sequence_classifier(path):
-    rm, params = models.from_pretrained_reward_model(path, dtype=jnp.dtype(spec.dtype))
+    rm, params = models.from_pretrained_reward_model(
+        path, dtype=jnp.dtype(spec.dtype), mesh=_as_mesh(mesh))
     if rm.num_labels != num_heads:
       raise ValueError(f"{path} has {rm.num_labels} reward heads, expected {num_heads}")
     return rm, params
-  model, params = load_policy(spec, path)
+  model, params = load_policy(spec, path, mesh=mesh)
   return models.RewardModel.from_causal_lm(model, params, jax.random.key(seed),
                                            num_labels=num_heads)
 
@@ -169,11 +178,15 @@ def load_reference(spec: ModelSpec, policy_params, placement: "Placement"):
   """The frozen reference's params on the mesh: `spec.reference_path`, else the initial policy.
 
   Always a separate copy: the policy's buffers are donated to every step, and a reference that
-  aliased them would be invalidated by the first update.
+  aliased them would be invalidated by the first update. The copy is made on the devices, shard
+  by shard (a jitted copy's outputs are new buffers), never through the host.
   """
   if spec.reference_path:
-    return placement.params(load_policy(spec, spec.reference_path)[1])
-  return placement.params(jax.tree.map(np.array, parallel.host_get(policy_params)))  # a copy
+    return placement.params(load_policy(spec, spec.reference_path, mesh=placement.mesh)[1])
+  return _copy(placement.params(policy_params))
+
+
+_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 
 def make_stream(records, spec: DataSpec, batch_size: int, pad_id: int, seed: int = 0, *,
@@ -233,12 +246,12 @@ def make_placement(mesh_config: parallel.MeshConfig, model_config) -> Placement:
 def export_causal_lm(model, tokenizer, params_of=lambda state: state.params):
   """An export hook: the policy as a Hugging Face checkpoint, with its tokenizer.
 
-  Every process gathers the (possibly sharded) parameters; process 0 writes them.
+  Streams: every process joins the gather of one tensor at a time and process 0 writes it, so
+  the whole model is never in host memory.
   """
   def export(state, out_dir):
-    params = parallel.host_get(params_of(state))
+    models.save_pretrained(model, params_of(state), out_dir)
     if parallel.is_main_process():
-      models.save_pretrained(model, params, out_dir)
       tokenizer.save_pretrained(out_dir)
   return export
 
@@ -262,10 +275,10 @@ def load_online(config) -> OnlineSetup:
   the reference, from an online config's model, data and run sections."""
   run, spec = config.run, config.model
   tokenizer = load_tokenizer(spec)
-  model, params = load_policy(spec)
+  model, params = load_policy(spec, mesh=run.mesh)
   records, eval_records, _ = load_data("prompt", config.data, tokenizer, run.seed)
   stream = make_stream(records, config.data, run.batch_size, tokenizer.pad_token_id, run.seed)
   placement = make_placement(run.mesh, model.config)
   return OnlineSetup(tokenizer, model, params, records, eval_records, stream, placement,
                      load_reference(spec, params, placement),
-                     lambda path: load_reward_model(path, spec))
+                     lambda path: load_reward_model(path, spec, mesh=run.mesh))

@@ -155,13 +155,13 @@ def build_task(config: IterativeDPOConfig) -> loop.Task:
   config = config.resolved()
   run, spec, gen, rc = config.run, config.model, config.generation, config.rounds
   tokenizer = common.load_tokenizer(spec)
-  model, params = common.load_policy(spec)
+  model, params = common.load_policy(spec, mesh=run.mesh)
   records, prompt_length, prompts = common.round_prompts(config.data, tokenizer,
                                                         rc.prompts_per_round, run.seed)
   placement = common.make_placement(run.mesh, model.config)
   initial_ref = common.load_reference(spec, params, placement)
   scorer = (rollout_lib.make_scorer(config.reward, tokenizer,
-                                    lambda path: common.load_reward_model(path, spec))
+                                    lambda path: common.load_reward_model(path, spec, mesh=run.mesh))
             if config.labels.kind == "reward" else None)
   sample = rollout_lib.make_sampler(model, gen, rollout_lib.stop_ids(tokenizer, model),
                                     tokenizer.pad_token_id)

@@ -63,9 +63,9 @@ class RewardConfig:
     self.optimizer.validate()
 
 
-def load_reward_model(spec: common.ModelSpec, num_heads: int, seed: int):
+def load_reward_model(spec: common.ModelSpec, num_heads: int, seed: int, mesh=None):
   """A reward model from a sequence-classification checkpoint, or a causal LM plus a new head."""
-  return common.load_reward_model(spec.path, spec, num_heads, seed)
+  return common.load_reward_model(spec.path, spec, num_heads, seed, mesh=mesh)
 
 
 def _pair_rewards(rm, params, batch):
@@ -115,7 +115,7 @@ def build_task(config: RewardConfig) -> loop.Task:
   config.validate()
   run = config.run
   tokenizer = common.load_tokenizer(config.model)
-  rm, params = load_reward_model(config.model, config.loss.num_heads, run.seed)
+  rm, params = load_reward_model(config.model, config.loss.num_heads, run.seed, run.mesh)
   kind = "pair" if config.loss.objective == "bradley_terry" else "ranked"
   train_records, eval_records, _ = common.load_data(kind, config.data, tokenizer, run.seed)
   too_high = [r.objective for r in train_records + eval_records
@@ -143,9 +143,9 @@ def build_task(config: RewardConfig) -> loop.Task:
   make_state = lambda p, key: TrainState.create(p, tx, key)
 
   def export(state, out_dir):
-    params = parallel.host_get(state.params)  # every process gathers; process 0 writes
+    # Every process joins the tensor-by-tensor gathers; process 0 writes.
+    models.save_pretrained_reward_model(rm, state.params, out_dir)
     if parallel.is_main_process():
-      models.save_pretrained_reward_model(rm, params, out_dir)
       tokenizer.save_pretrained(out_dir)
 
   task = loop.Task(
