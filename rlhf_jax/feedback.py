@@ -27,7 +27,6 @@ import functools
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import parallel
@@ -64,9 +63,7 @@ def _next_token_logps(model):
   """logps [B, V] of the token after each (left-padded) prompt, float32."""
   def fn(params, ids, mask):
     hidden = model.apply(params, ids, mask, compute_logits=False).hidden[:, -1]
-    logits = jnp.dot(hidden, model.unembedding(params).astype(hidden.dtype),
-                     preferred_element_type=jnp.float32)
-    return jax.nn.log_softmax(logits, axis=-1)
+    return jax.nn.log_softmax(model.logits_from_hidden(params, hidden), axis=-1)
   return jax.jit(fn)
 
 

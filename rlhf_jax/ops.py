@@ -30,6 +30,7 @@ __all__ = [
     "token_logps_from_logits",
     "chunked_token_logps",
     "entropy_from_logits",
+    "softcap",
 ]
 
 
@@ -66,6 +67,14 @@ def sequence_logps(token_logps_BT: chex.Array, mask_BT: chex.Array, *, reduction
   raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
 
 
+def softcap(logits: chex.Array, cap: float | None) -> chex.Array:
+  """cap·tanh(logits / cap), or logits unchanged when cap is None (Gemma 2's final-logit
+  soft-capping, Gemma Team, 2024, arXiv:2408.00118). Applied before any temperature."""
+  if cap is None:
+    return logits
+  return cap * jnp.tanh(logits / cap)
+
+
 def token_logps_from_logits(logits: chex.Array, labels: chex.Array, *, temperature: float = 1.0):
   """log softmax(logits / temperature)[label], in float32. logits [..., V], labels [...] int."""
   chex.assert_equal_shape_prefix([logits, labels], labels.ndim)
@@ -97,8 +106,9 @@ def chunked_token_logps(
     temperature: float = 1.0,
     chunk_size: int = 512,
     return_entropy: bool = False,
+    logit_softcap: float | None = None,
 ):
-  """Token log-probs log softmax(h·W / temperature)[label] without the full [N, V] logits.
+  """Token log-probs log softmax(cap(h·W) / temperature)[label] without the full [N, V] logits.
 
   Args:
     hidden: final (normalised) hidden states [..., D], any float dtype.
@@ -107,6 +117,8 @@ def chunked_token_logps(
     temperature: divides the logits, as in the sampler.
     chunk_size: tokens per block; peak extra memory is about chunk_size·V·4 bytes per pass.
     return_entropy: also return the entropy of each position's distribution.
+    logit_softcap: the model's final-logit soft-cap (`softcap` above, applied before the
+      temperature), or None.
 
   Returns:
     float32 log-probs [...] (and float32 entropies [...]), differentiable w.r.t. `hidden` and
@@ -130,7 +142,8 @@ def chunked_token_logps(
   @functools.partial(jax.checkpoint, prevent_cse=False)
   def block(hidden_CD, labels_C):
     # Rematerialised: the backward pass recomputes this block's logits instead of storing them.
-    logits_CV = jnp.dot(hidden_CD, unembed_DV, preferred_element_type=jnp.float32) / temperature
+    logits_CV = jnp.dot(hidden_CD, unembed_DV, preferred_element_type=jnp.float32)
+    logits_CV = softcap(logits_CV, logit_softcap) / temperature
     logsumexp_C = jax.nn.logsumexp(logits_CV, axis=-1)
     label_logits_C = jnp.take_along_axis(logits_CV, labels_C[:, None], axis=-1)[:, 0]
     if not return_entropy:

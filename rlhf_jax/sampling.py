@@ -19,10 +19,12 @@ arguments, so changing them does not recompile.
      token t; it exits as soon as every row has stopped or N tokens exist.
 The cache (compute dtype) is allocated inside the jitted function and carried by the loop, so
 XLA updates it in place; nothing crosses the jit boundary but prompts, params and the outputs.
-Logits come from the final hidden state times `model.unembedding(params)` with float32
-accumulation, the same product `CausalLM.token_logps` scores with (through
-`ops.chunked_token_logps`), so the sampler's log-probs and the trainer's agree up to the
-truncation described below. The prefill never materialises [B, P, V] logits.
+Logits come from the final hidden state through `model.logits_from_hidden` (times
+`model.unembedding(params)` with float32 accumulation, then the final-logit soft-cap of Gemma 2
+if the config has one), the same function of the hidden state `CausalLM.token_logps` scores
+with (through `ops.chunked_token_logps`), so the sampler's log-probs and the trainer's agree up
+to the truncation described below. A model without `logits_from_hidden` gets the plain product.
+The prefill never materialises [B, P, V] logits.
 
 The sampling distribution at each step, in the standard order (as in Hugging Face's warpers):
   1. temperature: z = logits / T;
@@ -198,7 +200,19 @@ def _stop_ids(eos_token_id: int | Sequence[int] | None) -> np.ndarray:
 def _check_position_range(config: Any, prompt_len: int, max_new_tokens: int) -> None:
   """Learned positions (GPT-2) index a table of max_position_embeddings rows; beyond it the
   logits are silently NaN. The finished sequence (prompt + completion) must fit, since the
-  trainer scores it in one forward. RoPE models have no table and no limit here."""
+  trainer scores it in one forward. RoPE models have no table and no limit here, except
+  longrope (Phi-3), whose frequencies change past rope_original_max_position_embeddings."""
+  if getattr(config, "rope_type", None) == "longrope":
+    original = config.rope_original_max_position_embeddings
+    if prompt_len + max_new_tokens > original:
+      # Past the original length longrope switches every position to its long factors; keys
+      # cached with the short ones would then be stale (transformers' Phi-3 recomputes its cache
+      # at the switch), and the trainer would score the finished sequence with the long ones.
+      raise ValueError(
+          f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = "
+          f"{prompt_len + max_new_tokens} exceeds the longrope switch "
+          f"(rope_original_max_position_embeddings={original}); decoding across it (which "
+          f"needs the KV cache recomputed with the long factors) is not implemented")
   if getattr(config, "positions", None) != "learned":
     return
   table = config.max_position_embeddings
@@ -209,10 +223,13 @@ def _check_position_range(config: Any, prompt_len: int, max_new_tokens: int) -> 
         f"(max_position_embeddings={table}); shorten the prompts or max_new_tokens")
 
 
-def _logits_from_hidden(hidden_BD: jax.Array, unembed_DV: jax.Array) -> jax.Array:
-  # The product `CausalLM.token_logps` computes for the trainer: compute dtype, f32 accumulation.
-  return jnp.dot(hidden_BD, unembed_DV.astype(hidden_BD.dtype),
-                 preferred_element_type=jnp.float32)
+def _logits_function(model, params, unembed_DV):
+  """hidden [B, D] -> float32 logits [B, V]: the model's own `logits_from_hidden` (CausalLM:
+  what `token_logps` scores with, soft-cap included), else hidden·unembedding."""
+  if hasattr(model, "logits_from_hidden"):
+    return lambda hidden_BD: model.logits_from_hidden(params, hidden_BD)
+  return lambda hidden_BD: jnp.dot(hidden_BD, unembed_DV.astype(hidden_BD.dtype),
+                                   preferred_element_type=jnp.float32)
 
 
 def _compute_dtype(model, params, unembed_DV):
@@ -253,6 +270,7 @@ def _generate(model, params, prompt_ids_BP, prompt_mask_BP, key, temperature, to
   num_new = max_new_tokens
   prompt_mask_BP = prompt_mask_BP.astype(jnp.int32)
   unembed_DV = model.unembedding(params)
+  logits_from_hidden = _logits_function(model, params, unembed_DV)
   sample = functools.partial(_sample, temperature=temperature, top_p=top_p, greedy=greedy,
                              top_k=top_k, use_top_p=use_top_p)
   emit = functools.partial(_emit, key=key, stop_ids=stop_ids, pad_id=pad_id, sample=sample)
@@ -275,7 +293,7 @@ def _generate(model, params, prompt_ids_BP, prompt_mask_BP, key, temperature, to
       done_B=jnp.zeros((batch,), bool), tokens_BN=jnp.full((batch, num_new), pad_id, jnp.int32),
       mask_BN=jnp.zeros((batch, num_new), jnp.int32),
       logps_BN=jnp.zeros((batch, num_new), jnp.float32))
-  state = emit(state, _logits_from_hidden(hidden_BD, unembed_DV))
+  state = emit(state, logits_from_hidden(hidden_BD))
 
   def cond(state):
     return (state.step < num_new) & jnp.logical_not(jnp.all(state.done_B))
@@ -287,7 +305,7 @@ def _generate(model, params, prompt_ids_BP, prompt_mask_BP, key, temperature, to
                       positions=(num_real_B + fed)[:, None], cache=state.cache,
                       cache_index=prompt_len + fed, compute_logits=False)
     state = state.replace(cache=out.cache)
-    return emit(state, _logits_from_hidden(out.hidden[:, -1], unembed_DV))
+    return emit(state, logits_from_hidden(out.hidden[:, -1]))
 
   state = jax.lax.while_loop(cond, body, state)
   return SampleOutput(tokens=state.tokens_BN, mask=state.mask_BN, logps=state.logps_BN)
@@ -323,7 +341,8 @@ def generate(
 
   Raises:
     ValueError: on invalid settings, or, for learned positions (GPT-2), when
-      P + max_new_tokens exceeds the model's max_position_embeddings.
+      P + max_new_tokens exceeds the model's max_position_embeddings; for longrope (Phi-3),
+      when it exceeds rope_original_max_position_embeddings.
 
   Returns:
     SampleOutput(tokens [B, N] int32, mask [B, N] int32, logps [B, N] float32); see its

@@ -7,9 +7,10 @@ Three layers of checks:
     its no-cache forward is a few lines), so the loop's slots, positions, masks, stops and RNG are
     checked against a full recomputation independently of rlhf_jax.models;
   * `generate` on real tiny GPT-2 / Llama (llama3 rope, untied) / Qwen2 (GQA, biases) / Mistral
-    (sliding window) checkpoints: greedy output equals transformers' `generate` on a left-padded
-    batch, and the sampler's log-probs equal `model.token_logps` on the finished sequences
-    (KV-cache decode == full forward).
+    (sliding window), Qwen3, Gemma 2 / Gemma 3 (local/global layers with windows shorter than
+    the prompts, soft-caps, per-layer RoPE), Phi-3 and OLMo 2 checkpoints: greedy output equals
+    transformers' `generate` on a left-padded batch, and the sampler's log-probs equal
+    `model.token_logps` on the finished sequences (KV-cache decode == full forward).
 """
 
 from __future__ import annotations
@@ -372,7 +373,13 @@ def test_generate_validates_arguments(toy_setup):
 # Real tiny checkpoints: parity with transformers' PyTorch generate, and cache vs full forward.
 
 HF_P, HF_N, HF_LENS = 6, 10, (6, 3, 1, 4)
-HF_FAMILIES = ["gpt2", "llama", "qwen2", "mistral"]
+HF_FAMILIES = ["gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3_text", "phi3",
+               "olmo2"]
+# Family-independent sampler checks (top-k/top-p filtering, bf16 rounding) run on the first four
+# families and Gemma 2 (soft-capped logits) only: the others add test time, not coverage.
+_FILTER_FAMILIES = ["gpt2", "llama", "qwen2", "mistral", "gemma2"]
+# initializer_range 0.3 gives logits of ~6: a final-logit cap of 1 would flatten them into ties.
+_SAMPLING_OVERRIDES = {"gemma2": dict(final_logit_softcapping=10.0)}
 
 
 def _hf_reference():
@@ -396,13 +403,15 @@ def hf_pair(request, tmp_path_factory):
   c_attn), Llama with llama3 rope scaling, untied embeddings and GQA, Qwen2 with GQA and q/k/v
   biases (tied), Mistral with a sliding window of 4 (< P + N, so the window is exercised);
   noise on every parameter. initializer_range 0.3 peaks the logits: no near-ties in greedy.
+  Gemma 2 / Gemma 3: layer 0 has a window of 4 (< P = 6), layer 1 is global.
   """
   pytest.importorskip("torch")
   from rlhf_jax import models
 
   hf_reference = _hf_reference()
   directory = tmp_path_factory.mktemp(request.param)
-  hf_model = hf_reference.make_hf_model(request.param, directory, initializer_range=0.3)
+  hf_model = hf_reference.make_hf_model(request.param, directory, initializer_range=0.3,
+                                        **_SAMPLING_OVERRIDES.get(request.param, {}))
   hf_model.generation_config.eos_token_id = None  # a "free" run never stops early
   model, params = models.from_pretrained(str(directory))
   assert model.config.pad_token_id == hf_reference.PAD_ID
@@ -420,6 +429,13 @@ def test_hf_pair_configs_have_the_features_under_test(hf_pair):
                 and cfg.num_kv_heads < cfg.num_heads),
       "qwen2": cfg.qkv_bias and cfg.num_kv_heads < cfg.num_heads,
       "mistral": cfg.sliding_window is not None and cfg.sliding_window < HF_P + HF_N,
+      "qwen3": cfg.qk_norm == "head" and cfg.head_dim * cfg.num_heads != cfg.hidden_size,
+      "gemma2": (cfg.layer_is_sliding == (True, False) and cfg.sliding_window < HF_P
+                 and cfg.attn_logit_softcap is not None and cfg.final_logit_softcap is not None),
+      "gemma3_text": (cfg.layer_is_sliding == (True, False) and cfg.sliding_window < HF_P
+                      and cfg.rope_local_theta != cfg.rope_theta and cfg.qk_norm == "head"),
+      "phi3": cfg.num_kv_heads < cfg.num_heads,
+      "olmo2": cfg.norm_placement == "post" and cfg.qk_norm == "full",
   }
   assert features[cfg.model_type]
 
@@ -452,6 +468,29 @@ def test_greedy_matches_transformers_on_a_left_padded_batch(hf_pair):
   for b in range(len(HF_LENS)):
     s = _first_stop(want[b], stop_ids)
     np.testing.assert_array_equal(out.mask[b], np.arange(HF_N) <= (HF_N if s is None else s))
+
+
+def test_phi3_longrope_greedy_matches_transformers_and_refuses_the_switch(tmp_path):
+  """longrope (switch after 8 positions): prompts of 6 + 2 new tokens stay on the short factors
+  and decode like transformers; 6 + 3 would cross the switch and is refused."""
+  import torch
+  from rlhf_jax import models
+
+  hf_reference = _hf_reference()
+  hf_model = hf_reference.make_hf_model("phi3", tmp_path, initializer_range=0.3,
+                                        **hf_reference.PHI3_LONGROPE)
+  model, params = models.from_pretrained(str(tmp_path))
+  ids, mask = hf_reference.padded_batch(0, HF_LENS, HF_P, side="left")
+  with torch.no_grad():
+    want = hf_model.generate(torch.tensor(ids, dtype=torch.long),
+                             attention_mask=torch.tensor(mask, dtype=torch.long), do_sample=False,
+                             max_new_tokens=2, eos_token_id=None,
+                             pad_token_id=hf_reference.PAD_ID)[:, HF_P:].numpy()
+  out = sampling.generate(model, params, ids, mask, jax.random.key(0), max_new_tokens=2,
+                          temperature=0.0)
+  np.testing.assert_array_equal(out.tokens, want)
+  with pytest.raises(ValueError, match=r"6 \+ max_new_tokens 3 = 9 exceeds the longrope switch"):
+    sampling.generate(model, params, ids, mask, jax.random.key(0), max_new_tokens=3)
 
 
 @pytest.fixture(scope="module")
@@ -576,6 +615,7 @@ def test_generate_text_left_pads_templates_and_decodes(toy_setup, word_tokenizer
   assert texts == want and all(texts)
 
 
+@pytest.mark.parametrize("hf_pair", _FILTER_FAMILIES, indirect=True)
 def test_truncated_logps_equal_the_filtered_full_forward(hf_pair):
   # top-k + top-p through the real KV-cache decode, against the NumPy filter applied to one
   # no-cache forward's logits: every token inside the kept set, logps renormalised over it.
@@ -592,6 +632,7 @@ def test_truncated_logps_equal_the_filtered_full_forward(hf_pair):
   np.testing.assert_allclose(out.logps, want, atol=2e-5)
 
 @pytest.mark.slow
+@pytest.mark.parametrize("hf_pair", _FILTER_FAMILIES, indirect=True)
 def test_bf16_sampler_logps_match_the_trainers(hf_pair):
   # PITFALLS: sampler-vs-trainer log-prob mismatch in bf16. Both read the same bf16 hidden
   # states through the same f32-accumulated unembedding, so the gap is bf16 attention rounding.

@@ -1,7 +1,9 @@
-"""Flax causal LMs (GPT-2 and the Llama family), reward/value heads, HF import/export, KV cache.
+"""Flax causal LMs (GPT-2, the Llama family, Qwen3, Gemma 2/3, Phi-3, OLMo 2), reward/value
+heads, HF import/export, KV cache.
 
-config.py (ModelConfig), layers.py + transformer.py (the decoder, CausalLM, KVCache), hf_io.py
-(safetensors <-> params), heads.py (reward model, value head), partitioning.py (sharding specs).
+config.py (ModelConfig), hf_config.py (transformers configs <-> ModelConfig), layers.py +
+transformer.py (the decoder, CausalLM, KVCache), hf_io.py (safetensors <-> params), heads.py
+(reward model, value head), partitioning.py (sharding specs).
 """
 
 from rlhf_jax.models.config import ModelConfig, UnsupportedModelError

@@ -1,10 +1,21 @@
 """`ModelConfig`: the one description of a decoder that every model family here is an instance of.
 
-GPT-2 and the Llama family (Llama 2/3, Qwen2/2.5, Mistral, SmolLM) differ only in these fields:
-norm type, position scheme, MLP type, biases, tied embeddings, sliding window. `from_hf` reads a
-`transformers` config (5.x `rope_parameters` or 4.x `rope_theta` + `rope_scaling`) and fails
-loudly, naming the field, on anything this decoder does not implement; `to_hf` goes back so an
-exported checkpoint reloads in `transformers`.
+GPT-2, the Llama family (Llama 2/3, Qwen2/2.5, Mistral, SmolLM), Qwen3, Gemma 2, Gemma 3 (text),
+Phi-3 and OLMo 2 differ only in these fields:
+  * norm type, where the norms sit (`norm_placement`: "pre" Llama, "pre_post" Gemma's sandwich,
+    "post" OLMo 2), the (1 + w) weight of Gemma's RMSNorm (`norm_weight_offset`);
+  * q/k norms (`qk_norm`: "head" per head as in Qwen3 / Gemma 3, "full" over the whole
+    projection as in OLMo 2), the query scale (`query_pre_attn_scalar`, Gemma), attention-logit
+    and final-logit soft-capping (Gemma 2), embeddings times sqrt(D) (`embed_scale`, Gemma);
+  * position scheme and RoPE scaling, a separate RoPE base for sliding-window layers
+    (`rope_local_theta`, Gemma 3), MLP type, biases, tied embeddings, sliding window (all layers
+    or a per-layer pattern).
+Fused checkpoint tensors (Phi-3's qkv_proj, gate_up_proj) are a matter of the tensor map
+(hf_io.py), not of the model. `from_hf` reads a `transformers` config (5.x `rope_parameters`,
+per layer type for Gemma 3, or 4.x `rope_theta` + `rope_scaling`) and fails loudly, naming the
+field, on anything this decoder does not implement (MoE families are other model_types and are
+refused as such); `to_hf` goes back so an exported checkpoint reloads in `transformers`. Both
+live in hf_config.py; this module holds the fields, their checks and the RoPE tables.
 """
 
 from __future__ import annotations
@@ -16,17 +27,15 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["ModelConfig", "UnsupportedModelError", "SUPPORTED_MODEL_TYPES", "rope_inv_freq",
-           "dtype_from_name"]
+__all__ = ["ModelConfig", "UnsupportedModelError", "SUPPORTED_MODEL_TYPES", "ROPE_TYPES",
+           "ACTIVATIONS", "rope_inv_freq", "dtype_from_name", "ids_tuple"]
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral")
-# HF activation names -> ours. gelu_new / gelu_pytorch_tanh are the tanh approximation.
-_ACTIVATIONS = {
-    "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-    "gelu": "gelu", "silu": "silu", "swish": "silu", "relu": "relu",
-}
-_ACTIVATIONS_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "silu": "silu", "relu": "relu"}
-_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3_text",
+                         "phi3", "olmo2")
+ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+NORM_PLACEMENTS = ("pre", "pre_post", "post")
+QK_NORMS = ("none", "head", "full")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 
@@ -35,7 +44,8 @@ class UnsupportedModelError(ValueError):
   """A checkpoint or config this decoder does not implement (architecture, field value)."""
 
 
-def _ids(value) -> int | tuple[int, ...] | None:
+def ids_tuple(value) -> int | tuple[int, ...] | None:
+  """A token id, or several as a tuple (hashable), or None."""
   if value is None or isinstance(value, int):
     return value
   return tuple(int(v) for v in value)
@@ -54,7 +64,7 @@ class ModelConfig:
       XLA otherwise) | "xla" | "cudnn".
   """
 
-  model_type: str  # "gpt2" | "llama" | "qwen2" | "mistral": the transformers config family
+  model_type: str  # one of SUPPORTED_MODEL_TYPES: the transformers config family
   vocab_size: int
   hidden_size: int
   num_layers: int
@@ -64,14 +74,29 @@ class ModelConfig:
   intermediate_size: int
   norm: str = "rmsnorm"  # "rmsnorm" | "layernorm"
   norm_eps: float = 1e-6
+  # "pre": x + f(norm(x)) (GPT-2, Llama); "pre_post": x + norm(f(norm(x))) (Gemma 2/3);
+  # "post": x + norm(f(x)) (OLMo 2). f is attention, then the MLP.
+  norm_placement: str = "pre"
+  norm_weight_offset: float = 0.0  # RMSNorm scales by (offset + w): Gemma stores w with offset 1
+  qk_norm: str = "none"  # RMSNorm of q and k before RoPE: "head" (over H) | "full" (over N·H)
+  embed_scale: float = 1.0  # embeddings times this (Gemma: sqrt(D), cast to the compute dtype)
+  query_pre_attn_scalar: float | None = None  # scores scaled by this ** -0.5; None = head_dim
+  attn_logit_softcap: float | None = None  # scores -> cap·tanh(scores / cap) before the mask
+  final_logit_softcap: float | None = None  # logits -> cap·tanh(logits / cap), before temperature
   positions: str = "rope"  # "rope" | "learned"
   max_position_embeddings: int = 2048
   rope_theta: float = 10000.0
-  rope_type: str = "default"  # "default" | "linear" | "llama3"
+  rope_type: str = "default"  # "default" | "linear" | "llama3" | "longrope" (Phi-3)
   rope_factor: float = 1.0
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_position_embeddings: int | None = None
+  # longrope: per-frequency divisors [H/2] for short (<= original length) and long sequences, and
+  # the factor sin/cos are multiplied by (sqrt(1 + ln(factor) / ln(original)) unless given).
+  rope_short_factor: tuple[float, ...] | None = None
+  rope_long_factor: tuple[float, ...] | None = None
+  rope_attention_factor: float = 1.0
+  rope_local_theta: float | None = None  # sliding-window layers: default RoPE with this base
   mlp: str = "gated"  # "gated" (SwiGLU: down(act(gate x) * up x)) | "plain" (down(act(up x)))
   activation: str = "silu"  # "silu" | "gelu" | "gelu_tanh" | "relu"
   qkv_bias: bool = False
@@ -91,16 +116,21 @@ class ModelConfig:
   def __post_init__(self):
     # Lists (e.g. Llama 3's several eos ids) become tuples so the config stays hashable.
     for name in ("bos_token_id", "eos_token_id"):
-      object.__setattr__(self, name, _ids(getattr(self, name)))
+      object.__setattr__(self, name, ids_tuple(getattr(self, name)))
     if self.sliding_layers is not None:
       object.__setattr__(self, "sliding_layers", tuple(bool(s) for s in self.sliding_layers))
+    for name in ("rope_short_factor", "rope_long_factor"):
+      if getattr(self, name) is not None:
+        object.__setattr__(self, name, tuple(float(f) for f in getattr(self, name)))
     checks = [
         (self.model_type in SUPPORTED_MODEL_TYPES, "model_type", SUPPORTED_MODEL_TYPES),
         (self.norm in ("rmsnorm", "layernorm"), "norm", ("rmsnorm", "layernorm")),
+        (self.norm_placement in NORM_PLACEMENTS, "norm_placement", NORM_PLACEMENTS),
+        (self.qk_norm in QK_NORMS, "qk_norm", QK_NORMS),
         (self.positions in ("rope", "learned"), "positions", ("rope", "learned")),
-        (self.rope_type in _ROPE_TYPES, "rope_type", _ROPE_TYPES),
+        (self.rope_type in ROPE_TYPES, "rope_type", ROPE_TYPES),
         (self.mlp in ("gated", "plain"), "mlp", ("gated", "plain")),
-        (self.activation in _ACTIVATIONS_TO_HF, "activation", tuple(_ACTIVATIONS_TO_HF)),
+        (self.activation in ACTIVATIONS, "activation", ACTIVATIONS),
         (self.remat_policy in REMAT_POLICIES, "remat_policy", REMAT_POLICIES),
         (self.attention_impl in ATTENTION_IMPLS, "attention_impl", ATTENTION_IMPLS),
     ]
@@ -117,6 +147,19 @@ class ModelConfig:
     if self.sliding_layers is not None and len(self.sliding_layers) != self.num_layers:
       raise UnsupportedModelError(
           f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_layers} layers")
+    for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
+      value = getattr(self, name)
+      if value is not None and not value > 0:
+        raise UnsupportedModelError(f"ModelConfig.{name}={value!r} must be None or > 0")
+    if self.qk_norm != "none" and self.norm != "rmsnorm":
+      raise UnsupportedModelError(f"qk_norm={self.qk_norm!r} needs norm='rmsnorm'")
+    if self.rope_type == "longrope":
+      for name in ("rope_short_factor", "rope_long_factor"):
+        if len(getattr(self, name) or ()) != self.head_dim // 2:
+          raise UnsupportedModelError(f"longrope needs {name} of head_dim / 2 = "
+                                      f"{self.head_dim // 2} numbers, got {getattr(self, name)}")
+      if self.rope_original_max_position_embeddings is None:
+        raise UnsupportedModelError("longrope needs rope_original_max_position_embeddings")
     if self.compute_dtype is not None:
       dtype_from_name(self.compute_dtype)  # raises on an unknown name
 
@@ -127,103 +170,27 @@ class ModelConfig:
       return (False,) * self.num_layers
     return self.sliding_layers or (True,) * self.num_layers
 
-  # ----------------------------------------------------------------------------------- from HF
+  # ---------------------------------------------------------------------------- from / to HF
   @classmethod
   def from_hf(cls, hf_config: Any, **overrides) -> ModelConfig:
     """Builds a ModelConfig from a `transformers` config object (or its dict).
 
     Raises UnsupportedModelError naming the architecture or the field value it cannot honour.
+    overrides replace fields (e.g. remat_policy="full"). The reading lives in hf_config.py.
     """
-    get = (hf_config.get if isinstance(hf_config, dict)
-           else lambda name, default=None: getattr(hf_config, name, default))
-    model_type = get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-      raise UnsupportedModelError(
-          f"unsupported architecture: model_type={model_type!r} (architectures="
-          f"{get('architectures')}); supported model types: {SUPPORTED_MODEL_TYPES}")
-    fields = _gpt2_fields(get) if model_type == "gpt2" else _llama_fields(get, model_type)
-    fields.update(
-        model_type=model_type,
-        vocab_size=int(get("vocab_size")),
-        initializer_range=float(get("initializer_range", 0.02) or 0.02),
-        pad_token_id=_ids(get("pad_token_id")),
-        bos_token_id=_ids(get("bos_token_id")),
-        eos_token_id=_ids(get("eos_token_id")),
-        tie_embeddings=bool(get("tie_word_embeddings", model_type == "gpt2")),
-    )
-    fields.update(overrides)
-    return cls(**fields)
+    from rlhf_jax.models import hf_config as conversion  # deferred: it imports this module
 
-  # ------------------------------------------------------------------------------------- to HF
+    return cls(**{**conversion.fields_from_hf(hf_config), **overrides})
+
   def to_hf(self, architecture: str = "ForCausalLM", **extra) -> Any:
-    """The matching `transformers` config object; `architecture` suffix e.g. "ForCausalLM"."""
-    import transformers  # deferred: only export needs it
+    """The matching `transformers` config object; `architecture` suffix e.g. "ForCausalLM".
 
-    common = dict(
-        vocab_size=self.vocab_size, pad_token_id=self.pad_token_id,
-        bos_token_id=_jsonable(self.bos_token_id), eos_token_id=_jsonable(self.eos_token_id),
-        tie_word_embeddings=self.tie_embeddings, initializer_range=self.initializer_range,
-    )
-    if self.model_type == "gpt2":
-      self._require(self.norm == "layernorm" and self.positions == "learned" and self.mlp == "plain"
-                    and self.qkv_bias and self.out_bias and self.mlp_bias
-                    and self.num_kv_heads == self.num_heads
-                    and self.head_dim * self.num_heads == self.hidden_size
-                    and self.sliding_window is None, "gpt2")
-      hf = transformers.GPT2Config(
-          n_embd=self.hidden_size, n_layer=self.num_layers, n_head=self.num_heads,
-          n_inner=self.intermediate_size, n_positions=self.max_position_embeddings,
-          activation_function=_ACTIVATIONS_TO_HF[self.activation],
-          layer_norm_epsilon=self.norm_eps, **common)
-    else:
-      self._require(self.norm == "rmsnorm" and self.positions == "rope" and self.mlp == "gated",
-                    self.model_type)
-      rope = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
-      if self.rope_type in ("linear", "llama3"):
-        rope["factor"] = self.rope_factor
-      if self.rope_type == "llama3":
-        rope.update(low_freq_factor=self.rope_low_freq_factor,
-                    high_freq_factor=self.rope_high_freq_factor,
-                    original_max_position_embeddings=self.rope_original_max_position_embeddings)
-      kwargs = dict(
-          hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-          num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
-          num_key_value_heads=self.num_kv_heads, hidden_act=_ACTIVATIONS_TO_HF[self.activation],
-          max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.norm_eps,
-          rope_parameters=rope, **common)
-      if self.model_type == "llama":
-        self._require(self.qkv_bias == self.out_bias and self.sliding_window is None, "llama")
-        hf = transformers.LlamaConfig(head_dim=self.head_dim, attention_bias=self.qkv_bias,
-                                      mlp_bias=self.mlp_bias, **kwargs)
-      elif self.model_type == "qwen2":
-        self._require(self.qkv_bias and not self.out_bias and not self.mlp_bias
-                      and self.head_dim * self.num_heads == self.hidden_size, "qwen2")
-        layer_types = ["sliding_attention" if s else "full_attention"
-                       for s in self.layer_is_sliding]
-        hf = transformers.Qwen2Config(
-            use_sliding_window=self.sliding_window is not None,
-            sliding_window=self.sliding_window, layer_types=layer_types, **kwargs)
-      else:
-        self._require(not (self.qkv_bias or self.out_bias or self.mlp_bias)
-                      and all(self.layer_is_sliding) == (self.sliding_window is not None),
-                      "mistral")
-        hf = transformers.MistralConfig(head_dim=self.head_dim, sliding_window=self.sliding_window,
-                                        **kwargs)
-    prefix = {"gpt2": "GPT2", "llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
-    name = prefix[self.model_type] + architecture
-    hf.architectures = ["GPT2LMHeadModel" if name == "GPT2ForCausalLM" else name]
-    for name, value in extra.items():
-      setattr(hf, name, value)
-    return hf
+    Raises UnsupportedModelError when no transformers family holds this config (hf_config.py).
+    """
+    from rlhf_jax.models import hf_config as conversion
 
-  def _require(self, ok: bool, family: str) -> None:
-    if not ok:
-      raise UnsupportedModelError(
-          f"this ModelConfig cannot be expressed as a transformers {family!r} config: {self}")
+    return conversion.to_hf_config(self, architecture, **extra)
 
-
-def _jsonable(value):
-  return list(value) if isinstance(value, tuple) else value
 
 
 def dtype_from_name(name: str) -> np.dtype:
@@ -231,90 +198,13 @@ def dtype_from_name(name: str) -> np.dtype:
   return jnp.dtype({"bf16": "bfloat16", "fp16": "float16", "f32": "float32"}.get(name, name))
 
 
-def _activation(get, field: str) -> str:
-  name = get(field)
-  if name not in _ACTIVATIONS:
-    raise UnsupportedModelError(
-        f"unsupported activation {field}={name!r}; supported: {sorted(_ACTIVATIONS)}")
-  return _ACTIVATIONS[name]
-
-
-def _gpt2_fields(get) -> dict:
-  for field, expected in (("scale_attn_by_inverse_layer_idx", False),
-                          ("add_cross_attention", False), ("scale_attn_weights", True)):
-    if bool(get(field, expected)) != expected:
-      raise UnsupportedModelError(f"unsupported GPT-2 field {field}={get(field)!r}")
-  hidden, heads = int(get("n_embd")), int(get("n_head"))
-  return dict(
-      hidden_size=hidden, num_layers=int(get("n_layer")), num_heads=heads, num_kv_heads=heads,
-      head_dim=hidden // heads, intermediate_size=int(get("n_inner") or 4 * hidden),
-      norm="layernorm", norm_eps=float(get("layer_norm_epsilon", 1e-5)), positions="learned",
-      max_position_embeddings=int(get("n_positions")), mlp="plain",
-      activation=_activation(get, "activation_function"),
-      qkv_bias=True, out_bias=True, mlp_bias=True)
-
-
-def _rope_fields(get) -> dict:
-  params = get("rope_parameters")
-  if params is None:  # transformers 4.x: rope_theta + rope_scaling
-    params = dict(get("rope_scaling") or {})
-    params.setdefault("rope_theta", get("rope_theta", 10000.0))
-  params = dict(params)
-  if params and all(isinstance(v, dict) for v in params.values()):
-    raise UnsupportedModelError(f"per-layer-type rope_parameters are not supported: {params}")
-  rope_type = params.get("rope_type", params.get("type", "default"))
-  if rope_type not in _ROPE_TYPES:
-    raise UnsupportedModelError(
-        f"unsupported rope type rope_parameters['rope_type']={rope_type!r}; "
-        f"supported: {_ROPE_TYPES}")
-  if float(params.get("partial_rotary_factor", get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
-    raise UnsupportedModelError("unsupported partial_rotary_factor != 1")
-  fields = dict(rope_type=rope_type, rope_theta=float(params.get("rope_theta", 10000.0)))
-  if rope_type in ("linear", "llama3"):
-    fields["rope_factor"] = float(params["factor"])
-  if rope_type == "llama3":
-    fields.update(
-        rope_low_freq_factor=float(params["low_freq_factor"]),
-        rope_high_freq_factor=float(params["high_freq_factor"]),
-        rope_original_max_position_embeddings=int(
-            params.get("original_max_position_embeddings") or get("max_position_embeddings")))
-  return fields
-
-
-def _llama_fields(get, model_type: str) -> dict:
-  hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
-  attention_bias = bool(get("attention_bias", False))
-  qkv_bias = True if model_type == "qwen2" else attention_bias
-  out_bias = attention_bias if model_type == "llama" else False
-  window = get("sliding_window") if model_type in ("mistral", "qwen2") else None
-  if model_type == "qwen2" and not get("use_sliding_window", False):
-    window = None
-  sliding_layers = None
-  layer_types = get("layer_types")
-  if layer_types is not None:
-    unknown = set(layer_types) - {"full_attention", "sliding_attention"}
-    if unknown:
-      raise UnsupportedModelError(f"unsupported layer_types values {sorted(unknown)}")
-    sliding = tuple(t == "sliding_attention" for t in layer_types)
-    if window is None or not any(sliding):
-      window = None
-    elif not all(sliding):
-      sliding_layers = sliding
-  return dict(
-      hidden_size=hidden, num_layers=int(get("num_hidden_layers")), num_heads=heads,
-      num_kv_heads=int(get("num_key_value_heads") or heads),
-      head_dim=int(get("head_dim") or hidden // heads),
-      intermediate_size=int(get("intermediate_size")), norm="rmsnorm",
-      norm_eps=float(get("rms_norm_eps", 1e-6)), positions="rope",
-      max_position_embeddings=int(get("max_position_embeddings", 2048)),
-      mlp="gated", activation=_activation(get, "hidden_act"), qkv_bias=qkv_bias,
-      out_bias=out_bias, mlp_bias=bool(get("mlp_bias", False)),
-      sliding_window=None if window is None else int(window), sliding_layers=sliding_layers,
-      **_rope_fields(get))
-
-
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+def rope_inv_freq(config: ModelConfig, local: bool = False, long: bool = False) -> np.ndarray:
   """Inverse frequencies [H/2] (float32) of the rotary embedding, after any scaling.
+
+  local=True: the sliding-window layers' table when `rope_local_theta` is set (Gemma 3: default
+  RoPE with that base, no scaling). longrope: θ^(-2i/H) / short_factor[i], or / long_factor[i]
+  with long=True (LongRoPE, Ding et al., 2024, arXiv:2402.13753); the decoder picks the long
+  table for a call whose largest position + 1 exceeds the original length, as transformers does.
 
   default: θ^(-2i/H) (Su et al., 2021, arXiv:2104.09864); linear: divided by `factor`
   (position interpolation, Chen et al., 2023, arXiv:2306.15595); llama3: long wavelengths divided
@@ -322,7 +212,15 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
   arXiv:2407.21783).
   """
   dim = config.head_dim
-  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+  exponents = np.arange(0, dim, 2, dtype=np.float64) / dim
+  if local:
+    return (1.0 / (config.rope_local_theta ** exponents)).astype(np.float32)
+  inv_freq = 1.0 / (config.rope_theta ** exponents)
+  if config.rope_type == "longrope":
+    factors = config.rope_long_factor if long else config.rope_short_factor
+    # as transformers: float32 factors times the float32 power, then the reciprocal
+    powers = (config.rope_theta ** exponents.astype(np.float32)).astype(np.float32)
+    return (1.0 / (np.asarray(factors, np.float32) * powers)).astype(np.float32)
   if config.rope_type == "linear":
     inv_freq = inv_freq / config.rope_factor
   elif config.rope_type == "llama3":

@@ -6,9 +6,16 @@ unsupported architecture or config field. Tied checkpoints may omit `lm_head.wei
 downloads only the config files and the checkpoint's own safetensors (`checkpoint_files`: the
 shards the index names, else model.safetensors), never e.g. mistralai's consolidated copy.
 
+Families: GPT-2, Llama, Qwen2, Mistral, Qwen3 (q_norm / k_norm per head), Gemma 2 and Gemma 3
+text (input / post_attention / pre_feedforward / post_feedforward layernorms; Gemma 3 q/k
+norms), Phi-3 (fused qkv_proj and gate_up_proj), OLMo 2 (post_attention / post_feedforward
+layernorms only, q/k norms over the whole projection).
+
 Kinds of mapping: "copy" (same layout), "linear" (torch nn.Linear [out, in] <-> our kernel
-[in, out]), "split3" (GPT-2's fused Conv1D c_attn [in, 3·out] <-> our q/k/v kernels [in, out]).
-Per-layer tensors ("{i}" in the name) are stacked on a leading [L] axis on import.
+[in, out]), "split3" (GPT-2's fused Conv1D c_attn [in, 3·out] <-> our q/k/v kernels [in, out]),
+"fused_linear" (Phi-3's qkv_proj [N·H + 2·K·H, in] and gate_up_proj [2·F, in]: an nn.Linear
+whose output rows are our kernels' outputs in rule order, split on import and concatenated on
+export). Per-layer tensors ("{i}" in the name) are stacked on a leading [L] axis on import.
 """
 
 from __future__ import annotations
@@ -43,8 +50,8 @@ class CheckpointError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class TensorRule:
   hf_name: str  # may contain "{i}" (layer index)
-  ours: tuple[Path, ...]  # our param paths (3 for split3, else 1)
-  kind: str  # "copy" | "linear" | "split3"
+  ours: tuple[Path, ...]  # our param paths (3 for split3, several for fused_linear, else 1)
+  kind: str  # "copy" | "linear" | "split3" | "fused_linear"
 
   @property
   def per_layer(self) -> bool:
@@ -98,23 +105,50 @@ def tensor_map(config: ModelConfig, *, head: str = "lm") -> list[TensorRule]:
   else:
     L = base + "layers.{i}."
     add(base + "embed_tokens.weight", ("embed", "embedding"))
-    norm(L + "input_layernorm", "attn_norm", True)
+    for hf_name, ours in _block_norm_names(config):
+      norm(L + hf_name, ours, True)
+    attn = lambda name, leaf="kernel": ("layers", "attn", name, leaf)
+    if config.model_type == "phi3":
+      add(L + "self_attn.qkv_proj.weight", (attn("q"), attn("k"), attn("v")), "fused_linear")
+    else:
+      for hf_name, ours in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")):
+        add(L + f"self_attn.{hf_name}.weight", attn(ours), "linear")
+    add(L + "self_attn.o_proj.weight", attn("o"), "linear")
     for hf_name, ours, bias in (("q_proj", "q", config.qkv_bias), ("k_proj", "k", config.qkv_bias),
                                 ("v_proj", "v", config.qkv_bias), ("o_proj", "o", config.out_bias)):
-      add(L + f"self_attn.{hf_name}.weight", ("layers", "attn", ours, "kernel"), "linear")
       if bias:
-        add(L + f"self_attn.{hf_name}.bias", ("layers", "attn", ours, "bias"))
-    norm(L + "post_attention_layernorm", "mlp_norm", True)
-    for name in ("gate", "up", "down"):
-      add(L + f"mlp.{name}_proj.weight", ("layers", "mlp", name, "kernel"), "linear")
-      if config.mlp_bias:
-        add(L + f"mlp.{name}_proj.bias", ("layers", "mlp", name, "bias"))
+        add(L + f"self_attn.{hf_name}.bias", attn(ours, "bias"))
+    if config.qk_norm != "none":
+      add(L + "self_attn.q_norm.weight", attn("q_norm", "scale"))
+      add(L + "self_attn.k_norm.weight", attn("k_norm", "scale"))
+    mlp = lambda name, leaf="kernel": ("layers", "mlp", name, leaf)
+    if config.model_type == "phi3":
+      add(L + "mlp.gate_up_proj.weight", (mlp("gate"), mlp("up")), "fused_linear")
+      add(L + "mlp.down_proj.weight", mlp("down"), "linear")
+    else:
+      for name in ("gate", "up", "down"):
+        add(L + f"mlp.{name}_proj.weight", mlp(name), "linear")
+    for name in ("gate", "up", "down") if config.mlp_bias else ():
+      add(L + f"mlp.{name}_proj.bias", mlp(name, "bias"))
     norm(base + "norm", "final_norm", False)
   if head == "lm" and not config.tie_embeddings:
     add("lm_head.weight", ("lm_head", "kernel"), "linear")
   elif head == "score":
     add("score.weight", ("score", "kernel"), "linear")
   return rules
+
+
+def _block_norm_names(config: ModelConfig) -> tuple[tuple[str, str], ...]:
+  """(HF name, ours) of a block's norms. The same HF name means different norms by family:
+  Llama's post_attention_layernorm is the MLP's pre-norm, Gemma's and OLMo 2's a post-norm."""
+  pre = (("input_layernorm", "attn_norm"),)
+  if config.norm_placement == "pre":
+    return pre + (("post_attention_layernorm", "mlp_norm"),)
+  post = (("post_attention_layernorm", "post_attn_norm"),
+          ("post_feedforward_layernorm", "post_mlp_norm"))
+  if config.norm_placement == "post":
+    return post
+  return pre + (("pre_feedforward_layernorm", "mlp_norm"),) + post
 
 
 def _p(layered: bool, *names) -> Path:
@@ -198,11 +232,15 @@ def write_safetensors(tensors: dict[str, np.ndarray], out_dir: str) -> None:
 
 
 # ------------------------------------------------------------------------------- conversion
-def _hf_shape(kind: str, our_shape: tuple[int, ...]) -> tuple[int, ...]:
+def _hf_shape(kind: str, our_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+  """The HF tensor's shape from the (unstacked) shapes of the params a rule maps it to."""
+  our_shape = our_shapes[0]
   if kind == "linear":
     return tuple(reversed(our_shape))
   if kind == "split3":
     return (*our_shape[:-1], 3 * our_shape[-1])
+  if kind == "fused_linear":  # kernels [in, out_i] -> torch [Σ out_i, in]
+    return (sum(shape[-1] for shape in our_shapes), our_shape[0])
   return tuple(our_shape)
 
 
@@ -263,13 +301,14 @@ def params_from_hf_tensors(rules: list[TensorRule], tensors, our_shapes: dict, n
           missing.append(hf_name)
         continue
       used.add(names[hf_name])
-      our_shape = flat_shapes[rule.ours[0]][1:] if rule.per_layer else flat_shapes[rule.ours[0]]
-      expected, got = _hf_shape(rule.kind, our_shape), source.shape(names[hf_name])
+      rule_shapes = [flat_shapes[path][1:] if rule.per_layer else flat_shapes[path]
+                     for path in rule.ours]
+      expected, got = _hf_shape(rule.kind, rule_shapes), source.shape(names[hf_name])
       if got != expected:
         raise CheckpointError(
             f"tensor {hf_name!r} has the wrong shape: expected {expected}, got {got}")
       for part, path in enumerate(rule.ours):
-        plan.setdefault(path, []).append((names[hf_name], rule, part))
+        plan.setdefault(path, []).append((names[hf_name], rule, part, rule_shapes))
   if missing:
     raise CheckpointError(f"checkpoint is missing tensor(s): {missing[:8]}"
                           + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
@@ -282,8 +321,8 @@ def params_from_hf_tensors(rules: list[TensorRule], tensors, our_shapes: dict, n
   for path, layers in plan.items():
     stacked = layers[0][1].per_layer
     if flat_shardings is None:
-      parts = [_read_ours(source, name, rule, part, flat_shapes[path][stacked:])
-               for name, rule, part in layers]
+      parts = [_read_ours(source, name, rule, part, rule_shapes)
+               for name, rule, part, rule_shapes in layers]
       flat[path] = jnp.asarray(np.stack(parts) if stacked else parts[0], dtype)
     else:
       flat[path] = _place(source, layers, flat_shapes[path], jnp.dtype(dtype),
@@ -295,9 +334,12 @@ def _normalised(index, shape) -> tuple[slice, ...]:
   return tuple(slice(*s.indices(dim)) for s, dim in zip(index, shape))
 
 
-def _read_ours(source, name: str, rule: TensorRule, part: int, our_shape, index=None):
-  """Our [index] of one param part from one HF tensor, reading only that slice where the mapping
-  allows ("copy", "linear", "split3"), else the whole tensor."""
+def _read_ours(source, name: str, rule: TensorRule, part: int, rule_shapes, index=None):
+  """Our [index] of one param part from one HF tensor, reading only that slice of the file.
+
+  rule_shapes: the (unstacked) shapes of all the params the rule maps the tensor to.
+  """
+  our_shape = rule_shapes[part]
   index = _normalised(index or (slice(None),) * len(our_shape), our_shape)
   if rule.kind == "copy":
     return source.read(name, index)
@@ -307,7 +349,11 @@ def _read_ours(source, name: str, rule: TensorRule, part: int, our_shape, index=
     width = our_shape[-1]
     columns = slice(part * width + index[-1].start, part * width + index[-1].stop)
     return source.read(name, (*index[:-1], columns))
-  return _to_ours(rule.kind, source.read(name), len(rule.ours))[part][index]
+  if rule.kind == "fused_linear":  # our kernel [in, out_p] is rows offset_p + out_p of [Σ out, in]
+    offset = sum(shape[-1] for shape in rule_shapes[:part])
+    rows = slice(offset + index[1].start, offset + index[1].stop)
+    return source.read(name, (rows, index[0])).T
+  return _to_ours(rule.kind, source.read(name), rule_shapes)[part][index]
 
 
 def _place(source, layers, shape, dtype, sharding, stacked: bool) -> jax.Array:
@@ -317,25 +363,23 @@ def _place(source, layers, shape, dtype, sharding, stacked: bool) -> jax.Array:
   [L, ...] param is filled layer by layer into a zero buffer (a donated in-place update), so the
   host holds at most one layer's addressable shards at a time, whatever the model's size.
   """
-  def callback_for(name, rule, part, our_shape):
+  def callback_for(name, rule, part, rule_shapes):
     seen = {}
 
     def callback(index):
-      key = tuple((s.start, s.stop) for s in _normalised(index, our_shape))
+      key = tuple((s.start, s.stop) for s in _normalised(index, rule_shapes[part]))
       if key not in seen:
-        seen[key] = _read_ours(source, name, rule, part, our_shape, index).astype(dtype)
+        seen[key] = _read_ours(source, name, rule, part, rule_shapes, index).astype(dtype)
       return seen[key]
     return callback
 
   if not stacked:
-    name, rule, part = layers[0]
-    return jax.make_array_from_callback(shape, sharding, callback_for(name, rule, part, shape))
+    return jax.make_array_from_callback(shape, sharding, callback_for(*layers[0]))
   layer_sharding = jax.sharding.NamedSharding(sharding.mesh,
                                               jax.sharding.PartitionSpec(*sharding.spec[1:]))
   buffer = jnp.zeros(shape, dtype, device=sharding)
-  for i, (name, rule, part) in enumerate(layers):
-    layer = jax.make_array_from_callback(shape[1:], layer_sharding,
-                                         callback_for(name, rule, part, shape[1:]))
+  for i, layer_plan in enumerate(layers):
+    layer = jax.make_array_from_callback(shape[1:], layer_sharding, callback_for(*layer_plan))
     buffer = _set_layer(buffer, layer, i)
     del layer
   return buffer
@@ -346,11 +390,14 @@ _set_layer = jax.jit(lambda stack, layer, i: jax.lax.dynamic_update_index_in_dim
                      donate_argnums=0)
 
 
-def _to_ours(kind: str, array: np.ndarray, parts: int) -> list[np.ndarray]:
+def _to_ours(kind: str, array: np.ndarray, our_shapes: list) -> list[np.ndarray]:
   if kind == "linear":
     return [array.T]
   if kind == "split3":
-    return np.split(array, parts, axis=-1)
+    return np.split(array, len(our_shapes), axis=-1)
+  if kind == "fused_linear":
+    ends = np.cumsum([shape[-1] for shape in our_shapes])[:-1]
+    return [part.T for part in np.split(array, ends, axis=0)]
   return [array]
 
 
@@ -359,6 +406,8 @@ def _from_ours(kind: str, parts: list[np.ndarray]) -> np.ndarray:
     return parts[0].T
   if kind == "split3":
     return np.concatenate(parts, axis=-1)
+  if kind == "fused_linear":
+    return np.concatenate([part.T for part in parts], axis=0)
   return parts[0]
 
 
@@ -373,13 +422,13 @@ def hf_entries(rules: list[TensorRule], params: dict, num_layers: int,
   entries = []
   for rule in rules:
     arrays = [flat[path] for path in rule.ours]
-    our_shape = tuple(arrays[0].shape[1:] if rule.per_layer else arrays[0].shape)
+    rule_shapes = [tuple(a.shape[1:] if rule.per_layer else a.shape) for a in arrays]
     out_dtype = np.dtype(dtype if dtype is not None else arrays[0].dtype)
     for i in range(num_layers) if rule.per_layer else [None]:
       def produce(arrays=arrays, i=i, kind=rule.kind):
         return _from_ours(kind, [parallel.host_get(_layer(a, i)) for a in arrays])
       entries.append(safetensors_io.Entry(rule.hf_name.format(i=i),
-                                          _hf_shape(rule.kind, our_shape), out_dtype, produce))
+                                          _hf_shape(rule.kind, rule_shapes), out_dtype, produce))
   return entries
 
 

@@ -33,18 +33,22 @@ def _lift(param_D, x):
 
 
 class RMSNorm(nn.Module):
-  """x / sqrt(mean(x²) + eps) · scale, in float32 (Zhang & Sennrich, 2019, arXiv:1910.07467)."""
+  """x / sqrt(mean(x²) + eps) · (offset + scale), in float32 (Zhang & Sennrich, 2019,
+  arXiv:1910.07467). Gemma stores the weight as w with offset 1; it starts at 0 then."""
 
   eps: float
   dtype: Dtype
   param_dtype: Dtype = jnp.float32
+  weight_offset: float = 0.0
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    init = nn.initializers.zeros if self.weight_offset else nn.initializers.ones
+    scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (normed * _lift(scale, x)).astype(self.dtype)
+    weight = _lift(scale, x) + self.weight_offset if self.weight_offset else _lift(scale, x)
+    return (normed * weight).astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -68,8 +72,10 @@ class LayerNorm(nn.Module):
 
 
 def make_norm(config: ModelConfig, dtype, param_dtype, name: str) -> nn.Module:
-  cls = RMSNorm if config.norm == "rmsnorm" else LayerNorm
-  return cls(eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
+  if config.norm == "rmsnorm":
+    return RMSNorm(eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype,
+                   weight_offset=config.norm_weight_offset, name=name)
+  return LayerNorm(eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def apply_rope(x_BTNH, sin_BTh, cos_BTh):
@@ -101,14 +107,15 @@ def _dense(features: int, use_bias: bool, config: ModelConfig, dtype, param_dtyp
                   kernel_init=_init(config), name=name)
 
 
-def _attend(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, impl: str, has_cache: bool, auto: bool):
-  """softmax(q·kᵀ/sqrt(H) masked)·v via jax.nn.dot_product_attention (float32 softmax).
+def _attend(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, impl: str, has_cache: bool, auto: bool,
+            scale: float | None = None):
+  """softmax(q·kᵀ·scale masked)·v via jax.nn.dot_product_attention (float32 softmax).
 
-  The mask already holds causality; is_causal (no cache only, where query slot t is key slot t)
-  just lets cuDNN skip masked-out blocks. In auto mode a shape or dtype cuDNN rejects while
-  tracing falls back to XLA.
+  scale: None = 1/sqrt(H). The mask already holds causality; is_causal (no cache only, where
+  query slot t is key slot t) just lets cuDNN skip masked-out blocks. In auto mode a shape or
+  dtype cuDNN rejects while tracing falls back to XLA.
   """
-  kwargs = dict(mask=mask_B1TS, scale=q_BTNH.shape[-1] ** -0.5)
+  kwargs = dict(mask=mask_B1TS, scale=q_BTNH.shape[-1] ** -0.5 if scale is None else scale)
   if impl == "cudnn":
     try:
       return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=not has_cache,
@@ -119,13 +126,31 @@ def _attend(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, impl: str, has_cache: bool, auto:
   return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, implementation="xla", **kwargs)
 
 
+def _attend_softcapped(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, cap: float):
+  """softmax(cap·tanh(q·kᵀ·scale / cap) masked)·v in plain XLA, float32 scores (Gemma 2's
+  attention-logit soft-capping, Gemma Team, 2024, arXiv:2408.00118; dot_product_attention has
+  no hook between the scores and the softmax). G = N / K query heads per KV head."""
+  batch, length, heads, dim = q_BTNH.shape
+  kv_heads = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(batch, length, kv_heads, heads // kv_heads, dim)
+  scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
+                            preferred_element_type=jnp.float32) * scale
+  scores_BKGTS = cap * jnp.tanh(scores_BKGTS / cap)
+  mask_B11TS = mask_B1TS[:, :, None]
+  scores_BKGTS = jnp.where(mask_B11TS, scores_BKGTS, jnp.finfo(jnp.float32).min)
+  probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
+  out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
+  return out_BTKGH.reshape(batch, length, heads, dim)
+
+
 class Attention(nn.Module):
   """Multi-head / grouped-query attention through `jax.nn.dot_product_attention`.
 
   GQA is native there (K < N heads, no repeated K/V). The KV cache, when given, is the whole
   stacked [L, B, S, K, H] pair; this layer writes its T new keys/values at
   [layer, :, cache_index:cache_index+T] with `lax.dynamic_update_slice` and attends over the
-  layer's S slots.
+  layer's S slots. q/k norms (config.qk_norm) run before RoPE: "full" over the N·H (K·H)
+  projection (OLMo 2), "head" over each head's H (Qwen3, Gemma 3).
   """
 
   config: ModelConfig
@@ -138,9 +163,18 @@ class Attention(nn.Module):
     batch, length, _ = x_BTD.shape
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dense = lambda f, bias, name: _dense(f, bias, cfg, self.dtype, self.param_dtype, name)
-    q_BTNH = dense(n * h, cfg.qkv_bias, "q")(x_BTD).reshape(batch, length, n, h)
-    k_BTKH = dense(k * h, cfg.qkv_bias, "k")(x_BTD).reshape(batch, length, k, h)
+    qk_norm = lambda name: RMSNorm(eps=cfg.norm_eps, dtype=self.dtype,
+                                   param_dtype=self.param_dtype,
+                                   weight_offset=cfg.norm_weight_offset, name=name)
+    q_BTF = dense(n * h, cfg.qkv_bias, "q")(x_BTD)
+    k_BTF = dense(k * h, cfg.qkv_bias, "k")(x_BTD)
+    if cfg.qk_norm == "full":
+      q_BTF, k_BTF = qk_norm("q_norm")(q_BTF), qk_norm("k_norm")(k_BTF)
+    q_BTNH = q_BTF.reshape(batch, length, n, h)
+    k_BTKH = k_BTF.reshape(batch, length, k, h)
     v_BTKH = dense(k * h, cfg.qkv_bias, "v")(x_BTD).reshape(batch, length, k, h)
+    if cfg.qk_norm == "head":
+      q_BTNH, k_BTKH = qk_norm("q_norm")(q_BTNH), qk_norm("k_norm")(k_BTKH)
     if rope is not None:
       q_BTNH = apply_rope(q_BTNH, *rope)
       k_BTKH = apply_rope(k_BTKH, *rope)
@@ -155,9 +189,14 @@ class Attention(nn.Module):
       cache = (cache_k, cache_v)
     else:
       k_BSKH, v_BSKH = k_BTKH, v_BTKH
-    impl = attention_implementation(cfg, self.dtype, h, has_cache, length)
-    out_BTNH = _attend(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, impl, has_cache,
-                       auto=cfg.attention_impl is None)
+    scale = (h if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar) ** -0.5
+    if cfg.attn_logit_softcap is not None:
+      out_BTNH = _attend_softcapped(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale,
+                                    cfg.attn_logit_softcap)
+    else:
+      impl = attention_implementation(cfg, self.dtype, h, has_cache, length)
+      out_BTNH = _attend(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, impl, has_cache,
+                         auto=cfg.attention_impl is None, scale=scale)
     out_BTD = dense(cfg.hidden_size, cfg.out_bias, "o")(out_BTNH.reshape(batch, length, n * h))
     return out_BTD, cache
 
@@ -191,9 +230,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(x)). Scanned over layers.
+  """Decoder block, scanned over layers: per sublayer f (attention, then MLP),
+  "pre" x + f(norm(x)); "pre_post" x + post_norm(f(norm(x))); "post" x + post_norm(f(x)).
 
   carry = (x_BTD, cache or None); per-layer inputs (layer index, uses-sliding-window flag).
+  rope = (sin, cos), or ((sin, cos) global, (sin, cos) local) when the sliding-window layers
+  have their own table (Gemma 3): the flag picks one.
   """
 
   config: ModelConfig
@@ -207,9 +249,18 @@ class Block(nn.Module):
     full_mask, window_mask = masks
     mask = full_mask if window_mask is None else jnp.where(is_sliding, window_mask, full_mask)
     cfg, dt, pdt = self.config, self.dtype, self.param_dtype
-    h_BTD = make_norm(cfg, dt, pdt, "attn_norm")(x_BTD)
+    if rope is not None and isinstance(rope[0], tuple):
+      (sin_global, cos_global), (sin_local, cos_local) = rope
+      rope = (jnp.where(is_sliding, sin_local, sin_global),
+              jnp.where(is_sliding, cos_local, cos_global))
+    pre = cfg.norm_placement in ("pre", "pre_post")
+    post = cfg.norm_placement in ("pre_post", "post")
+    norm = lambda name: make_norm(cfg, dt, pdt, name)
+    h_BTD = norm("attn_norm")(x_BTD) if pre else x_BTD
     attn_BTD, cache = Attention(cfg, dt, pdt, name="attn")(h_BTD, rope, mask, cache, cache_index,
                                                            layer)
-    x_BTD = x_BTD + attn_BTD
-    x_BTD = x_BTD + MLP(cfg, dt, pdt, name="mlp")(make_norm(cfg, dt, pdt, "mlp_norm")(x_BTD))
+    x_BTD = x_BTD + (norm("post_attn_norm")(attn_BTD) if post else attn_BTD)
+    h_BTD = norm("mlp_norm")(x_BTD) if pre else x_BTD
+    mlp_BTD = MLP(cfg, dt, pdt, name="mlp")(h_BTD)
+    x_BTD = x_BTD + (norm("post_mlp_norm")(mlp_BTD) if post else mlp_BTD)
     return (x_BTD, cache), None

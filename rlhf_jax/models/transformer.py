@@ -8,7 +8,9 @@ with one), D model width, V vocabulary, K key/value heads, H head dim, L layers.
    "layers": {... every leaf with a leading [L] axis ...}, "final_norm": {...},
    "lm_head": {"kernel": [D, V]} (untied models only)}.
 Logits are computed outside the Linen module from `unembedding(params)`, so the reward model
-reuses the same decoder without an lm_head.
+reuses the same decoder without an lm_head; `logits_from_hidden` is that product plus the
+final-logit soft-cap (Gemma 2), the one place logits are made: `apply`, `score_tokens` (through
+`ops.chunked_token_logps(logit_softcap=...)`) and the sampler all apply the same cap.
 
 Attention masking (one boolean [B, 1, T, S] mask): a query in slot i sees slot j iff j <= i,
 the key slot is real (mask 1), and, on sliding-window layers, i - j < window. A query also always
@@ -103,7 +105,11 @@ def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
 
 
 class Decoder(nn.Module):
-  """Embeddings -> L scanned pre-norm blocks -> final norm. Returns (hidden_BTD, cache)."""
+  """Embeddings (times embed_scale) -> L scanned blocks -> final norm. Returns (hidden_BTD, cache).
+
+  Gemma's sqrt(D) embedding scale is cast to the compute dtype before the product, as
+  transformers casts it to the weights' dtype (in bf16, sqrt(3072) becomes 55.5).
+  """
 
   config: ModelConfig
   dtype: Any = jnp.float32  # compute dtype
@@ -117,15 +123,27 @@ class Decoder(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
                      param_dtype=self.param_dtype, embedding_init=init, name="embed")
     x_BTD = embed(input_ids_BT)
+    if cfg.embed_scale != 1.0:
+      x_BTD = x_BTD * jnp.asarray(cfg.embed_scale, x_BTD.dtype)
     rope = None
     if cfg.positions == "learned":
       pos_embed = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype,
                            param_dtype=self.param_dtype, embedding_init=init, name="pos_embed")
       x_BTD = x_BTD + pos_embed(positions_BT)
     else:
-      inv_freq_h = jnp.asarray(rope_inv_freq(cfg))
-      angles_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq_h[None, None]
-      rope = (jnp.sin(angles_BTh), jnp.cos(angles_BTh))
+      def table(local):
+        inv_freq_h = jnp.asarray(rope_inv_freq(cfg, local=local))
+        if cfg.rope_type == "longrope" and not local:
+          # transformers' choice for the whole call: long factors once any position + 1
+          # exceeds the original length (so a KV cache crossing it keeps older short-rotated keys)
+          use_long = jnp.max(positions_BT) + 1 > cfg.rope_original_max_position_embeddings
+          inv_freq_h = jnp.where(use_long, jnp.asarray(rope_inv_freq(cfg, long=True)), inv_freq_h)
+        angles_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq_h[None, None]
+        scale = cfg.rope_attention_factor if cfg.rope_type == "longrope" and not local else 1.0
+        return jnp.sin(angles_BTh) * scale, jnp.cos(angles_BTh) * scale
+      rope = table(False)
+      if cfg.rope_local_theta is not None and any(cfg.layer_is_sliding):
+        rope = (rope, table(True))  # the block picks one by its sliding-window flag
 
     length = input_ids_BT.shape[1]
     start = 0 if cache_index is None else cache_index
@@ -192,6 +210,15 @@ class CausalLM:
       return params["embed"]["embedding"].T
     return params["lm_head"]["kernel"]
 
+  def logits_from_hidden(self, params, hidden_BxD: jax.Array) -> jax.Array:
+    """[..., V] float32 logits of final hidden states [..., D]: hidden·unembedding in the
+    compute dtype with float32 accumulation, then the final-logit soft-cap if the config has one.
+    """
+    unembed_DV = self.unembedding(params).astype(hidden_BxD.dtype)
+    logits = jnp.einsum("...d,dv->...v", hidden_BxD, unembed_DV,
+                        preferred_element_type=jnp.float32)
+    return ops.softcap(logits, self.config.final_logit_softcap)
+
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
     """Zeros [L, B, S, K, H] for k and v; dtype None = compute_dtype if set, else float32."""
     cfg = self.config
@@ -246,11 +273,7 @@ class CausalLM:
     hidden_BTD, new_cache = self._decoder(dtype).apply(
         {"params": decoder_params}, input_ids_BT, positions.astype(jnp.int32), key_mask,
         cache, cache_index, segment_ids)
-    logits = None
-    if compute_logits:
-      unembed_DV = self.unembedding(params).astype(dtype)
-      logits = jnp.einsum("btd,dv->btv", hidden_BTD, unembed_DV,
-                          preferred_element_type=jnp.float32)
+    logits = self.logits_from_hidden(params, hidden_BTD) if compute_logits else None
     return ModelOutput(logits=logits, hidden=hidden_BTD, cache=new_cache)
 
   def _check_position_range(self, num_slots: int) -> None:
@@ -283,7 +306,8 @@ class CausalLM:
     unembed_DV = self.unembedding(params).astype(hidden_BTD.dtype)
     scored = ops.chunked_token_logps(hidden_BTD[:, :-1], unembed_DV, input_ids_BT[:, 1:],
                                      temperature=temperature, chunk_size=chunk_size,
-                                     return_entropy=entropy)
+                                     return_entropy=entropy,
+                                     logit_softcap=self.config.final_logit_softcap)
     mask = attention_mask_BT.astype(jnp.float32)
     if segment_ids is not None:  # a segment's first token is predicted by nothing in it
       mask = mask * (segment_ids == jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)))).astype(

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import transformers
 
+FAMILIES = ["gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2"]
 VOCAB = 128
 PAD_ID = VOCAB - 1  # never drawn as a real token in these batches
 
@@ -19,8 +20,23 @@ _LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                 "original_max_position_embeddings": 8}
 
 
+# Phi-3 longrope at a tiny scale: the switch to the long factors after 8 positions.
+PHI3_LONGROPE = dict(
+    rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                     "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 4.0, 8.0, 16.0],
+                     "original_max_position_embeddings": 8},
+    original_max_position_embeddings=8, max_position_embeddings=32)
+
+
 def hf_config(family: str, **overrides):
-  """The tiny config of a family: 2 layers, width 32, 4 heads (2 KV heads where GQA)."""
+  """The tiny config of a family: 2 layers, width 32, 4 heads (2 KV heads where GQA).
+
+  Each new family's config switches on what sets it apart, at values that move the logits:
+  Qwen3 head_dim 16 != 32 / 4 and untied; Gemma 2 a window of 4 on layer 0 only, query scalar
+  12 != head_dim, soft-caps of 1.0 that bend the scores and the logits; Gemma 3
+  one local (window 4, base 20) and one global layer (base 10000, linear scaling x2); Phi-3
+  fused projections; OLMo 2 post-norms and full-width q/k norms.
+  """
   common = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4,
                 intermediate_size=64, hidden_size=32, pad_token_id=PAD_ID)
   if family == "gpt2":
@@ -33,6 +49,23 @@ def hf_config(family: str, **overrides):
     kwargs = dict(num_key_value_heads=2, tie_word_embeddings=True, **common)
   elif family == "mistral":  # sliding window (4) smaller than the test sequences
     kwargs = dict(num_key_value_heads=2, sliding_window=4, **common)
+  elif family == "qwen3":  # per-head q/k norms, head_dim independent of width / heads, untied
+    kwargs = dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, **common)
+  elif family == "gemma2":
+    kwargs = dict(num_key_value_heads=2, head_dim=8, sliding_window=4, query_pre_attn_scalar=12,
+                  attn_logit_softcapping=1.0, final_logit_softcapping=1.0,
+                  layer_types=["sliding_attention", "full_attention"], **common)
+  elif family == "gemma3_text":
+    kwargs = dict(num_key_value_heads=2, head_dim=8, sliding_window=4, query_pre_attn_scalar=12,
+                  layer_types=["sliding_attention", "full_attention"],
+                  rope_parameters={
+                      "sliding_attention": {"rope_type": "default", "rope_theta": 20.0},
+                      "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                         "rope_theta": 10000.0}}, **common)
+  elif family == "phi3":
+    kwargs = dict(num_key_value_heads=2, bos_token_id=1, eos_token_id=2, **common)
+  elif family == "olmo2":
+    kwargs = dict(num_key_value_heads=2, bos_token_id=1, eos_token_id=2, **common)
   else:
     raise ValueError(family)
   kwargs.update(overrides)

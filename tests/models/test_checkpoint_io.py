@@ -34,8 +34,9 @@ def _assert_same(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-# GPT-2 reads its fused c_attn in column slices ("split3"), Llama its linears transposed.
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+# GPT-2 reads its fused c_attn in column slices ("split3"), Llama its linears transposed, Phi-3
+# row slices of its fused qkv_proj / gate_up_proj ("fused_linear"), Gemma 3 its extra norms.
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3", "gemma3_text"])
 def test_streamed_load_equals_the_plain_load_with_the_mesh_shardings(hf_lm_dirs, family):
   directory = str(hf_lm_dirs[family][1])
   mesh = _mesh()

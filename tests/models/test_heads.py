@@ -25,8 +25,11 @@ def _torch_scores(model, ids, mask):
 
 
 # Llama: llama3 rope, untied; GPT-2: fused c_attn, learned positions; Qwen2: GQA + q/k/v biases;
-# Mistral: sliding window 4 (< the 9-token batches). See hf_reference.hf_config.
-RM_KEYS = (("llama", 1), ("llama", 2), ("gpt2", 1), ("qwen2", 1), ("mistral", 1))
+# Mistral: sliding window 4 (< the 9-token batches); Qwen3, Gemma 2, Gemma 3 (text), Phi-3 and
+# OLMo 2 with their own norms, soft-caps, fused tensors. See hf_reference.hf_config.
+NEW_FAMILIES = ("qwen3", "gemma2", "gemma3_text", "phi3", "olmo2")
+RM_KEYS = (("llama", 1), ("llama", 2), ("gpt2", 1), ("qwen2", 1), ("mistral", 1),
+           *((family, 1) for family in NEW_FAMILIES))
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +56,8 @@ def test_reward_model_import_matches_transformers(reward_models, key):
 
 
 @pytest.mark.parametrize("family,labels", [("llama", 2), ("llama", 1), ("gpt2", 2), ("gpt2", 1),
-                                           ("qwen2", 1), ("mistral", 2)])
+                                           ("qwen2", 1), ("mistral", 2),
+                                           *((family, 2) for family in NEW_FAMILIES)])
 def test_reward_model_export_loads_in_transformers(tmp_path, family, labels, reward_models):
   """Our RM (fresh score head on a causal LM) -> save -> AutoModelForSequenceClassification."""
   torch_model, directory = reward_models[family, 1]

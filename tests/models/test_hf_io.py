@@ -12,13 +12,11 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from hf_reference import forward_logits, hf_config, max_real_diff, padded_batch, torch_logits
+from hf_reference import (FAMILIES, forward_logits, hf_config, max_real_diff, padded_batch,
+                          torch_logits)
 from rlhf_jax.models import (CausalLM, CheckpointError, ModelConfig, UnsupportedModelError,
                              from_pretrained, save_pretrained)
 from rlhf_jax.models import hf_io
-
-FAMILIES = ["gpt2", "llama", "qwen2", "mistral"]
-
 
 def _noisy(params, seed=0):
   """Params with noise on every leaf (norm scales off 1, biases off 0)."""
@@ -197,6 +195,47 @@ def test_unsupported_rope_type_is_named(llama_tensors, tmp_path):
       "original_max_position_embeddings": 64}))
   with pytest.raises(UnsupportedModelError, match=r"rope type.*'yarn'"):
     from_pretrained(str(tmp_path))
+
+
+def test_phi3_fused_tensors_split_and_fuse(hf_lm_dirs):
+  """qkv_proj rows are q (N·H), k (K·H), v (K·H); gate_up_proj rows gate (F) then up (F)."""
+  directory = hf_lm_dirs["phi3"][1]
+  _, params = from_pretrained(str(directory))
+  tensors = load_file(os.path.join(directory, "model.safetensors"))
+  qkv = tensors["model.layers.1.self_attn.qkv_proj.weight"]
+  attn = params["layers"]["attn"]
+  np.testing.assert_array_equal(attn["q"]["kernel"][1], qkv[:32].T)
+  np.testing.assert_array_equal(attn["k"]["kernel"][1], qkv[32:48].T)
+  np.testing.assert_array_equal(attn["v"]["kernel"][1], qkv[48:].T)
+  gate_up = tensors["model.layers.0.mlp.gate_up_proj.weight"]
+  np.testing.assert_array_equal(params["layers"]["mlp"]["gate"]["kernel"][0], gate_up[:64].T)
+  np.testing.assert_array_equal(params["layers"]["mlp"]["up"]["kernel"][0], gate_up[64:].T)
+
+
+def test_unsupported_family_values_are_named():
+  with pytest.raises(UnsupportedModelError, match=r"partial_rotary_factor=0.5"):
+    ModelConfig.from_hf(hf_config("phi3", rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}))
+  with pytest.raises(UnsupportedModelError, match=r"rope_parameters\['rope_type'\]='dynamic'"):
+    ModelConfig.from_hf(hf_config("qwen3", rope_parameters={
+        "rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}))
+  moe = transformers.AutoConfig.for_model("qwen3_moe", vocab_size=128, hidden_size=32,
+                                          num_hidden_layers=2, num_attention_heads=4)
+  with pytest.raises(UnsupportedModelError, match=r"unsupported architecture.*'qwen3_moe'"):
+    ModelConfig.from_hf(moe)
+  with pytest.raises(UnsupportedModelError, match=r"use_bidirectional_attention=True"):
+    ModelConfig.from_hf(hf_config("gemma2", use_bidirectional_attention=True))
+  with pytest.raises(UnsupportedModelError, match=r"attn_logit_softcapping=50.0 for gemma3_text"):
+    ModelConfig.from_hf(hf_config("gemma3_text", attn_logit_softcapping=50.0))
+  local_linear = {"sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10.0},
+                  "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+  with pytest.raises(UnsupportedModelError,
+                     match=r"\['sliding_attention'\]\['rope_type'\]='linear'"):
+    ModelConfig.from_hf(hf_config("gemma3_text", rope_parameters=local_linear))
+  with pytest.raises(UnsupportedModelError, match=r"per-layer-type rope_parameters .*'qwen3'"):
+    ModelConfig.from_hf({**hf_config("qwen3").to_dict(), "rope_parameters": local_linear})
+  with pytest.raises(UnsupportedModelError, match=r"cannot be expressed as a transformers 'olmo2'"):
+    dataclasses.replace(ModelConfig.from_hf(hf_config("olmo2")), qk_norm="head").to_hf()
 
 
 def test_unsupported_field_values_are_named():

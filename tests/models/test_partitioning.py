@@ -71,11 +71,15 @@ def loaded_lms(hf_lm_dirs):
 
 # (2, 2, 2) splits fsdp and tensor at once; one forward per family there. Qwen2 adds the q/k/v
 # bias rules, GPT-2 the fused c_attn (split into q/k/v on import), learned positions and MLP
-# biases, Mistral the sliding window.
+# biases, Mistral the sliding window; Qwen3 / Gemma 3 per-head q/k norms, OLMo 2 full-width
+# q/k norms over a tensor-split projection, Gemma 2 the soft-capped attention, Phi-3 the split
+# fused projections.
 @pytest.mark.parametrize("family,shape,batch_axes", [
     ("llama", (2, 4, 1), ("data", "fsdp")), ("llama", (2, 1, 4), ("data",)),
     ("llama", (2, 2, 2), ("data", "fsdp")), ("qwen2", (2, 2, 2), ("data", "fsdp")),
-    ("gpt2", (2, 2, 2), ("data", "fsdp")), ("mistral", (2, 2, 2), ("data",))])
+    ("gpt2", (2, 2, 2), ("data", "fsdp")), ("mistral", (2, 2, 2), ("data",)),
+    *((family, (2, 2, 2), ("data", "fsdp"))
+      for family in ("qwen3", "gemma2", "gemma3_text", "phi3", "olmo2"))])
 def test_sharded_forward_equals_single_device(loaded_lms, family, shape, batch_axes):
   model, params = loaded_lms[family]
   ids, mask = padded_batch(0, lengths=(10, 9, 8, 7, 6, 5, 4, 3), total=10)

@@ -10,15 +10,12 @@ import torch
 import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from hf_reference import (forward_logits, hf_config, make_hf_model, max_real_diff, padded_batch,
-                          torch_logits)
+from hf_reference import (FAMILIES, PHI3_LONGROPE, forward_logits, hf_config, make_hf_model,
+                          max_real_diff, padded_batch, torch_logits)
 from rlhf_jax import ops
-from rlhf_jax.models import CausalLM, ModelConfig, from_pretrained
+from rlhf_jax.models import CausalLM, ModelConfig, from_pretrained, save_pretrained
 from rlhf_jax.models.config import rope_inv_freq
 from rlhf_jax.models.transformer import positions_from_mask
-
-FAMILIES = ["gpt2", "llama", "qwen2", "mistral"]
-
 
 @pytest.fixture(scope="module")
 def loaded(hf_lm_dirs):
@@ -47,6 +44,59 @@ def test_mistral_sliding_window_is_active(loaded):
                - np.asarray(forward_logits(no_window, params, ids, mask)))
   assert gap[:, :4].max() < 1e-6  # within the window nothing differs
   assert gap[:, 4:].max() > 1e-3
+
+
+# Each family's distinguishing field, switched off, moves the logits well past the 1e-4 parity
+# bar: the parity test above really checks it (it is not a no-op at these tiny sizes).
+@pytest.mark.parametrize("family,field,off", [
+    ("gemma2", "attn_logit_softcap", None), ("gemma2", "final_logit_softcap", None),
+    ("gemma2", "sliding_window", None), ("gemma2", "query_pre_attn_scalar", None),
+    ("gemma2", "embed_scale", 1.0), ("gemma3_text", "rope_local_theta", None),
+    ("gemma3_text", "rope_type", "default"), ("gemma3_text", "sliding_window", None)])
+def test_family_features_are_active(loaded, family, field, off):
+  _, model, params = loaded[family]
+  ids, mask = padded_batch(0, lengths=(10, 7, 3), total=10)
+  changed = CausalLM(dataclasses.replace(model.config, **{field: off}))
+  gap = max_real_diff(forward_logits(model, params, ids, mask),
+                      forward_logits(changed, params, ids, mask), mask)
+  assert gap > 1e-3, (family, field, gap)
+
+
+def test_phi3_longrope_matches_transformers_short_and_long(tmp_path):
+  """longrope: short factors while every position + 1 <= 8 (6 tokens), long ones past it (10),
+  times the attention factor sqrt(1 + ln 4 / ln 8); exported, transformers gives the same."""
+  torch_model = make_hf_model("phi3", tmp_path / "hf", **PHI3_LONGROPE)
+  model, params = from_pretrained(str(tmp_path / "hf"))
+  cfg = model.config
+  assert cfg.rope_type == "longrope" and cfg.rope_factor == 4.0
+  np.testing.assert_allclose(cfg.rope_attention_factor, np.sqrt(1 + np.log(4) / np.log(8)))
+  assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+  save_pretrained(model, params, str(tmp_path / "ours"))
+  exported = transformers.AutoModelForCausalLM.from_pretrained(
+      str(tmp_path / "ours"), attn_implementation="eager").eval()
+  for total, lengths in ((6, (6, 4, 2)), (10, (10, 7, 3))):
+    ids, mask = padded_batch(0, lengths=lengths, total=total)
+    ours = forward_logits(model, params, ids, mask)
+    assert max_real_diff(ours, torch_logits(torch_model, ids, mask), mask) <= 1e-4, total
+    assert max_real_diff(ours, torch_logits(exported, ids, mask), mask) <= 1e-4, total
+  ids, mask = padded_batch(0, lengths=(10, 7, 3), total=10)
+  short = CausalLM(dataclasses.replace(cfg, rope_long_factor=cfg.rope_short_factor))
+  assert max_real_diff(forward_logits(short, params, ids, mask), ours, mask) > 1e-3
+
+
+def test_gemma_layer_patterns_and_rope_tables():
+  """Gemma 2 alternates local/global from layer 0; Gemma 3's default layer_types are 5 local :
+  1 global; its local layers use rope_local_theta, the global ones rope_theta and scaling."""
+  gemma2 = ModelConfig.from_hf(transformers.Gemma2Config(num_hidden_layers=4, head_dim=8))
+  assert gemma2.layer_is_sliding == (True, False, True, False)
+  hf3 = transformers.Gemma3TextConfig(num_hidden_layers=12, head_dim=8, rope_local_base_freq=5.0,
+                                      rope_scaling={"rope_type": "linear", "factor": 8.0})
+  gemma3 = ModelConfig.from_hf(hf3)
+  assert gemma3.layer_is_sliding == ((True,) * 5 + (False,)) * 2
+  assert gemma3.rope_local_theta == 5.0 and gemma3.rope_theta == 1e6
+  np.testing.assert_allclose(rope_inv_freq(gemma3, local=True), 5.0 ** -(np.arange(4) / 4))
+  np.testing.assert_allclose(rope_inv_freq(gemma3), 1e6 ** -(np.arange(4) / 4) / 8, rtol=1e-6)
+  assert ModelConfig.from_hf(gemma3.to_hf()) == gemma3
 
 
 def test_qwen2_mixed_sliding_layers_match_transformers(tmp_path):
@@ -127,9 +177,11 @@ def _reference_token_logps(model, params, ids, mask, temperature):
   return jnp.pad(logps, ((0, 0), (1, 0))) * mask
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_token_logps_equal_log_softmax_of_logits(loaded, temperature):
-  _, model, params = loaded["llama"]
+# Gemma 2: the final-logit soft-cap applies in score_tokens (chunked) as in apply, before the
+# temperature.
+@pytest.mark.parametrize("family,temperature", [("llama", 1.0), ("llama", 0.7), ("gemma2", 0.7)])
+def test_token_logps_equal_log_softmax_of_logits(loaded, family, temperature):
+  _, model, params = loaded[family]
   ids, mask = padded_batch(5, lengths=(9, 6, 2), total=9, side="right")
   # chunk_size 5 over 3·8 tokens: several chunks and a padded last one.
   got = jax.jit(lambda p: model.token_logps(p, ids, mask, temperature=temperature,
