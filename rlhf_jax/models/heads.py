@@ -13,13 +13,14 @@ first pad token minus one, which is wrong for left padding.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.models import hf_io
+from rlhf_jax.models import hf_io, lora
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import CausalLM
 
@@ -63,10 +64,11 @@ class RewardModel:
 
   config: ModelConfig
   num_labels: int = 1
+  lora: Any = None  # LoRA on the backbone: params["backbone"] is a lora.Adapted
 
   @property
   def backbone(self) -> CausalLM:
-    return CausalLM(self.config)
+    return CausalLM(self.config, self.lora)
 
   def init(self, key: jax.Array, dtype=jnp.float32) -> dict:
     backbone_key, score_key = jax.random.split(key)
@@ -145,6 +147,8 @@ def save_pretrained_reward_model(rm: RewardModel, params: dict, out_dir: str, *,
   """
   config = rm.config
   write = jax.process_index() == 0
+  if isinstance(params["backbone"], lora.Adapted):  # LoRA: adapters folded into the kernels
+    params = {**params, "backbone": lora.merged_params(rm.backbone, params["backbone"])}
   if write:
     hf_config = config.to_hf("ForSequenceClassification", num_labels=rm.num_labels)
     hf_config.dtype = hf_io.dtype_string(params, dtype)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import parallel
-from rlhf_jax.models import safetensors_io
+from rlhf_jax.models import lora, safetensors_io
 from rlhf_jax.models.config import ModelConfig, UnsupportedModelError
 from rlhf_jax.models.partitioning import param_partition_specs
 
@@ -512,6 +512,8 @@ def save_pretrained(model, params: dict, out_dir: str, *, dtype=None,
   """
   config = model.config
   write = jax.process_index() == 0
+  if isinstance(params, lora.Adapted):  # LoRA: W + (alpha / r)·A·B, a quantised base dequantised
+    params = lora.merged_params(model, params)
   if write:
     hf_config = config.to_hf("ForCausalLM")
     hf_config.dtype = dtype_string(params, dtype)

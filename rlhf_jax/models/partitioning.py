@@ -35,6 +35,13 @@ _RULES = {
     ("score", "kernel"): (F, None),
     ("value_head", "kernel"): (F, None),
 }
+# LoRA (models/lora.py): A [D_in, r] splits its input like the kernel, B [r, D_out] its output;
+# the rank is never split. A quantised kernel's values (…/kernel/array/qvalue) split like the
+# kernel; its scales are replicated.
+for _module in ("q", "k", "v", "o", "gate", "up", "down"):
+  _in, _out = _RULES[(_module, "kernel")]
+  _RULES[(_module, "kernel_lora_a")] = (_in, None)
+  _RULES[(_module, "kernel_lora_b")] = (None, _out)
 
 
 def param_partition_specs(params_or_shapes: Any, config: ModelConfig | None = None, *,
@@ -51,6 +58,8 @@ def param_partition_specs(params_or_shapes: Any, config: ModelConfig | None = No
     names = [getattr(p, "key", getattr(p, "name", str(p))) for p in path]
     shape = tuple(leaf.shape)
     stacked = "layers" in names
+    if names[-2:] == ["array", "qvalue"]:
+      names = names[:-2]
     rule = _RULES.get(tuple(names[-2:])) if len(names) >= 2 else None
     if rule is None or len(rule) + stacked != len(shape):
       rule = (None,) * (len(shape) - stacked)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from rlhf_jax import ops
 from rlhf_jax.models.config import ModelConfig, dtype_from_name, rope_inv_freq
+from rlhf_jax.models import lora as lora_lib
 from rlhf_jax.models.layers import Block, make_norm
 
 __all__ = ["Decoder", "CausalLM", "KVCache", "ModelOutput", "TokenScores",
@@ -175,16 +176,25 @@ class Decoder(nn.Module):
     return hidden_BTD, None if cache is None else KVCache(*cache_kv)
 
 
+def _merge(tree: dict, extra: dict) -> dict:
+  """tree with extra's leaves added at their paths (the LoRA params beside their kernels)."""
+  out = dict(tree)
+  for key, value in extra.items():
+    out[key] = _merge(tree[key], value) if isinstance(value, dict) else value
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class CausalLM:
   """A causal LM: config + pure functions of a plain params dict. Hashable (jit static arg)."""
 
   config: ModelConfig
+  lora: Any = None  # a models.lora.LoraConfig when the params are lora.Adapted (see lora.py)
 
   def compute_dtype(self, params) -> Any:
     if self.config.compute_dtype is not None:
       return dtype_from_name(self.config.compute_dtype)
-    return params["embed"]["embedding"].dtype
+    return lora_lib.parts(params)[0]["embed"]["embedding"].dtype
 
   def _decoder(self, dtype, param_dtype=jnp.float32) -> Decoder:
     return Decoder(self.config, dtype=dtype, param_dtype=param_dtype)
@@ -206,6 +216,7 @@ class CausalLM:
 
   def unembedding(self, params) -> jax.Array:
     """[D, V]: the lm_head kernel, or the embedding transposed when tied."""
+    params = lora_lib.parts(params)[0]
     if self.config.tie_embeddings:
       return params["embed"]["embedding"].T
     return params["lm_head"]["kernel"]
@@ -269,8 +280,14 @@ class CausalLM:
                                                  jnp.asarray(cache_index, jnp.int32), length, 1)
     chex.assert_shape(positions, (batch, length))
     dtype = self.compute_dtype(params)
-    decoder_params = {k: v for k, v in params.items() if k != "lm_head"}
-    hidden_BTD, new_cache = self._decoder(dtype).apply(
+    base, adapters = lora_lib.parts(params)
+    decoder_params = {k: v for k, v in base.items() if k != "lm_head"}
+    decoder = self._decoder(dtype)
+    if self.lora is not None:
+      decoder = lora_lib.decoder_module(decoder, self.lora, adapters is not None)
+      if adapters is not None:
+        decoder_params = _merge(decoder_params, adapters)
+    hidden_BTD, new_cache = decoder.apply(
         {"params": decoder_params}, input_ids_BT, positions.astype(jnp.int32), key_mask,
         cache, cache_index, segment_ids)
     logits = self.logits_from_hidden(params, hidden_BTD) if compute_logits else None

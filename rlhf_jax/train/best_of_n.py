@@ -75,7 +75,7 @@ def build_task(config: RejectionSamplingConfig) -> loop.Task:
   config = config.resolved()
   run, spec, gen, rc = config.run, config.model, config.generation, config.rounds
   tokenizer = common.load_tokenizer(spec)
-  model, params = common.load_policy(spec, mesh=run.mesh)
+  model, params = common.load_trained_policy(spec, run.seed, mesh=run.mesh)
   records, prompt_length, prompts = common.round_prompts(config.data, tokenizer,
                                                         rc.prompts_per_round, run.seed)
   scorer = rollout_lib.make_scorer(config.reward, tokenizer,

@@ -1,6 +1,7 @@
 """Orbax checkpoints of a train state plus the JSON metadata needed to resume exactly.
 
-Each checkpoint holds the state pytree (params, optimiser state, RNG key, extras) and a JSON item
+Each checkpoint holds the state pytree (params — a LoRA model's adapters only, its frozen base
+being reloaded from the model path —, optimiser state, RNG key, extras) and a JSON item
 with the step, the data position and anything else the loop records. Typed PRNG keys are stored as
 their raw key data and re-wrapped on restore. Saves are asynchronous when orbax can be (the loop
 waits before exiting and before a restore); `keep` bounds how many are kept.
@@ -12,6 +13,8 @@ import pathlib
 
 import jax
 import orbax.checkpoint as ocp
+
+from rlhf_jax.models import lora
 
 __all__ = ["Checkpointer"]
 
@@ -46,6 +49,7 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state, meta: dict):
+    state = lora.detach_bases(state)[0]  # a LoRA base is reloaded from the model, never saved
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(_keys_to_data(state)), meta=ocp.args.JsonSave(meta)))
 
@@ -55,10 +59,12 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _keys_to_data(state_like))
+    like, bases = lora.detach_bases(state_like)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _keys_to_data(like))
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    return _data_to_keys(restored.state, state_like), dict(restored.meta)
+    state = lora.attach_bases(_data_to_keys(restored.state, like), bases)
+    return state, dict(restored.meta)
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -25,6 +25,8 @@ __all__ = [
     "resolve_model_path",
     "load_tokenizer",
     "load_policy",
+    "load_trained_policy",
+    "adapt_reward_model",
     "load_data",
     "load_reference",
     "load_reward_model",
@@ -49,6 +51,8 @@ class ModelSpec:
   remat_policy: str | None = None  # gradient checkpointing per block (see ModelConfig)
   attention_impl: str | None = None  # None: automatic (cuDNN flash attention on GPU when possible)
   logps_chunk_size: int = 512  # tokens per block of the chunked log-prob op
+  # LoRA / QLoRA adapters on the trained model (rank 0: full fine-tuning); see models/lora.py.
+  lora: models.LoraConfig = models.LoraConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +125,31 @@ def load_policy(spec: ModelSpec, path: str | None = None, *, mesh=None):
                                 mesh=_as_mesh(mesh), **overrides)
 
 
+def load_trained_policy(spec: ModelSpec, seed: int, *, mesh=None):
+  """The policy a trainer optimises: `load_policy`, then LoRA adapters (and the quantised base)
+  when `spec.lora.rank` > 0 — params `lora.Adapted(base, adapters)`."""
+  spec.lora.validate()
+  model, params = load_policy(spec, mesh=mesh)
+  if not spec.lora.enabled:
+    return model, params
+  return models.lora.adapt(model, params, spec.lora, _adapter_key(seed))
+
+
+def _adapter_key(seed: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(seed), 0x10AA)
+
+
+def adapt_reward_model(spec: ModelSpec, rm, params, seed: int):
+  """A reward model to train with LoRA: adapters on its backbone, the score head trained in full
+  (PEFT's modules_to_save)."""
+  spec.lora.validate()
+  if not spec.lora.enabled:
+    return rm, params
+  backbone, adapted = models.lora.adapt(rm.backbone, params["backbone"], spec.lora,
+                                        _adapter_key(seed))
+  return dataclasses.replace(rm, lora=backbone.lora), {**params, "backbone": adapted}
+
+
 def _as_mesh(mesh):
   """A jax Mesh from a MeshConfig (or a Mesh as it is; None stays None)."""
   return mesh if mesh is None or isinstance(mesh, jax.sharding.Mesh) else parallel.make_mesh(mesh)
@@ -177,12 +206,16 @@ def load_data(kind: str, spec: DataSpec, tokenizer, seed: int):
 def load_reference(spec: ModelSpec, policy_params, placement: "Placement"):
   """The frozen reference's params on the mesh: `spec.reference_path`, else the initial policy.
 
-  Always a separate copy: the policy's buffers are donated to every step, and a reference that
-  aliased them would be invalidated by the first update. The copy is made on the devices, shard
+  A separate copy for full fine-tuning: the policy's buffers are donated to every step, and a
+  reference that aliased them would be invalidated by the first update. The copy is made on the devices, shard
   by shard (a jitted copy's outputs are new buffers), never through the host.
   """
   if spec.reference_path:
     return placement.params(load_policy(spec, spec.reference_path, mesh=placement.mesh)[1])
+  if isinstance(policy_params, models.lora.Adapted):
+    # LoRA: the base with adapters off, sharing the policy's frozen base buffers (the steps never
+    # donate those; see state.donating_step) — no second copy of the weights.
+    return models.lora.Adapted(placement.params(policy_params.base), None)
   return _copy(placement.params(policy_params))
 
 
@@ -225,6 +258,10 @@ class Placement:
     params = self.params(params)
     shapes = jax.eval_shape(make_state, params, *args)
     shardings = parallel.state_shardings(shapes, params, self.param_specs(params), self.mesh)
+    trainable = models.lora.trainable(params)
+    if trainable is not params:  # LoRA: the optimiser state is shaped like the adapters
+      shardings = shardings.replace(opt_state=parallel.state_shardings(
+          shapes.opt_state, trainable, self.param_specs(trainable), self.mesh))
     return jax.jit(make_state, out_shardings=shardings)(params, *args)
 
   def batch(self, batch: dict) -> dict:
@@ -275,7 +312,7 @@ def load_online(config) -> OnlineSetup:
   the reference, from an online config's model, data and run sections."""
   run, spec = config.run, config.model
   tokenizer = load_tokenizer(spec)
-  model, params = load_policy(spec, mesh=run.mesh)
+  model, params = load_trained_policy(spec, run.seed, mesh=run.mesh)
   records, eval_records, _ = load_data("prompt", config.data, tokenizer, run.seed)
   stream = make_stream(records, config.data, run.batch_size, tokenizer.pad_token_id, run.seed)
   placement = make_placement(run.mesh, model.config)

@@ -23,7 +23,6 @@ online config asks for (`policy_evaluator`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import jax
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 
 from rlhf_jax import ops, rollout as rollout_lib
 from rlhf_jax.eval import policy_eval
+from rlhf_jax.train.state import donating_step, trainable_value_and_grad
 
 __all__ = ["OnlineAlgorithm", "make_update", "make_online_step", "policy_scores",
            "shuffled_minibatches", "rollout_metrics", "policy_evaluator"]
@@ -83,7 +83,7 @@ def make_update(algorithm: OnlineAlgorithm, *, epochs: int, minibatches: int):
   """update(state, ref_params, rollout, scores, key) -> (state, metrics): prepare, then epochs x
   minibatches of the loss in a `lax.scan`, then finish; jitted with the old state donated."""
 
-  @functools.partial(jax.jit, donate_argnums=0)
+  @donating_step
   def update(state, ref_params, rollout, scores, key):
     prepared, rollout_stats = algorithm.prepare(state, ref_params, rollout, scores)
     prepared = jax.lax.stop_gradient(prepared)
@@ -92,7 +92,7 @@ def make_update(algorithm: OnlineAlgorithm, *, epochs: int, minibatches: int):
     def one_minibatch(state, rows):
       take = lambda x: jnp.take(x, rows, axis=0)
       batch_rollout, batch_prepared = jax.tree.map(take, (rollout, prepared))
-      (value, metrics), grads = jax.value_and_grad(algorithm.loss, has_aux=True)(
+      (value, metrics), grads = trainable_value_and_grad(algorithm.loss)(
           state.params, batch_rollout, batch_prepared)
       return state.apply_gradients(grads), {**metrics, "loss": value}
 

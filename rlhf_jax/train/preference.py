@@ -167,7 +167,7 @@ def build_task(config: PreferenceConfig) -> loop.Task:
   run, spec = config.run, config.model
   entry = config.loss.entry()
   tokenizer = common.load_tokenizer(spec)
-  model, params = common.load_policy(spec, mesh=run.mesh)
+  model, params = common.load_trained_policy(spec, run.seed, mesh=run.mesh)
   train_records, eval_records, _ = common.load_data("pair", config.data, tokenizer, run.seed)
   pad, chunk = tokenizer.pad_token_id, spec.logps_chunk_size
   train = common.make_stream(train_records, config.data, run.batch_size, pad, run.seed)
@@ -284,7 +284,7 @@ def build_kto_task(config: KTOConfig) -> loop.Task:
   if run.batch_size < 2:
     raise ValueError("KTO needs run.batch_size >= 2 to form mismatched pairs for its KL estimate")
   tokenizer = common.load_tokenizer(spec)
-  model, params = common.load_policy(spec, mesh=run.mesh)
+  model, params = common.load_trained_policy(spec, run.seed, mesh=run.mesh)
   train_records, eval_records, _ = common.load_data("unpaired", config.data, tokenizer, run.seed)
   labels = np.array([r.label for r in train_records])
   log.info("KTO data: %d desirable, %d undesirable rows", labels.sum(), (~labels).sum())

@@ -115,7 +115,9 @@ def build_task(config: RewardConfig) -> loop.Task:
   config.validate()
   run = config.run
   tokenizer = common.load_tokenizer(config.model)
-  rm, params = load_reward_model(config.model, config.loss.num_heads, run.seed, run.mesh)
+  rm, params = common.adapt_reward_model(
+      config.model, *load_reward_model(config.model, config.loss.num_heads, run.seed, run.mesh),
+      run.seed)
   kind = "pair" if config.loss.objective == "bradley_terry" else "ranked"
   train_records, eval_records, _ = common.load_data(kind, config.data, tokenizer, run.seed)
   too_high = [r.objective for r in train_records + eval_records

@@ -88,7 +88,7 @@ def build_task(config: SFTConfig) -> loop.Task:
   config.validate()
   run = config.run
   tokenizer = common.load_tokenizer(config.model)
-  model, params = common.load_policy(config.model, mesh=run.mesh)
+  model, params = common.load_trained_policy(config.model, run.seed, mesh=run.mesh)
   train_records, eval_records, _ = common.load_data("sft", config.data, tokenizer, run.seed)
   pad = tokenizer.pad_token_id
   if config.data.packing:

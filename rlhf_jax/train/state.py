@@ -8,6 +8,7 @@ KL controller, a running reward mean, ...). Frozen reference parameters never li
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.struct
@@ -15,7 +16,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["TrainState", "OptimizerConfig", "make_optimizer", "make_schedule"]
+from rlhf_jax.models import lora
+
+__all__ = ["TrainState", "OptimizerConfig", "make_optimizer", "make_schedule",
+           "trainable_value_and_grad", "donating_step"]
 
 
 @flax.struct.dataclass
@@ -29,16 +33,52 @@ class TrainState:
 
   @classmethod
   def create(cls, params, tx: optax.GradientTransformation, rng, extra=None) -> "TrainState":
-    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
-               extra=extra, tx=tx)
+    """The optimiser state covers the trainable part only (`lora.split`: adapters and heads of
+    a LoRA model, everything otherwise)."""
+    return cls(step=jnp.zeros((), jnp.int32), params=params,
+               opt_state=tx.init(lora.trainable(params)), rng=rng, extra=extra, tx=tx)
 
   def apply_gradients(self, grads, **changes) -> "TrainState":
-    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
-    params = optax.apply_updates(self.params, updates)
+    """grads: of the trainable part (what `trainable_value_and_grad` differentiates)."""
+    trainable, join = lora.split(self.params)
+    updates, opt_state = self.tx.update(grads, self.opt_state, trainable)
+    params = join(optax.apply_updates(trainable, updates))
     return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **changes)
 
   def step_key(self) -> jax.Array:
     return jax.random.fold_in(self.rng, self.step)
+
+
+def trainable_value_and_grad(loss_fn):
+  """value_and_grad(loss_fn, has_aux=True) w.r.t. the trainable part of its first argument
+  (`lora.split`): frozen LoRA bases get no gradient, not even zeros."""
+  def fn(params, *args):
+    trainable, join = lora.split(params)
+    return jax.value_and_grad(lambda t: loss_fn(join(t), *args), has_aux=True)(trainable)
+  return fn
+
+
+def donating_step(fn):
+  """jit(fn) with the state (first argument) donated — except the frozen LoRA bases in it, which
+  go in as a separate undonated argument: the reference (`Adapted(base, None)`) shares those
+  buffers, and donating them would invalidate it. Without LoRA: jit(fn, donate_argnums=0)."""
+  @functools.partial(jax.jit, donate_argnums=0)
+  def inner(state, bases, *args):
+    new_state, out = fn(lora.attach_bases(state, bases), *args)
+    return lora.detach_bases(new_state)[0], out
+
+  @functools.wraps(fn)
+  def step(state, *args):
+    detached, bases = lora.detach_bases(state)
+    new_state, out = inner(detached, bases, *args)
+    return lora.attach_bases(new_state, bases), out
+
+  def lower(state, *args):
+    detached, bases = lora.detach_bases(state)
+    return inner.lower(detached, bases, *args)
+
+  step.lower = lower  # for memory analysis; step.__wrapped__ is fn itself
+  return step
 
 
 @dataclasses.dataclass(frozen=True)

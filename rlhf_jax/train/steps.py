@@ -9,11 +9,12 @@ into the compiled program.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
 import optax
+
+from rlhf_jax.train.state import donating_step, trainable_value_and_grad
 
 __all__ = ["make_train_step", "make_eval_step", "bind"]
 
@@ -22,10 +23,9 @@ def make_train_step(loss_fn: Callable, schedule: optax.Schedule | None = None,
                     grad_accumulation: int = 1):
   """value_and_grad + optimiser update, with grad norm and learning rate in the metrics."""
 
-  @functools.partial(jax.jit, donate_argnums=0)
+  @donating_step
   def step(state, batch, *frozen):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, *frozen)
+    (loss, metrics), grads = trainable_value_and_grad(loss_fn)(state.params, batch, *frozen)
     new_state = state.apply_gradients(grads)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
     if schedule is not None:
