@@ -2,8 +2,8 @@
 
 The experiment's config names its trainer; the CLI applies overrides, prints the final config,
 and calls the trainer. Trainers are looked up by import path so `--help` stays instant.
-`python -m rlhf_jax export RUN_DIR OUT_DIR [--step N]` writes a run's checkpoint as a Hugging
-Face directory.
+`python -m rlhf_jax export RUN_DIR OUT_DIR [--step N] [--adapters]` writes a run's checkpoint as
+a Hugging Face directory (a LoRA run merged, or as PEFT adapters).
 """
 
 from __future__ import annotations
@@ -61,6 +61,9 @@ def _parser():
   export.add_argument("out_dir", help="where to write config.json, safetensors and tokenizer")
   export.add_argument("--step", type=int, default=None,
                       help="the checkpoint step to export (default: the latest)")
+  export.add_argument("--adapters", action="store_true",
+                      help="a LoRA run: write PEFT adapters (adapter_config.json + "
+                           "adapter_model.safetensors) instead of the merged model")
   for command in (run, export):
     _launch_arguments(command)
   return parser
@@ -110,7 +113,8 @@ def _export(args) -> int:
   if not _launch(args):
     return 2
   try:
-    step = export.export_run(args.run_dir, args.out_dir, step=args.step)
+    step = export.export_run(args.run_dir, args.out_dir, step=args.step,
+                            adapters=args.adapters)
   except export.ExportError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2

@@ -256,13 +256,17 @@ class Placement:
   def state(self, make_state: Callable[..., TrainState], params, *args):
     """Builds a train state from (sharded) params with every leaf placed by the partition rules."""
     params = self.params(params)
+    # LoRA: the frozen bases stay out of the jitted build (its outputs would be new buffers) and
+    # go into the state as placed, the very buffers `load_reference` shares.
+    params, bases = models.lora.detach_bases(params)
     shapes = jax.eval_shape(make_state, params, *args)
     shardings = parallel.state_shardings(shapes, params, self.param_specs(params), self.mesh)
     trainable = models.lora.trainable(params)
-    if trainable is not params:  # LoRA: the optimiser state is shaped like the adapters
+    if bases:  # the optimiser state is shaped like the adapters
       shardings = shardings.replace(opt_state=parallel.state_shardings(
           shapes.opt_state, trainable, self.param_specs(trainable), self.mesh))
-    return jax.jit(make_state, out_shardings=shardings)(params, *args)
+    state = jax.jit(make_state, out_shardings=shardings)(params, *args)
+    return models.lora.attach_bases(state, bases)
 
   def batch(self, batch: dict) -> dict:
     return parallel.shard_batch(batch, self.mesh)
@@ -284,12 +288,20 @@ def export_causal_lm(model, tokenizer, params_of=lambda state: state.params):
   """An export hook: the policy as a Hugging Face checkpoint, with its tokenizer.
 
   Streams: every process joins the gather of one tensor at a time and process 0 writes it, so
-  the whole model is never in host memory.
+  the whole model is never in host memory. A LoRA policy is written merged (W + (alpha/r)·A·B);
+  with adapters=True, as PEFT adapters (adapter_config.json + adapter_model.safetensors) on the
+  base it was trained from instead.
   """
-  def export(state, out_dir):
-    models.save_pretrained(model, params_of(state), out_dir)
+  def export(state, out_dir, adapters: bool = False):
+    params = params_of(state)
+    if adapters:
+      models.lora.save_peft(model, params, out_dir,
+                            base_model_name_or_path=getattr(tokenizer, "name_or_path", None))
+    else:
+      models.save_pretrained(model, params, out_dir)
     if parallel.is_main_process():
       tokenizer.save_pretrained(out_dir)
+  export.lora = model.lora  # what `export --adapters` checks
   return export
 
 

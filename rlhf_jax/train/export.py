@@ -58,8 +58,10 @@ def _load_config(run_dir: pathlib.Path):
 
 
 def export_run(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *,
-               step: int | None = None) -> int:
-  """Writes the run's checkpoint at `step` (None: the latest) to `out_dir`; returns the step."""
+               step: int | None = None, adapters: bool = False) -> int:
+  """Writes the run's checkpoint at `step` (None: the latest) to `out_dir`; returns the step.
+
+  A LoRA run is written merged; adapters=True writes its PEFT adapters instead."""
   from rlhf_jax.train.checkpoint import Checkpointer  # deferred: jax and orbax
 
   run_dir = pathlib.Path(run_dir)
@@ -77,8 +79,14 @@ def export_run(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *,
     task = build_task(config)
     if task.export is None:
       raise ExportError(f"{run_dir}: trainer {config.trainer!r} defines no export")
+    if adapters and getattr(task.export, "lora", None) is None:
+      raise ExportError(f"--adapters: {run_dir} trained no LoRA adapters on a causal LM "
+                        f"(model.lora.rank=0, or a reward model, which exports merged)")
     state, _ = checkpoints.restore(task.init_state(), step)
   finally:
     checkpoints.close()
-  task.export(state, str(out_dir))
+  if adapters:
+    task.export(state, str(out_dir), adapters=True)
+  else:
+    task.export(state, str(out_dir))
   return step
