@@ -40,6 +40,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from rlhf_jax import parallel
+from rlhf_jax.config import ConfigError
+from rlhf_jax.errors import UserError
 from rlhf_jax.parallel import MeshConfig
 from rlhf_jax.train.checkpoint import Checkpointer
 
@@ -88,8 +90,10 @@ class Task:
   config: dict = dataclasses.field(default_factory=dict)  # the experiment config, for the run dir
 
 
-class TrainingDivergedError(RuntimeError):
-  """A step produced a non-finite metric; the run stopped before saving that state."""
+class TrainingDivergedError(UserError, RuntimeError):
+  """A step produced a non-finite metric (or tripped an alarm, with run.stop_on_alarm); the run
+  stopped before saving that state. A RuntimeError as it always was, and a UserError so the CLI
+  reports it in one line."""
 
 
 class MetricsWriter:
@@ -203,14 +207,14 @@ def _check_resumable(meta: dict, current: dict, run: RunConfig, directory):
   saved = meta.get("config")
   for section in _RESUME_MUST_MATCH if saved else ():
     if section in current and saved.get(section) != current.get(section):
-      raise ValueError(
+      raise ConfigError(
           f"{directory} holds checkpoints of a run whose '{section}' config differs from this "
           f"one ({saved.get(section)} vs {current.get(section)}); use a new run.output_dir, or "
           "run.resume=false with run.overwrite=true to start over there")
   step = meta.get("step")
   for name, why in _RUN_MUST_MATCH.items():
     if name in meta and meta[name] != getattr(run, name):
-      raise ValueError(
+      raise ConfigError(
           f"cannot resume the checkpoint at step {step} in {directory}: it was written with "
           f"run.{name}={meta[name]}, this run has run.{name}={getattr(run, name)} ({why} depends "
           f"on it). Set run.{name}={meta[name]} to resume, use a new run.output_dir, or "
@@ -220,7 +224,7 @@ def _check_resumable(meta: dict, current: dict, run: RunConfig, directory):
 def _open_checkpoints(run: RunConfig, directory: pathlib.Path) -> Checkpointer:
   """The run's Checkpointer; when not resuming, old checkpoints are refused (overwrite: deleted)."""
   if run.overwrite and run.resume:
-    raise ValueError("run.overwrite=true deletes the checkpoints in run.output_dir and starts "
+    raise ConfigError("run.overwrite=true deletes the checkpoints in run.output_dir and starts "
                      "over, which contradicts run.resume=true; set run.resume=false with it")
   checkpoints = Checkpointer(directory, keep=run.keep_checkpoints,
                              async_save=run.async_checkpoint)
@@ -229,7 +233,7 @@ def _open_checkpoints(run: RunConfig, directory: pathlib.Path) -> Checkpointer:
     return checkpoints
   if not run.overwrite:
     checkpoints.close()
-    raise ValueError(
+    raise ConfigError(
         f"{checkpoints.directory} already holds checkpoints at steps {sorted(steps)} and "
         "run.resume=false: this run would write none at or below step "
         f"{max(steps)} and a later resume would restore the old run. Set run.resume=true to "
