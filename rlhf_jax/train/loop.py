@@ -12,7 +12,9 @@ A run directory holds one run: with `run.resume=false` the loop refuses a direct
 holds checkpoints (orbax would skip every save at or below their latest step, so the new run would
 write none and a later resume would restore the old run) unless `run.overwrite=true` deletes them.
 Resuming checks that the checkpoint was written with the same `seed` and `batch_size` (the data
-order) and `steps` (the learning-rate schedule).
+order) and `steps` (the learning-rate schedule). It takes the newest intact checkpoint: a damaged
+one (truncated files, empty metadata, a step left half-written) is logged with why and moved
+aside, and none intact is a CheckpointError naming the directory (train/checkpoint.py).
 
 Order at a step that checkpoints: the checkpoint is written first, then the evaluation; at the
 end, the final checkpoint is on disk before the export and the final evaluation, so neither can
@@ -254,9 +256,12 @@ def run_loop(task: Task, run: RunConfig) -> dict:
   try:
     state = task.init_state()
     start = 0
-    if run.resume and checkpoints.latest_step() is not None:
-      state, meta = checkpoints.restore(state)
-      _check_resumable(meta, task.config, run, out)
+    # The newest intact checkpoint: damaged ones are logged and set aside (checkpoint.py).
+    restored = checkpoints.restore_intact(
+        state, check=lambda meta: _check_resumable(meta, task.config, run, out)) if (
+            run.resume) else None
+    if restored is not None:
+      state, meta = restored
       start = int(meta["step"])
       log.info("resumed from %s at step %d", checkpoints.directory, start)
   except BaseException:
