@@ -26,7 +26,9 @@ Metrics go to output_dir/metrics.jsonl every step, and a compact line goes to st
 
 NaN guard: metrics are checked on the host after every step; a non-finite value stops the run with
 an error naming the step and the metric, before the bad state can be checkpointed, so the last
-checkpoint on disk is the last good one.
+checkpoint on disk is the last good one. Divergence alarms (train/alarms.py: grad_norm stuck at 0,
+a loss that never moves, a grad_norm blowing up) warn naming the metric and step, and stop the
+run the same way with `run.stop_on_alarm=true`.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from rlhf_jax import parallel
 from rlhf_jax.config import ConfigError
 from rlhf_jax.errors import UserError
 from rlhf_jax.parallel import MeshConfig
+from rlhf_jax.train.alarms import Alarms
 from rlhf_jax.train.checkpoint import Checkpointer
 
 __all__ = ["RunConfig", "Task", "TrainingDivergedError", "MetricsWriter", "run_loop"]
@@ -72,6 +75,12 @@ class RunConfig:
   tensorboard: bool = False  # needs the `tensorboard` extra
   wandb_project: str | None = None  # needs the `wandb` extra
   export: bool = True  # write a Hugging Face checkpoint of the final model to output_dir/hf
+  # Divergence alarms (train/alarms.py): grad_norm exactly 0, or the loss at its first value,
+  # for alarm_steps consecutive steps (0: off); grad_norm over alarm_grad_growth x its first
+  # value (0: off). A warning naming the metric and step; with stop_on_alarm, the run stops.
+  alarm_steps: int = 10
+  alarm_grad_growth: float = 1e3
+  stop_on_alarm: bool = False
 
 
 @dataclasses.dataclass
@@ -165,18 +174,31 @@ def _scalar(value):
   return value.item() if value.size == 1 else value.tolist()
 
 
+def _last_good(checkpoints: Checkpointer) -> str:
+  checkpoints.wait()
+  last = checkpoints.latest_step()
+  return (f"the last good checkpoint is step {last} in {checkpoints.directory}" if last
+          is not None else "no checkpoint was written before it")
+
+
 def _check_finite(step: int, metrics: dict, checkpoints: Checkpointer):
   # host: metrics come through parallel.host_get
   bad = {k: v for k, v in metrics.items() if not np.all(np.isfinite(np.asarray(v, np.float64)))}
   if bad:
-    checkpoints.wait()
-    last = checkpoints.latest_step()
-    where = (f"the last good checkpoint is step {last} in {checkpoints.directory}" if last
-             is not None else "no checkpoint was written before it")
     raise TrainingDivergedError(
         f"step {step}: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; stopped "
-        f"without saving this state ({where}). Lower the learning rate or check the data, then "
-        "rerun to resume from that checkpoint.")
+        f"without saving this state ({_last_good(checkpoints)}). Lower the learning rate or "
+        "check the data, then rerun to resume from that checkpoint.")
+
+
+def _check_alarms(step: int, metrics: dict, alarms: Alarms, run: RunConfig,
+                  checkpoints: Checkpointer):
+  for message in alarms.check(step, metrics):
+    if run.stop_on_alarm:
+      raise TrainingDivergedError(
+          f"{message}; stopped by run.stop_on_alarm=true without saving this state "
+          f"({_last_good(checkpoints)})")
+    log.warning("%s; run.stop_on_alarm=true would stop the run here", message)
 
 
 def evaluate(task: Task, state) -> dict:
@@ -287,6 +309,7 @@ def run_loop(task: Task, run: RunConfig) -> dict:
              dynamic_ncols=True)
   last_metrics, eval_metrics = {}, {}
   evaluates = task.eval_step is not None or bool(task.evaluators)
+  alarms = Alarms(run.alarm_steps, run.alarm_grad_growth)
   window_tokens, window_start = 0, time.perf_counter()
   try:
     if evaluates and 0 < start < task.num_steps and run.eval_every and start % run.eval_every == 0:
@@ -298,6 +321,7 @@ def run_loop(task: Task, run: RunConfig) -> dict:
       state, metrics = task.train_step(state, task.put(batch))
       metrics = parallel.host_get(metrics)
       _check_finite(step + 1, metrics, checkpoints)
+      _check_alarms(step + 1, metrics, alarms, run, checkpoints)
       last_metrics = {k: _scalar(v) for k, v in metrics.items()}
       writer.write(step + 1, "train", last_metrics)
       bar.update(1)
