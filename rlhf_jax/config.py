@@ -24,6 +24,7 @@ from rlhf_jax.errors import UserError
 
 __all__ = [
     "ConfigError",
+    "require",
     "apply_overrides",
     "config_keys",
     "load_experiment",
@@ -34,6 +35,13 @@ __all__ = [
 
 class ConfigError(UserError):
   """A config that cannot be what the user meant: unknown key, bad value, bad experiment file."""
+
+
+def require(ok: bool, key: str, expected: str, value):
+  """The one range check of config values, for `validate()` methods: a ConfigError
+  '<key>: expected <expected>, got <value>' unless `ok`."""
+  if not ok:
+    raise ConfigError(f"expected {expected}, got {value!r}", where=key)
 
 
 def config_keys(config) -> list[str]:
@@ -188,6 +196,8 @@ def apply_overrides(config, overrides: typing.Iterable[str]):
   if callable(validate := getattr(config, "validate", None)):
     try:
       validate()
+    except UserError:
+      raise
     except ValueError as err:
       raise ConfigError(str(err)) from err
   return config

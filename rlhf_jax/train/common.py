@@ -74,6 +74,22 @@ class DataSpec:
   chat: bool = False
   system_prompt: str | None = None
 
+  def validate(self):
+    """Ranges, and buckets against max_length, before anything is loaded."""
+    from rlhf_jax.config import require  # noqa: PLC0415 — config imports nothing of train
+    require(self.max_length >= 1, "data.max_length", "an integer >= 1", self.max_length)
+    require(0 <= self.eval_fraction < 1, "data.eval_fraction",
+            "a fraction in [0, 1) (0: no held-out evaluation)", self.eval_fraction)
+    if self.buckets:
+      ordered = all(a < b for a, b in zip(self.buckets, self.buckets[1:]))
+      require(ordered and self.buckets[0] >= 1 and self.buckets[-1] == self.max_length,
+              "data.buckets", f"increasing lengths ending at data.max_length={self.max_length} "
+              "(rows are cut to max_length, and each batch is padded to the first bucket that "
+              "holds its longest row)", self.buckets)
+    require(self.max_prompt_length is None or 1 <= self.max_prompt_length <= self.max_length,
+            "data.max_prompt_length", f"None or a length in [1, data.max_length="
+            f"{self.max_length}]", self.max_prompt_length)
+
   def prompt_options(self) -> dict:
     return {"prompt_column": self.prompt_column, "chat": self.chat,
             "system_prompt": self.system_prompt}
@@ -153,6 +169,7 @@ def load_reward_model(path: str, spec: ModelSpec, num_heads: int = 1, seed: int 
 
 def load_data(kind: str, spec: DataSpec, tokenizer, seed: int):
   """(train_records, eval_records, stats): tokenised, with a seeded hold-out when no eval set."""
+  spec.validate()  # before anything is read
   config = data_lib.TokenizeConfig(spec.max_length, spec.max_prompt_length, spec.on_overflow)
   options = spec.prompt_options() if kind == "prompt" else None
   records, stats = data_lib.prepare(kind, spec.train, tokenizer, config,

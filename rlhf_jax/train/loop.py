@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from rlhf_jax import parallel
-from rlhf_jax.config import ConfigError
+from rlhf_jax.config import ConfigError, require
 from rlhf_jax.errors import UserError
 from rlhf_jax.parallel import MeshConfig
 from rlhf_jax.train.alarms import Alarms
@@ -81,6 +81,20 @@ class RunConfig:
   alarm_steps: int = 10
   alarm_grad_growth: float = 1e3
   stop_on_alarm: bool = False
+
+  def validate(self, *, steps: bool = True):
+    """Ranges of the run settings (`steps=False`: trainers whose rounds set run.steps)."""
+    if steps:
+      require(self.steps >= 1, "run.steps", "an integer >= 1", self.steps)
+    require(self.batch_size >= 1, "run.batch_size", "an integer >= 1", self.batch_size)
+    require(self.log_every >= 1, "run.log_every", "an integer >= 1", self.log_every)
+    for name in ("eval_every", "checkpoint_every", "alarm_steps"):
+      value = getattr(self, name)
+      require(value >= 0, f"run.{name}", "an integer >= 0 (0: off)", value)
+    require(self.keep_checkpoints >= 1, "run.keep_checkpoints", "an integer >= 1",
+            self.keep_checkpoints)
+    require(self.alarm_grad_growth == 0 or self.alarm_grad_growth > 1, "run.alarm_grad_growth",
+            "0 (off) or a factor > 1", self.alarm_grad_growth)
 
 
 @dataclasses.dataclass
