@@ -147,3 +147,20 @@ def test_a_bad_data_row_names_the_file_line_and_field(tmp_path):
   line = _one_error_line(result)
   assert line == ("error: data.jsonl, line 4, field 'completion': missing (expected a string or "
                   "a list of {role, content} messages)")
+
+
+def test_a_missing_data_file_is_one_line(tmp_path):
+  model_dir = embedded.ensure_assets(tmp_path / "model", **TINY)
+  result = subprocess.run(
+      [sys.executable, "-m", "rlhf_jax", "run", str(EXPERIMENTS / "sft.py"),
+       "--set", "data.train=missing.jsonl", "--set", f"model.path={model_dir}",
+       "--set", f"run.output_dir={tmp_path / 'run'}"], capture_output=True, text=True,
+      cwd=tmp_path, timeout=600)
+  assert _one_error_line(result) == "error: missing.jsonl: the data file does not exist"
+
+
+def test_a_missing_model_directory_is_one_line(tmp_path):
+  result = _cli("run", str(EXPERIMENTS / "sft.py"), "--set", "model.path=runs/absent/hf",
+                "--set", f"run.output_dir={tmp_path / 'run'}", cwd=tmp_path)
+  assert _one_error_line(result) == ("error: runs/absent/hf: expected a model directory, got "
+                                     "nothing at that path")

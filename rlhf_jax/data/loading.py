@@ -133,12 +133,12 @@ def load_rows(source: Any, *, split: str = "train", kind: str | None = None, num
   if path.is_dir() and (path / "dataset_dict.json").exists():  # a saved DatasetDict: pick the split
     splits = datasets.load_from_disk(str(path))
     if split not in splits:
-      raise ValueError(f"{source!r} has splits {sorted(splits)}, not {split!r} "
-                       "(set data.split / data.eval_split)")
+      raise formats.DataError(source, None, None, f"has splits {sorted(splits)}, not {split!r} "
+                              "(set data.split / data.eval_split)")
     return splits[split], f"{source}[{split}]"
   if path.suffix in _FILE_BUILDERS:
     if not path.exists():
-      raise FileNotFoundError(f"data file {source!r} does not exist")
+      raise formats.DataError(source, None, None, "the data file does not exist")
     try:
       return datasets.load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path),
                                    split="train"), source
@@ -147,9 +147,14 @@ def load_rows(source: Any, *, split: str = "train", kind: str | None = None, num
         _locate_json_error(path, err)
       raise formats.DataError(source, None, None, f"datasets could not load it: {err}") from err
   if path.exists():
-    raise ValueError(f"{source!r}: unsupported data file type {path.suffix!r}; use one of "
-                     f"{sorted(_FILE_BUILDERS)} or a saved Dataset directory")
-  return datasets.load_dataset(source, subset, split=split), source  # a hub id
+    raise formats.DataError(source, None, None, f"unsupported data file type {path.suffix!r}; "
+                            f"use one of {sorted(_FILE_BUILDERS)} or a saved Dataset directory")
+  try:
+    return datasets.load_dataset(source, subset, split=split), source  # a hub id
+  except (FileNotFoundError, ConnectionError) as err:  # DatasetNotFoundError; offline
+    raise formats.DataError(source, None, None, "expected a local data file, a saved Dataset "
+                            "directory or a hub dataset id that can be reached, got none of them "
+                            f"({type(err).__name__}: {err})") from err
 
 
 def _synthetic_rows(source: str, kind: str | None, num_rows):
@@ -168,7 +173,8 @@ def _synthetic_rows(source: str, kind: str | None, num_rows):
             "prompt": task.prompt_rows, "arith_sft": arith.sft_rows,
             "arith_prompt": arith.prompt_rows, "arith_eval": arith.eval_rows}
   if which not in makers:
-    raise ValueError(f"{source!r}: synthetic kind must be one of {sorted(makers)}")
+    raise formats.DataError(source, None, None, f"expected a synthetic kind in {sorted(makers)}, "
+                            f"got {which!r}")
   return datasets.Dataset.from_list(makers[which](n))
 
 

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import data as data_lib
-from rlhf_jax import models, parallel
+from rlhf_jax import errors, models, parallel
+from rlhf_jax.errors import CheckpointError
 from rlhf_jax.train.state import TrainState
 
 __all__ = [
@@ -103,6 +104,9 @@ def resolve_model_path(path: str) -> str:
   """A loadable directory or hub id; "synthetic:tiny[:seed]" (the review task) and
   "synthetic:arith[:seed]" (the arithmetic task) assets are generated on first use."""
   if not path.startswith("synthetic:"):
+    local = path.startswith(("/", ".", "~")) or path.count("/") > 1  # a hub id is "org/name"
+    if local and not pathlib.Path(path).expanduser().exists():
+      raise CheckpointError("expected a model directory, got nothing at that path", where=path)
     return path
   parts = path.split(":")
   tasks = {"tiny": "review", "arith": "arith"}
@@ -117,7 +121,12 @@ def resolve_model_path(path: str) -> str:
 
 def load_tokenizer(spec: ModelSpec):
   from transformers import AutoTokenizer
-  tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec.tokenizer or spec.path))
+  path = resolve_model_path(spec.tokenizer or spec.path)
+  try:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+  except OSError as err:  # transformers' "not a local folder and not a valid model identifier"
+    raise CheckpointError(f"expected a model directory or hub id with a tokenizer, got none "
+                          f"({errors.one_line(err)})", where=str(path)) from err
   if tokenizer.pad_token_id is None:
     # Pad tokens are masked everywhere, so any id works; EOS is the usual choice.
     tokenizer.pad_token = tokenizer.eos_token
