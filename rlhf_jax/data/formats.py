@@ -57,7 +57,8 @@ class DataError(UserError):
   """A row that cannot become an example: says where (source, row, field) and what was expected.
 
   `row` is the 0-based index of the row in its dataset; `line`, for line-based files (JSON
-  Lines), is the 1-based line of the file that holds it, and replaces the row in the message:
+  Lines, CSV), is the 1-based line of the file where it starts, and replaces the row in the
+  message:
   "data.jsonl, line 3, field 'chosen': ...".
   """
 

@@ -14,7 +14,9 @@ row (naming the row and field) rather than text to train on.
 from __future__ import annotations
 
 import collections
+import csv
 import dataclasses
+import io
 import json
 import logging
 import pathlib
@@ -55,11 +57,26 @@ def _json_lines(text: str) -> list[tuple[int, str]] | None:
   return [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
+def _csv_lines(text: str) -> list[int]:
+  """The 1-based line on which each CSV row starts, after the header (empty lines hold no row,
+  as for datasets' CSV reader; a quoted cell may span lines)."""
+  reader = csv.reader(io.StringIO(text))
+  starts, end = [], 0
+  for record in reader:
+    start, end = end + 1, reader.line_num
+    if record:
+      starts.append(start)
+  return starts[1:]  # the first is the header
+
+
 def _row_lines(name: str) -> list[int] | None:
-  """For a local JSON Lines file, the line number of each row; None for any other source."""
+  """For a local line-based file (JSON Lines, CSV), the line number of each row; None for any
+  other source."""
   path = pathlib.Path(name)
-  if path.suffix not in (".json", ".jsonl") or not path.is_file():
+  if path.suffix not in (".json", ".jsonl", ".csv") or not path.is_file():
     return None
+  if path.suffix == ".csv":
+    return _csv_lines(path.read_text())
   lines = _json_lines(path.read_text())
   return None if lines is None else [number for number, _ in lines]
 
@@ -210,7 +227,7 @@ def prepare(kind: str, source: Any, tokenizer, config: tokenize.TokenizeConfig, 
   normalize = KINDS[kind]
   is_csv = name.lower().endswith(".csv")
   records = []
-  lines = None  # the file's line of each row, read at the first bad row of a JSON Lines file
+  lines = None  # the file's line of each row, read at the first bad row of a line-based file
   for index, row in enumerate(rows):
     stats.rows += 1
     try:

@@ -82,7 +82,7 @@ def test_kto_and_ranked_rows_from_files(tmp_path, word_tokenizer, suffix, kind, 
   lists = kind == "ranked" or isinstance(rows[0]["prompt"], list)
   if suffix == ".csv" and lists:
     # CSV cells are scalars: the lists arrive as their text, a bad row rather than training text.
-    with pytest.raises(DataError, match=r"rows\.csv, row 0, field '(prompt|completions)'.*CSV "
+    with pytest.raises(DataError, match=r"rows\.csv, line 2, field '(prompt|completions)'.*CSV "
                                         r"cannot hold lists"):
       prepare(kind, path, word_tokenizer, CONFIG)
     return
@@ -132,6 +132,17 @@ def test_blank_lines_hold_no_row_but_count_as_lines(tmp_path, word_tokenizer):
   path.write_text("\n".join([json.dumps(ROWS[0]), "", "  ", json.dumps(ROWS[1]), json.dumps(bad)])
                   + "\n")
   with pytest.raises(DataError, match=r"prefs\.jsonl, line 5, field 'rejected': missing"):
+    prepare("pair", str(path), word_tokenizer, CONFIG)
+
+
+def test_a_csv_row_is_located_by_the_line_it_starts_on(tmp_path, word_tokenizer):
+  # Line 1 is the header, line 3 is empty, the row on line 4 has a cell spanning two lines: the
+  # third row, whose "rejected" is empty, starts on line 6.
+  path = tmp_path / "prefs.csv"
+  path.write_text('prompt,chosen,rejected\nreview the phone,the screen is good .,the screen is '
+                  'bad .\n\n"review\nthe cafe",the food is great .,the food is ok .\n'
+                  'review the cafe,the food is great .,\n')
+  with pytest.raises(DataError, match=r"prefs\.csv, line 6, field 'rejected': missing"):
     prepare("pair", str(path), word_tokenizer, CONFIG)
 
 
