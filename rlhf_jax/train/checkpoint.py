@@ -78,15 +78,24 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _keys_to_data(state_like))
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+      return self._read_state(step, state_like), self._read_meta(step)
     except Exception as err:  # noqa: BLE001 — orbax / tensorstore / json report damage in many types
       self._quiet_abandoned_reads()
       raise CheckpointError(f"expected an intact checkpoint, got a damaged one ({_why(err)})",
                             where=str(self.directory / str(step))) from err
-    return _data_to_keys(restored.state, state_like), dict(restored.meta)
+
+  def _read_meta(self, step: int) -> dict:
+    return dict(self.manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+  def _read_state(self, step: int, state_like):
+    """The state at `step` in the structure (and shardings) of `state_like`: the one place a
+    state is read back (restore and restore_intact both come here)."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _keys_to_data(state_like))
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))
+    return _data_to_keys(restored.state, state_like)
 
   def restore_intact(self, state_like, check: Callable[[dict], None] | None = None):
     """(state, meta) of the newest intact checkpoint, or None when there is none at all.
@@ -99,20 +108,17 @@ class Checkpointer:
     steps = sorted(self.all_steps(), reverse=True)
     damaged = []  # (step, why)
     for step in steps:
-      meta, why = self._attempt(lambda: dict(self.manager.restore(
-          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta))
+      meta, why = self._attempt(lambda: self._read_meta(step))
       if why is None and check is not None:
         check(meta)
       if why is None:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _keys_to_data(state_like))
-        state, why = self._attempt(lambda: self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract))).state)
+        state, why = self._attempt(lambda: self._read_state(step, state_like))
       if why is None:
         if damaged:
           self._set_aside([s for s, _ in damaged])
           log.warning("resuming from step %d, the newest intact checkpoint in %s", step,
                       self.directory)
-        return _data_to_keys(state, state_like), meta
+        return state, meta
       damaged.append((step, why))
       self._quiet_abandoned_reads()
       log.warning("the checkpoint at step %d in %s is damaged (%s); trying an older one", step,
