@@ -164,3 +164,26 @@ def test_a_missing_model_directory_is_one_line(tmp_path):
                 "--set", f"run.output_dir={tmp_path / 'run'}", cwd=tmp_path)
   assert _one_error_line(result) == ("error: runs/absent/hf: expected a model directory, got "
                                      "nothing at that path")
+
+
+def test_a_bug_keeps_its_traceback_and_a_user_error_does_not(monkeypatch, capsys):
+  from rlhf_jax import cli
+  from rlhf_jax.data import DataError
+
+  def buggy(config):
+    raise ZeroDivisionError("a bug in a trainer")
+
+  monkeypatch.setattr(cli, "run_config", buggy)
+  with pytest.raises(ZeroDivisionError, match="a bug in a trainer"):  # not turned into exit 2
+    cli.main(["run", str(EXPERIMENTS / "sft.py")])
+
+  def bad_row(config):
+    raise DataError("rows.jsonl", 0, "prompt", "missing (expected a string)", line=1)
+
+  monkeypatch.setattr(cli, "run_config", bad_row)
+  capsys.readouterr()
+  assert cli.main(["run", str(EXPERIMENTS / "sft.py")]) == 2
+  assert capsys.readouterr().err == ("error: rows.jsonl, line 1, field 'prompt': missing "
+                                     "(expected a string)\n")
+  with pytest.raises(DataError):
+    cli.main(["run", str(EXPERIMENTS / "sft.py"), "--debug"])
