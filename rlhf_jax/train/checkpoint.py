@@ -80,7 +80,7 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     try:
       return self._read_state(step, state_like), self._read_meta(step)
-    except Exception as err:  # noqa: BLE001 — orbax / tensorstore / json report damage in many types
+    except Exception as err:  # noqa: BLE001 — orbax, tensorstore and json raise many types
       self._quiet_abandoned_reads()
       raise CheckpointError(f"expected an intact checkpoint, got a damaged one ({_why(err)})",
                             where=str(self.directory / str(step))) from err
@@ -137,7 +137,7 @@ class Checkpointer:
       value, why = read(), None
     except UserError:
       raise
-    except Exception as err:  # noqa: BLE001 — orbax / tensorstore / json report damage in many types
+    except Exception as err:  # noqa: BLE001 — orbax, tensorstore and json raise many types
       value, why = None, _why(err)
     # host: a flag per process, gathered so that every process takes the same step
     everywhere = parallel.host_get_all_processes(np.int32(why is None))
