@@ -15,6 +15,7 @@ The real recipe (GRPO on GSM8K; the rows' `answer` column is the reference the c
       --set data.chat=true \
       --set "data.system_prompt=Solve it step by step, then end with: The answer is <number>." \
       --set data.max_length=256 --set data.eval_fraction=0.01 \
+      --set data.buckets='(128,256)' \
       --set reward.functions=rlhf_jax.rewards:math_answer --set generation.num_samples=8 \
       --set generation.max_new_tokens=512 --set model.dtype=bfloat16 \
       --set optimizer.lr=1e-6 --set run.batch_size=32 --set run.steps=500

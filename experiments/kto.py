@@ -11,6 +11,7 @@ rewards/undesirable on the training batches, and the held-out loss falls.
 The real recipe (KTO of Qwen2.5-0.5B-Instruct on unpaired feedback):
     python -m rlhf_jax run experiments/kto.py --set model.path=Qwen/Qwen2.5-0.5B-Instruct \
       --set model.dtype=bfloat16 --set data.train=trl-lib/kto-mix-14k --set data.max_length=1024 \
+      --set data.buckets='(256,512,1024)' \
       --set optimizer.lr=5e-7 --set run.batch_size=32 --set run.steps=1000
 """
 

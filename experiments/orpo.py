@@ -9,7 +9,8 @@ Loss = NLL(chosen) + λ·(-log σ(log odds(chosen) - log odds(rejected))) on mea
 The real recipe (ORPO of a base Qwen2.5-0.5B on UltraFeedback pairs, the paper's λ = 0.1):
     python -m rlhf_jax run experiments/orpo.py --set model.path=Qwen/Qwen2.5-0.5B \
       --set model.dtype=bfloat16 --set data.train=trl-lib/ultrafeedback_binarized \
-      --set data.max_length=1024 --set optimizer.lr=8e-6 --set run.steps=1000
+      --set data.max_length=1024 --set data.buckets='(256,512,1024)' \
+      --set optimizer.lr=8e-6 --set run.steps=1000
 """
 
 import dataclasses

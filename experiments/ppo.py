@@ -16,6 +16,7 @@ The real recipe (PPO of an SFT'd Qwen2.5-0.5B against its RM):
     python -m rlhf_jax run experiments/ppo.py --set model.path=runs/sft-qwen/hf \
       --set reward.path=runs/rm-qwen/hf \
       --set data.train=trl-lib/tldr --set data.max_length=512 --set generation.max_new_tokens=53 \
+      --set data.buckets='(128,256,512)' \
       --set model.dtype=bfloat16 --set optimizer.lr=3e-6 --set run.batch_size=64 \
       --set reward.missing_eos_penalty=1.0 --set run.steps=1000
 """

@@ -10,6 +10,7 @@ The real recipe (SimPO on Qwen2.5-0.5B-Instruct, the paper's β = 2.5, γ/β = 0
     python -m rlhf_jax run experiments/simpo.py --set model.path=Qwen/Qwen2.5-0.5B-Instruct \
       --set model.dtype=bfloat16 --set data.train=princeton-nlp/llama3-ultrafeedback-armorm \
       --set data.max_length=1024 --set loss.beta=2.5 --set loss.hparams='{"gamma": 1.375}' \
+      --set data.buckets='(256,512,1024)' \
       --set optimizer.lr=1e-6 --set run.batch_size=128 --set run.steps=500
 """
 

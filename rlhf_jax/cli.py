@@ -4,6 +4,10 @@ The experiment's config names its trainer; the CLI applies overrides, prints the
 and calls the trainer. Trainers are looked up by import path so `--help` stays instant.
 `python -m rlhf_jax export RUN_DIR OUT_DIR [--step N] [--adapters]` writes a run's checkpoint as
 a Hugging Face directory (a LoRA run merged, or as PEFT adapters).
+
+A user error (a bad config key or value, experiment file, data row, checkpoint, launch; any
+`rlhf_jax.errors.UserError`) prints one line, `error: <where>: <what>`, to stderr and exits 2;
+`--debug` shows its traceback instead. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import logging
 import sys
 
 from rlhf_jax import config as config_lib
+from rlhf_jax.errors import UserError, one_line
 
 __all__ = ["TRAINERS", "main", "run_config"]
 
@@ -66,6 +71,9 @@ def _parser():
                            "adapter_model.safetensors) instead of the merged model")
   for command in (run, export):
     _launch_arguments(command)
+    command.add_argument("--debug", action="store_true",
+                         help="show the traceback of a user error (a bad config, file, row or "
+                              "checkpoint) instead of its one-line message")
   return parser
 
 
@@ -83,24 +91,29 @@ def _launch_arguments(command):
 
 
 def main(argv=None) -> int:
+  """Runs a command; a UserError becomes one line on stderr and exit status 2 (with --debug, it
+  is raised with its traceback). Any other exception is a bug and keeps its traceback."""
   args = _parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                       datefmt="%H:%M:%S")
   for noisy in ("absl", "jax._src", "orbax", "httpx", "datasets"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  if args.command == "export":
-    return _export(args)
   try:
-    config = config_lib.load_experiment(args.experiment, args.arg)
-    config = config_lib.apply_overrides(config, args.overrides)
-  except config_lib.ConfigError as err:
-    print(f"error: {err}", file=sys.stderr)
+    return _export(args) if args.command == "export" else _run(args)
+  except UserError as err:
+    if args.debug:
+      raise
+    print(f"error: {one_line(err)}", file=sys.stderr)
     return 2
+
+
+def _run(args) -> int:
+  config = config_lib.load_experiment(args.experiment, args.arg)
+  config = config_lib.apply_overrides(config, args.overrides)
   if args.print_config:
     print(json.dumps(config_lib.to_dict(config), indent=2))
     return 0
-  if not _launch(args):
-    return 2
+  _launch(args)
   from rlhf_jax import parallel  # noqa: PLC0415 — keeps --help and config errors instant
   if parallel.is_main_process():  # one copy of the config in a multi-process job's logs
     print(json.dumps(config_lib.to_dict(config), indent=2))
@@ -110,31 +123,21 @@ def main(argv=None) -> int:
 
 def _export(args) -> int:
   from rlhf_jax.train import export  # noqa: PLC0415 — keeps --help instant
-  if not _launch(args):
-    return 2
-  try:
-    step = export.export_run(args.run_dir, args.out_dir, step=args.step,
-                            adapters=args.adapters)
-  except export.ExportError as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
+  _launch(args)
+  step = export.export_run(args.run_dir, args.out_dir, step=args.step, adapters=args.adapters)
   print(f"exported step {step} of {args.run_dir} to {args.out_dir}")
   return 0
 
 
-def _launch(args) -> bool:
-  """Starts jax.distributed when the flags, variables or a launcher ask; False on a bad launch."""
+def _launch(args):
+  """Starts jax.distributed when the flags, variables or a launcher ask (LaunchError when the
+  launch settings are inconsistent)."""
   import jax  # noqa: PLC0415
 
   from rlhf_jax import parallel  # noqa: PLC0415
-  try:
-    launched = parallel.initialize_distributed(args.coordinator, args.num_processes,
-                                               args.process_id, force=args.distributed)
-  except parallel.LaunchError as err:
-    print(f"error: {err}", file=sys.stderr)
-    return False
+  launched = parallel.initialize_distributed(args.coordinator, args.num_processes,
+                                             args.process_id, force=args.distributed)
   if launched:
     logging.getLogger(__name__).info("process %d of %d (%d local devices of %d)",
                                      jax.process_index(), jax.process_count(),
                                      jax.local_device_count(), jax.device_count())
-  return True

@@ -15,12 +15,16 @@ import importlib.util
 import json
 import pathlib
 import re
+import traceback
 import types
 import typing
 from typing import Any
 
+from rlhf_jax.errors import UserError
+
 __all__ = [
     "ConfigError",
+    "require",
     "apply_overrides",
     "config_keys",
     "load_experiment",
@@ -29,8 +33,15 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
   """A config that cannot be what the user meant: unknown key, bad value, bad experiment file."""
+
+
+def require(ok: bool, key: str, expected: str, value):
+  """The one range check of config values, for `validate()` methods: a ConfigError
+  '<key>: expected <expected>, got <value>' unless `ok`."""
+  if not ok:
+    raise ConfigError(f"expected {expected}, got {value!r}", where=key)
 
 
 def config_keys(config) -> list[str]:
@@ -185,6 +196,8 @@ def apply_overrides(config, overrides: typing.Iterable[str]):
   if callable(validate := getattr(config, "validate", None)):
     try:
       validate()
+    except UserError:
+      raise
     except ValueError as err:
       raise ConfigError(str(err)) from err
   return config
@@ -213,22 +226,59 @@ def from_dict(cls, data: dict):
   return cls(**values)
 
 
+def _experiment_error(path: pathlib.Path, doing: str, err: BaseException) -> ConfigError:
+  """`err` (raised while importing or calling an experiment file) as a ConfigError naming the
+  file and the line of that file where it happened."""
+  def is_the_file(filename):
+    return bool(filename) and pathlib.Path(filename).resolve() == path.resolve()
+
+  if isinstance(err, SyntaxError) and is_the_file(err.filename):
+    return ConfigError(f"expected valid Python, got a syntax error: {err.msg}",
+                       where=f"{path}:{err.lineno}")
+  line = None
+  for frame in traceback.extract_tb(err.__traceback__):
+    if is_the_file(frame.filename):
+      line = frame.lineno  # the innermost line of the experiment file
+  where = f"{path}:{line}" if line is not None else str(path)
+  return ConfigError(f"{doing} raised {type(err).__name__}: {err}", where=where)
+
+
 def load_experiment(path: str | pathlib.Path, arg: str | None = None):
-  """Imports an experiment file and returns its `get_config(arg)`."""
+  """Imports an experiment file and returns its `get_config(arg)`.
+
+  The file's own faults (a syntax error, no get_config, an exception while importing it or
+  calling get_config) are ConfigErrors naming the file and line.
+  """
   path = pathlib.Path(path)
   if not path.is_file():
     raise ConfigError(f"experiment file {str(path)!r} does not exist")
   spec = importlib.util.spec_from_file_location(f"rlhf_jax_experiment_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except UserError:
+    raise
+  except Exception as err:  # noqa: BLE001 — any fault of the user's file is reported as theirs
+    raise _experiment_error(path, "importing it", err) from err
   get_config = getattr(module, "get_config", None)
   if not callable(get_config):
-    raise ConfigError(f"{path}: an experiment file must define get_config()")
-  config = get_config(arg) if arg is not None else get_config()
+    found = "a non-callable get_config" if get_config is not None else "no get_config"
+    raise ConfigError(f"an experiment file must define get_config(arg=None) returning a "
+                      f"config, got {found}", where=str(path))
+
+  def call(*args):
+    try:
+      return get_config(*args)
+    except UserError:
+      raise
+    except Exception as err:  # noqa: BLE001
+      raise _experiment_error(path, f"get_config({', '.join(map(repr, args))})", err) from err
+
+  config = call(arg) if arg is not None else call()
   if not dataclasses.is_dataclass(config) or not hasattr(config, "trainer"):
     raise ConfigError(f"{path}: get_config() must return a config dataclass with a 'trainer' "
                       f"field, got {type(config).__name__}")
-  if arg is not None and to_dict(config) == to_dict(get_config()):
+  if arg is not None and to_dict(config) == to_dict(call()):
     # get_config ignores args it does not know: a typo would silently run the default.
     documented = sorted(set(re.findall(r"--arg[ =](\w+)", module.__doc__ or "")))
     raise ConfigError(f"--arg {arg!r} changes nothing in {path.name}"

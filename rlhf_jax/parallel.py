@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rlhf_jax.errors import UserError
+
 __all__ = [
     "AXES",
     "BATCH_AXES",
@@ -172,7 +174,7 @@ _LAUNCH_FLAGS = {"coordinator": "--coordinator", "num_processes": "--num-process
                  "process_id": "--process-id"}
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError):
   """The multi-process launch settings (flags, JAX_* or cluster variables) are inconsistent."""
 
 

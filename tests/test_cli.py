@@ -89,3 +89,101 @@ def test_the_synthetic_gold_reward_is_not_the_default_for_real_data():
                 "--set", "reward.functions=rlhf_jax.rewards:math_answer", "--print-config")
   assert result.returncode == 0, result.stderr
   assert json.loads(result.stdout)["reward"]["gold_function"] == "auto"  # resolves to none
+
+
+def _one_error_line(result) -> str:
+  """A user error through the CLI: exit 2 and one stderr line, `error: ...`, no traceback."""
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+  return lines[0]
+
+
+def test_an_unknown_config_key_is_one_line():
+  line = _one_error_line(_cli("run", str(EXPERIMENTS / "dpo.py"), "--set", "optimizer.lrr=1"))
+  assert line == "error: unknown config key 'optimizer.lrr'; did you mean 'optimizer.lr'?"
+
+
+def test_experiment_file_faults_name_the_file_and_line(tmp_path):
+  (tmp_path / "no_function.py").write_text('"""An experiment without get_config."""\nX = 1\n')
+  (tmp_path / "syntax.py").write_text("import dataclasses\n\ndef get_config(:\n  pass\n")
+  (tmp_path / "raises.py").write_text(
+      "import os\n\n\ndef get_config(arg=None):\n  settings = {}\n  return settings['model']\n")
+  (tmp_path / "import_fails.py").write_text("import os\nVALUE = 1 / 0\n")
+  line = _one_error_line(_cli("run", "no_function.py", cwd=tmp_path))
+  assert line == ("error: no_function.py: an experiment file must define get_config(arg=None) "
+                  "returning a config, got no get_config")
+  line = _one_error_line(_cli("run", "syntax.py", cwd=tmp_path))
+  assert line.startswith("error: syntax.py:3: expected valid Python, got a syntax error: ")
+  line = _one_error_line(_cli("run", "raises.py", cwd=tmp_path))
+  assert line == "error: raises.py:6: get_config() raised KeyError: 'model'"
+  line = _one_error_line(_cli("run", "import_fails.py", cwd=tmp_path))
+  assert line == "error: import_fails.py:2: importing it raised ZeroDivisionError: division by zero"
+
+
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
+  (tmp_path / "raises.py").write_text("def get_config(arg=None):\n  return {}['model']\n")
+  result = _cli("run", "raises.py", "--debug", cwd=tmp_path)
+  assert result.returncode != 0 and result.returncode != 2
+  assert "Traceback (most recent call last)" in result.stderr
+  assert "KeyError: 'model'" in result.stderr  # the experiment's own exception, chained
+  assert "rlhf_jax.config.ConfigError: raises.py:2: get_config() raised KeyError" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_bad_data_row_names_the_file_line_and_field(tmp_path):
+  # Line 2 is blank (it holds no row): the bad row is the third row, on line 4 of the file.
+  (tmp_path / "data.jsonl").write_text('{"prompt": "a", "completion": "b"}\n\n'
+                                       '{"prompt": "c", "completion": "d"}\n{"prompt": "e"}\n')
+  model_dir = embedded.ensure_assets(tmp_path / "model", **TINY)
+  result = subprocess.run(
+      [sys.executable, "-m", "rlhf_jax", "run", str(EXPERIMENTS / "sft.py"),
+       "--set", "data.train=data.jsonl", "--set", f"model.path={model_dir}",
+       "--set", f"run.output_dir={tmp_path / 'run'}"], capture_output=True, text=True,
+      cwd=tmp_path, timeout=600,
+      # datasets' own progress bar would be a second stderr line; it is not ours to test.
+      env={**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"})
+  line = _one_error_line(result)
+  assert line == ("error: data.jsonl, line 4, field 'completion': missing (expected a string or "
+                  "a list of {role, content} messages)")
+
+
+def test_a_missing_data_file_is_one_line(tmp_path):
+  model_dir = embedded.ensure_assets(tmp_path / "model", **TINY)
+  result = subprocess.run(
+      [sys.executable, "-m", "rlhf_jax", "run", str(EXPERIMENTS / "sft.py"),
+       "--set", "data.train=missing.jsonl", "--set", f"model.path={model_dir}",
+       "--set", f"run.output_dir={tmp_path / 'run'}"], capture_output=True, text=True,
+      cwd=tmp_path, timeout=600)
+  assert _one_error_line(result) == "error: missing.jsonl: the data file does not exist"
+
+
+def test_a_missing_model_directory_is_one_line(tmp_path):
+  result = _cli("run", str(EXPERIMENTS / "sft.py"), "--set", "model.path=runs/absent/hf",
+                "--set", f"run.output_dir={tmp_path / 'run'}", cwd=tmp_path)
+  assert _one_error_line(result) == ("error: runs/absent/hf: expected a model directory, got "
+                                     "nothing at that path")
+
+
+def test_a_bug_keeps_its_traceback_and_a_user_error_does_not(monkeypatch, capsys):
+  from rlhf_jax import cli
+  from rlhf_jax.data import DataError
+
+  def buggy(config):
+    raise ZeroDivisionError("a bug in a trainer")
+
+  monkeypatch.setattr(cli, "run_config", buggy)
+  with pytest.raises(ZeroDivisionError, match="a bug in a trainer"):  # not turned into exit 2
+    cli.main(["run", str(EXPERIMENTS / "sft.py")])
+
+  def bad_row(config):
+    raise DataError("rows.jsonl", 0, "prompt", "missing (expected a string)", line=1)
+
+  monkeypatch.setattr(cli, "run_config", bad_row)
+  capsys.readouterr()
+  assert cli.main(["run", str(EXPERIMENTS / "sft.py")]) == 2
+  assert capsys.readouterr().err == ("error: rows.jsonl, line 1, field 'prompt': missing "
+                                     "(expected a string)\n")
+  with pytest.raises(DataError):
+    cli.main(["run", str(EXPERIMENTS / "sft.py"), "--debug"])

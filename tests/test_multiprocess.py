@@ -123,3 +123,26 @@ def test_killed_in_both_processes_resumes_bit_exactly(jobs, tmp_path):
   assert "resumed from" in (tmp_path / "logs-resumed" / "process-0.log").read_text()
   _assert_same_metrics(_records(tmp_path / "grpo"), _records(root / "two" / "grpo"),
                        exact=True)
+
+
+def test_both_processes_skip_a_damaged_checkpoint_to_the_same_step(tmp_path):
+  """A damaged latest checkpoint in a 2-process job: both processes resume from the same
+  (previous) step, set the damaged one aside, and the run ends as the undamaged one did."""
+  policy = embedded.ensure_assets(tmp_path / "policy", **TINY)
+  out = tmp_path / "sft"
+  command = ["run", "experiments/sft.py", "--arg", "runlocal", "--set", f"model.path={policy}",
+             "--set", "run.progress=false", "--set", "data.num_rows=64",
+             "--set", "data.eval_fraction=0", "--set", "run.export=false",
+             "--set", "run.steps=4", "--set", "run.batch_size=8",
+             "--set", "run.checkpoint_every=2", "--set", f"run.output_dir={out}"]
+  jax_processes.launch([command], log_dir=tmp_path / "logs-first", timeout=600)
+  unbroken = _records(out)
+  for path in (out / "checkpoints" / "4" / "state").rglob("*"):
+    if path.is_file() and path.parent.name == "d":  # the OCDBT data files
+      path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+  jax_processes.launch([command], log_dir=tmp_path / "logs-resumed", timeout=600)
+  for rank in (0, 1):
+    log = (tmp_path / "logs-resumed" / f"process-{rank}.log").read_text()
+    assert "the checkpoint at step 4 in" in log and "resuming from step 2" in log, log[-3000:]
+  assert (out / "checkpoints" / "4.damaged").is_dir() and (out / "checkpoints" / "4").is_dir()
+  _assert_same_metrics(_records(out), unbroken, exact=True)

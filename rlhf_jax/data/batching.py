@@ -26,6 +26,7 @@ import numpy as np
 
 from rlhf_jax.data.tokenize import (TokenizedPair, TokenizedPrompt, TokenizedRanked,
                                     TokenizedSFT, TokenizedUnpaired)
+from rlhf_jax.errors import UserError
 
 __all__ = [
     "default_buckets",
@@ -274,8 +275,8 @@ class BatchStream:
   def batches_per_epoch(self) -> int:
     """Full training batches per epoch (the remainder waits for the next epoch's order)."""
     if len(self.records) < self.batch_size:
-      raise ValueError(f"{len(self.records)} examples cannot fill one training batch of "
-                       f"{self.batch_size}; lower the batch size or add data")
+      raise UserError(f"{len(self.records)} examples cannot fill one training batch of "
+                      f"{self.batch_size}; lower the batch size (run.batch_size) or add data")
     return len(self.records) // self.batch_size
 
   def _order(self, epoch: int) -> np.ndarray:

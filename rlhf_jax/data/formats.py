@@ -29,6 +29,8 @@ import dataclasses
 import re
 from typing import Any, Union
 
+from rlhf_jax.errors import UserError
+
 __all__ = [
     "DataError",
     "Messages",
@@ -51,14 +53,29 @@ Messages = tuple  # tuple of {"role": str, "content": str} dicts
 Text = Union[str, Messages]
 
 
-class DataError(ValueError):
-  """A row that cannot become an example: says where (source, row, field) and what was expected."""
+class DataError(UserError):
+  """A row that cannot become an example: says where (source, row, field) and what was expected.
 
-  def __init__(self, source: str, row: int | None, field: str | None, message: str):
-    where = source if row is None else f"{source}, row {row}"
+  `row` is the 0-based index of the row in its dataset; `line`, for line-based files (JSON
+  Lines, CSV), is the 1-based line of the file where it starts, and replaces the row in the
+  message:
+  "data.jsonl, line 3, field 'chosen': ...".
+  """
+
+  def __init__(self, source: str, row: int | None, field: str | None, message: str, *,
+               line: int | None = None):
+    where = source
+    if line is not None:
+      where += f", line {line}"
+    elif row is not None:
+      where += f", row {row}"
     where += f", field {field!r}" if field else ""
-    super().__init__(f"{where}: {message}")
-    self.source, self.row, self.field = source, row, field
+    super().__init__(message, where=where)
+    self.source, self.row, self.field, self.line = source, row, field, line
+
+  def at_line(self, line: int) -> "DataError":
+    """The same error, located by the file's line number instead of the row index."""
+    return DataError(self.source, self.row, self.field, self.what, line=line)
 
 
 @dataclasses.dataclass(frozen=True)

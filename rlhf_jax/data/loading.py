@@ -14,7 +14,9 @@ row (naming the row and field) rather than text to train on.
 from __future__ import annotations
 
 import collections
+import csv
 import dataclasses
+import io
 import json
 import logging
 import pathlib
@@ -47,37 +49,72 @@ class DatasetStats:
             f"skipped: {skipped}")
 
 
+def _json_lines(text: str) -> list[tuple[int, str]] | None:
+  """(1-based line number, line) of each row of a JSON Lines text (blank lines hold none), or
+  None when the text is one JSON array."""
+  if text.lstrip()[:1] == "[":
+    return None
+  return [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def _csv_lines(text: str) -> list[int]:
+  """The 1-based line on which each CSV row starts, after the header (empty lines hold no row,
+  as for datasets' CSV reader; a quoted cell may span lines)."""
+  reader = csv.reader(io.StringIO(text))
+  starts, end = [], 0
+  for record in reader:
+    start, end = end + 1, reader.line_num
+    if record:
+      starts.append(start)
+  return starts[1:]  # the first is the header
+
+
+def _row_lines(name: str) -> list[int] | None:
+  """For a local line-based file (JSON Lines, CSV), the line number of each row; None for any
+  other source."""
+  path = pathlib.Path(name)
+  if path.suffix not in (".json", ".jsonl", ".csv") or not path.is_file():
+    return None
+  if path.suffix == ".csv":
+    return _csv_lines(path.read_text())
+  lines = _json_lines(path.read_text())
+  return None if lines is None else [number for number, _ in lines]
+
+
 def _locate_json_error(path: pathlib.Path, original: Exception):
-  """Re-reads a JSON(L) file Arrow rejected, to name the row and field at fault."""
+  """Re-reads a JSON(L) file Arrow rejected, to name the line (or row) and field at fault."""
   text = path.read_text()
-  try:
-    rows = json.loads(text) if path.suffix == ".json" and text.lstrip()[:1] == "[" else None
-  except json.JSONDecodeError as err:
-    raise formats.DataError(str(path), None, None, f"invalid JSON: {err}") from original
-  if rows is None:
-    rows = []
-    for line_number, line in enumerate(text.splitlines(), 1):
-      if not line.strip():
-        continue
+  lines = _json_lines(text) if path.suffix == ".jsonl" or text.lstrip()[:1] != "[" else None
+  if lines is None:
+    try:
+      rows = json.loads(text)
+    except json.JSONDecodeError as err:
+      raise formats.DataError(str(path), None, None, f"invalid JSON: {err}") from original
+    located = [(index, {}, row) for index, row in enumerate(rows)]
+  else:
+    located = []
+    for index, (number, line) in enumerate(lines):
       try:
-        rows.append(json.loads(line))
+        located.append((index, {"line": number}, json.loads(line)))
       except json.JSONDecodeError as err:
-        raise formats.DataError(str(path), len(rows), None,
-                                f"line {line_number} is not valid JSON: {err}") from original
-  types: dict[str, tuple[str, int]] = {}
-  for index, row in enumerate(rows):
+        raise formats.DataError(str(path), index, None, f"expected a JSON object, got invalid "
+                                f"JSON ({err})", line=number) from original
+  types: dict[str, tuple[str, str]] = {}
+  for index, where, row in located:
     if not isinstance(row, dict):
       raise formats.DataError(str(path), index, None,
-                              f"expected a JSON object, got {type(row).__name__}") from original
+                              f"expected a JSON object, got {type(row).__name__}",
+                              **where) from original
+    label = f"line {where['line']}" if where else f"row {index}"
     for key, value in row.items():
       kind = type(value).__name__
       if value is not None and key in types and types[key][0] != kind:
-        first_kind, first_row = types[key]
+        first_kind, first_label = types[key]
         raise formats.DataError(
-            str(path), index, key, f"is a {kind}, but row {first_row} has a {first_kind}: every "
-            "row must use the same type for a field") from original
+            str(path), index, key, f"expected {first_kind} as on {first_label} (every row must "
+            f"use the same type for a field), got {kind}", **where) from original
       if value is not None:
-        types.setdefault(key, (kind, index))
+        types.setdefault(key, (kind, label))
   raise formats.DataError(str(path), None, None, f"datasets could not load it: {original}")
 
 
@@ -113,12 +150,12 @@ def load_rows(source: Any, *, split: str = "train", kind: str | None = None, num
   if path.is_dir() and (path / "dataset_dict.json").exists():  # a saved DatasetDict: pick the split
     splits = datasets.load_from_disk(str(path))
     if split not in splits:
-      raise ValueError(f"{source!r} has splits {sorted(splits)}, not {split!r} "
-                       "(set data.split / data.eval_split)")
+      raise formats.DataError(source, None, None, f"has splits {sorted(splits)}, not {split!r} "
+                              "(set data.split / data.eval_split)")
     return splits[split], f"{source}[{split}]"
   if path.suffix in _FILE_BUILDERS:
     if not path.exists():
-      raise FileNotFoundError(f"data file {source!r} does not exist")
+      raise formats.DataError(source, None, None, "the data file does not exist")
     try:
       return datasets.load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path),
                                    split="train"), source
@@ -127,9 +164,14 @@ def load_rows(source: Any, *, split: str = "train", kind: str | None = None, num
         _locate_json_error(path, err)
       raise formats.DataError(source, None, None, f"datasets could not load it: {err}") from err
   if path.exists():
-    raise ValueError(f"{source!r}: unsupported data file type {path.suffix!r}; use one of "
-                     f"{sorted(_FILE_BUILDERS)} or a saved Dataset directory")
-  return datasets.load_dataset(source, subset, split=split), source  # a hub id
+    raise formats.DataError(source, None, None, f"unsupported data file type {path.suffix!r}; "
+                            f"use one of {sorted(_FILE_BUILDERS)} or a saved Dataset directory")
+  try:
+    return datasets.load_dataset(source, subset, split=split), source  # a hub id
+  except (FileNotFoundError, ConnectionError) as err:  # DatasetNotFoundError; offline
+    raise formats.DataError(source, None, None, "expected a local data file, a saved Dataset "
+                            "directory or a hub dataset id that can be reached, got none of them "
+                            f"({type(err).__name__}: {err})") from err
 
 
 def _synthetic_rows(source: str, kind: str | None, num_rows):
@@ -148,7 +190,8 @@ def _synthetic_rows(source: str, kind: str | None, num_rows):
             "prompt": task.prompt_rows, "arith_sft": arith.sft_rows,
             "arith_prompt": arith.prompt_rows, "arith_eval": arith.eval_rows}
   if which not in makers:
-    raise ValueError(f"{source!r}: synthetic kind must be one of {sorted(makers)}")
+    raise formats.DataError(source, None, None, f"expected a synthetic kind in {sorted(makers)}, "
+                            f"got {which!r}")
   return datasets.Dataset.from_list(makers[which](n))
 
 
@@ -184,6 +227,7 @@ def prepare(kind: str, source: Any, tokenizer, config: tokenize.TokenizeConfig, 
   normalize = KINDS[kind]
   is_csv = name.lower().endswith(".csv")
   records = []
+  lines = None  # the file's line of each row, read at the first bad row of a line-based file
   for index, row in enumerate(rows):
     stats.rows += 1
     try:
@@ -192,6 +236,13 @@ def prepare(kind: str, source: Any, tokenizer, config: tokenize.TokenizeConfig, 
       example = normalize(row, name, index, **(options or {}))
       record = tokenize.tokenize_example(example, tokenizer, config, name, index)
     except formats.DataError as err:
+      if err.row is not None and err.line is None:
+        lines = _row_lines(name) if lines is None else lines
+        if lines and err.row < len(lines):
+          located = err.at_line(lines[err.row])
+          if on_bad_row == "raise":
+            raise located from err
+          err = located
       if on_bad_row == "raise":
         raise
       stats.skipped[_reason(err)] += 1
@@ -210,5 +261,4 @@ def prepare(kind: str, source: Any, tokenizer, config: tokenize.TokenizeConfig, 
 
 
 def _reason(err: formats.DataError) -> str:
-  message = str(err).split(": ", 1)[-1]
-  return f"{err.field or 'row'}: {message.split(' (')[0][:60]}"
+  return f"{err.field or 'row'}: {err.what.split(' (')[0][:60]}"

@@ -27,6 +27,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.errors import UserError
+
 __all__ = ["ModelConfig", "UnsupportedModelError", "SUPPORTED_MODEL_TYPES", "ROPE_TYPES",
            "ACTIVATIONS", "rope_inv_freq", "dtype_from_name", "ids_tuple"]
 
@@ -40,7 +42,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError):
   """A checkpoint or config this decoder does not implement (architecture, field value)."""
 
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import parallel
+from rlhf_jax.errors import CheckpointError
 from rlhf_jax.models import lora, safetensors_io
 from rlhf_jax.models.config import ModelConfig, UnsupportedModelError
 from rlhf_jax.models.partitioning import param_partition_specs
@@ -41,10 +42,6 @@ __all__ = ["TensorRule", "tensor_map", "checkpoint_files", "resolve_checkpoint_d
            "base_prefix", "dtype_string", "load_hf_config", "open_checkpoint", "hf_entries"]
 
 Path = tuple[str, ...]
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that does not match its config: missing, unexpected or mis-shaped tensors."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,10 +25,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from rlhf_jax.errors import UserError
+
 __all__ = ["RewardError", "RewardFunction", "load_function"]
 
 
-class RewardError(ValueError):
+class RewardError(UserError):
   """A reward function failed, or returned something that cannot be trained on."""
 
 

@@ -54,6 +54,8 @@ class RejectionSamplingConfig:
     self.reward.validate()
     self.rounds.validate()
     self.optimizer.validate()
+    self.run.validate(steps=False)  # the rounds set run.steps
+    self.data.validate()
     self.reward.resolved(self.data.train)
 
   def resolved(self) -> "RejectionSamplingConfig":

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import data as data_lib
-from rlhf_jax import models, parallel
+from rlhf_jax import errors, models, parallel
+from rlhf_jax.errors import CheckpointError
 from rlhf_jax.train.state import TrainState
 
 __all__ = [
@@ -78,6 +79,22 @@ class DataSpec:
   chat: bool = False
   system_prompt: str | None = None
 
+  def validate(self):
+    """Ranges, and buckets against max_length, before anything is loaded."""
+    from rlhf_jax.config import require  # noqa: PLC0415 — config imports nothing of train
+    require(self.max_length >= 1, "data.max_length", "an integer >= 1", self.max_length)
+    require(0 <= self.eval_fraction < 1, "data.eval_fraction",
+            "a fraction in [0, 1) (0: no held-out evaluation)", self.eval_fraction)
+    if self.buckets:
+      ordered = all(a < b for a, b in zip(self.buckets, self.buckets[1:]))
+      require(ordered and self.buckets[0] >= 1 and self.buckets[-1] == self.max_length,
+              "data.buckets", f"increasing lengths ending at data.max_length={self.max_length} "
+              "(rows are cut to max_length, and each batch is padded to the first bucket that "
+              "holds its longest row)", self.buckets)
+    require(self.max_prompt_length is None or 1 <= self.max_prompt_length <= self.max_length,
+            "data.max_prompt_length", f"None or a length in [1, data.max_length="
+            f"{self.max_length}]", self.max_prompt_length)
+
   def prompt_options(self) -> dict:
     return {"prompt_column": self.prompt_column, "chat": self.chat,
             "system_prompt": self.system_prompt}
@@ -91,6 +108,9 @@ def resolve_model_path(path: str) -> str:
   """A loadable directory or hub id; "synthetic:tiny[:seed]" (the review task) and
   "synthetic:arith[:seed]" (the arithmetic task) assets are generated on first use."""
   if not path.startswith("synthetic:"):
+    local = path.startswith(("/", ".", "~")) or path.count("/") > 1  # a hub id is "org/name"
+    if local and not pathlib.Path(path).expanduser().exists():
+      raise CheckpointError("expected a model directory, got nothing at that path", where=path)
     return path
   parts = path.split(":")
   tasks = {"tiny": "review", "arith": "arith"}
@@ -105,7 +125,12 @@ def resolve_model_path(path: str) -> str:
 
 def load_tokenizer(spec: ModelSpec):
   from transformers import AutoTokenizer
-  tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec.tokenizer or spec.path))
+  path = resolve_model_path(spec.tokenizer or spec.path)
+  try:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+  except OSError as err:  # transformers' "not a local folder and not a valid model identifier"
+    raise CheckpointError(f"expected a model directory or hub id with a tokenizer, got none "
+                          f"({errors.one_line(err)})", where=str(path)) from err
   if tokenizer.pad_token_id is None:
     # Pad tokens are masked everywhere, so any id works; EOS is the usual choice.
     tokenizer.pad_token = tokenizer.eos_token
@@ -182,6 +207,7 @@ def load_reward_model(path: str, spec: ModelSpec, num_heads: int = 1, seed: int 
 
 def load_data(kind: str, spec: DataSpec, tokenizer, seed: int):
   """(train_records, eval_records, stats): tokenised, with a seeded hold-out when no eval set."""
+  spec.validate()  # before anything is read
   config = data_lib.TokenizeConfig(spec.max_length, spec.max_prompt_length, spec.on_overflow)
   options = spec.prompt_options() if kind == "prompt" else None
   records, stats = data_lib.prepare(kind, spec.train, tokenizer, config,

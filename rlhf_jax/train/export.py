@@ -15,6 +15,7 @@ import json
 import pathlib
 
 from rlhf_jax import config as config_lib
+from rlhf_jax.errors import UserError
 
 __all__ = ["EXPORTABLE", "ExportError", "export_run"]
 
@@ -32,7 +33,7 @@ EXPORTABLE = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
   """A run directory that cannot be exported (no config, no checkpoint, an unknown step)."""
 
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import losses, ops, rollout as rollout_lib
-from rlhf_jax.config import to_dict
+from rlhf_jax.config import require, to_dict
 from rlhf_jax.train import common, loop, online
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer
 
@@ -62,6 +62,12 @@ class GRPOLoss:
     if self.aggregation not in ("grpo", "dr_grpo", "dapo"):
       raise ValueError(f"loss.aggregation must be grpo, dr_grpo or dapo, got "
                        f"{self.aggregation!r}")
+    require(self.clip_eps > 0, "loss.clip_eps", "a clip range > 0", self.clip_eps)
+    require(self.clip_eps_high is None or self.clip_eps_high > 0, "loss.clip_eps_high",
+            "a clip range > 0 (or None: loss.clip_eps)", self.clip_eps_high)
+    require(self.kl_coef >= 0, "loss.kl_coef", "a coefficient >= 0", self.kl_coef)
+    for name in ("epochs", "minibatches"):
+      require(getattr(self, name) >= 1, f"loss.{name}", "an integer >= 1", getattr(self, name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +100,8 @@ class GRPOConfig:
     self.generation.validate()
     self.reward.validate()
     self.optimizer.validate()
+    self.run.validate()
+    self.data.validate()
     self.advantage()
     if self.generation.num_samples < 2:
       raise ValueError("group baselines need generation.num_samples >= 2")

@@ -71,6 +71,8 @@ class IterativeDPOConfig:
     self.loss.validate()
     self.rounds.validate()
     self.optimizer.validate()
+    self.run.validate(steps=False)  # the rounds set run.steps
+    self.data.validate()
     if self.generation.num_samples < 2:
       raise ValueError("iterative DPO needs generation.num_samples >= 2 responses per prompt")
     if self.labels.kind == "reward":

@@ -12,7 +12,9 @@ A run directory holds one run: with `run.resume=false` the loop refuses a direct
 holds checkpoints (orbax would skip every save at or below their latest step, so the new run would
 write none and a later resume would restore the old run) unless `run.overwrite=true` deletes them.
 Resuming checks that the checkpoint was written with the same `seed` and `batch_size` (the data
-order) and `steps` (the learning-rate schedule).
+order) and `steps` (the learning-rate schedule). It takes the newest intact checkpoint: a damaged
+one (truncated files, empty metadata, a step left half-written) is logged with why and moved
+aside, and none intact is a CheckpointError naming the directory (train/checkpoint.py).
 
 Order at a step that checkpoints: the checkpoint is written first, then the evaluation; at the
 end, the final checkpoint is on disk before the export and the final evaluation, so neither can
@@ -24,7 +26,9 @@ Metrics go to output_dir/metrics.jsonl every step, and a compact line goes to st
 
 NaN guard: metrics are checked on the host after every step; a non-finite value stops the run with
 an error naming the step and the metric, before the bad state can be checkpointed, so the last
-checkpoint on disk is the last good one.
+checkpoint on disk is the last good one. Divergence alarms (train/alarms.py: grad_norm stuck at 0,
+a loss that never moves, a grad_norm blowing up) warn naming the metric and step, and stop the
+run the same way with `run.stop_on_alarm=true`.
 """
 
 from __future__ import annotations
@@ -40,7 +44,10 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from rlhf_jax import parallel
+from rlhf_jax.config import ConfigError, require
+from rlhf_jax.errors import UserError
 from rlhf_jax.parallel import MeshConfig
+from rlhf_jax.train.alarms import Alarms
 from rlhf_jax.train.checkpoint import Checkpointer
 
 __all__ = ["RunConfig", "Task", "TrainingDivergedError", "MetricsWriter", "run_loop"]
@@ -68,6 +75,26 @@ class RunConfig:
   tensorboard: bool = False  # needs the `tensorboard` extra
   wandb_project: str | None = None  # needs the `wandb` extra
   export: bool = True  # write a Hugging Face checkpoint of the final model to output_dir/hf
+  # Divergence alarms (train/alarms.py): grad_norm exactly 0, or the loss at its first value,
+  # for alarm_steps consecutive steps (0: off); grad_norm over alarm_grad_growth x its first
+  # value (0: off). A warning naming the metric and step; with stop_on_alarm, the run stops.
+  alarm_steps: int = 10
+  alarm_grad_growth: float = 1e3
+  stop_on_alarm: bool = False
+
+  def validate(self, *, steps: bool = True):
+    """Ranges of the run settings (`steps=False`: trainers whose rounds set run.steps)."""
+    if steps:
+      require(self.steps >= 1, "run.steps", "an integer >= 1", self.steps)
+    require(self.batch_size >= 1, "run.batch_size", "an integer >= 1", self.batch_size)
+    require(self.log_every >= 1, "run.log_every", "an integer >= 1", self.log_every)
+    for name in ("eval_every", "checkpoint_every", "alarm_steps"):
+      value = getattr(self, name)
+      require(value >= 0, f"run.{name}", "an integer >= 0 (0: off)", value)
+    require(self.keep_checkpoints >= 1, "run.keep_checkpoints", "an integer >= 1",
+            self.keep_checkpoints)
+    require(self.alarm_grad_growth == 0 or self.alarm_grad_growth > 1, "run.alarm_grad_growth",
+            "0 (off) or a factor > 1", self.alarm_grad_growth)
 
 
 @dataclasses.dataclass
@@ -88,8 +115,10 @@ class Task:
   config: dict = dataclasses.field(default_factory=dict)  # the experiment config, for the run dir
 
 
-class TrainingDivergedError(RuntimeError):
-  """A step produced a non-finite metric; the run stopped before saving that state."""
+class TrainingDivergedError(UserError, RuntimeError):
+  """A step produced a non-finite metric (or tripped an alarm, with run.stop_on_alarm); the run
+  stopped before saving that state. A RuntimeError as it always was, and a UserError so the CLI
+  reports it in one line."""
 
 
 class MetricsWriter:
@@ -159,18 +188,31 @@ def _scalar(value):
   return value.item() if value.size == 1 else value.tolist()
 
 
+def _last_good(checkpoints: Checkpointer) -> str:
+  checkpoints.wait()
+  last = checkpoints.latest_step()
+  return (f"the last good checkpoint is step {last} in {checkpoints.directory}" if last
+          is not None else "no checkpoint was written before it")
+
+
 def _check_finite(step: int, metrics: dict, checkpoints: Checkpointer):
   # host: metrics come through parallel.host_get
   bad = {k: v for k, v in metrics.items() if not np.all(np.isfinite(np.asarray(v, np.float64)))}
   if bad:
-    checkpoints.wait()
-    last = checkpoints.latest_step()
-    where = (f"the last good checkpoint is step {last} in {checkpoints.directory}" if last
-             is not None else "no checkpoint was written before it")
     raise TrainingDivergedError(
         f"step {step}: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; stopped "
-        f"without saving this state ({where}). Lower the learning rate or check the data, then "
-        "rerun to resume from that checkpoint.")
+        f"without saving this state ({_last_good(checkpoints)}). Lower the learning rate or "
+        "check the data, then rerun to resume from that checkpoint.")
+
+
+def _check_alarms(step: int, metrics: dict, alarms: Alarms, run: RunConfig,
+                  checkpoints: Checkpointer):
+  for message in alarms.check(step, metrics):
+    if run.stop_on_alarm:
+      raise TrainingDivergedError(
+          f"{message}; stopped by run.stop_on_alarm=true without saving this state "
+          f"({_last_good(checkpoints)})")
+    log.warning("%s; run.stop_on_alarm=true would stop the run here", message)
 
 
 def evaluate(task: Task, state) -> dict:
@@ -203,14 +245,14 @@ def _check_resumable(meta: dict, current: dict, run: RunConfig, directory):
   saved = meta.get("config")
   for section in _RESUME_MUST_MATCH if saved else ():
     if section in current and saved.get(section) != current.get(section):
-      raise ValueError(
+      raise ConfigError(
           f"{directory} holds checkpoints of a run whose '{section}' config differs from this "
           f"one ({saved.get(section)} vs {current.get(section)}); use a new run.output_dir, or "
           "run.resume=false with run.overwrite=true to start over there")
   step = meta.get("step")
   for name, why in _RUN_MUST_MATCH.items():
     if name in meta and meta[name] != getattr(run, name):
-      raise ValueError(
+      raise ConfigError(
           f"cannot resume the checkpoint at step {step} in {directory}: it was written with "
           f"run.{name}={meta[name]}, this run has run.{name}={getattr(run, name)} ({why} depends "
           f"on it). Set run.{name}={meta[name]} to resume, use a new run.output_dir, or "
@@ -220,7 +262,7 @@ def _check_resumable(meta: dict, current: dict, run: RunConfig, directory):
 def _open_checkpoints(run: RunConfig, directory: pathlib.Path) -> Checkpointer:
   """The run's Checkpointer; when not resuming, old checkpoints are refused (overwrite: deleted)."""
   if run.overwrite and run.resume:
-    raise ValueError("run.overwrite=true deletes the checkpoints in run.output_dir and starts "
+    raise ConfigError("run.overwrite=true deletes the checkpoints in run.output_dir and starts "
                      "over, which contradicts run.resume=true; set run.resume=false with it")
   checkpoints = Checkpointer(directory, keep=run.keep_checkpoints,
                              async_save=run.async_checkpoint)
@@ -229,7 +271,7 @@ def _open_checkpoints(run: RunConfig, directory: pathlib.Path) -> Checkpointer:
     return checkpoints
   if not run.overwrite:
     checkpoints.close()
-    raise ValueError(
+    raise ConfigError(
         f"{checkpoints.directory} already holds checkpoints at steps {sorted(steps)} and "
         "run.resume=false: this run would write none at or below step "
         f"{max(steps)} and a later resume would restore the old run. Set run.resume=true to "
@@ -250,9 +292,12 @@ def run_loop(task: Task, run: RunConfig) -> dict:
   try:
     state = task.init_state()
     start = 0
-    if run.resume and checkpoints.latest_step() is not None:
-      state, meta = checkpoints.restore(state)
-      _check_resumable(meta, task.config, run, out)
+    # The newest intact checkpoint: damaged ones are logged and set aside (checkpoint.py).
+    restored = checkpoints.restore_intact(
+        state, check=lambda meta: _check_resumable(meta, task.config, run, out)) if (
+            run.resume) else None
+    if restored is not None:
+      state, meta = restored
       start = int(meta["step"])
       log.info("resumed from %s at step %d", checkpoints.directory, start)
   except BaseException:
@@ -278,6 +323,7 @@ def run_loop(task: Task, run: RunConfig) -> dict:
              dynamic_ncols=True)
   last_metrics, eval_metrics = {}, {}
   evaluates = task.eval_step is not None or bool(task.evaluators)
+  alarms = Alarms(run.alarm_steps, run.alarm_grad_growth)
   window_tokens, window_start = 0, time.perf_counter()
   try:
     if evaluates and 0 < start < task.num_steps and run.eval_every and start % run.eval_every == 0:
@@ -289,6 +335,7 @@ def run_loop(task: Task, run: RunConfig) -> dict:
       state, metrics = task.train_step(state, task.put(batch))
       metrics = parallel.host_get(metrics)
       _check_finite(step + 1, metrics, checkpoints)
+      _check_alarms(step + 1, metrics, alarms, run, checkpoints)
       last_metrics = {k: _scalar(v) for k, v in metrics.items()}
       writer.write(step + 1, "train", last_metrics)
       bar.update(1)

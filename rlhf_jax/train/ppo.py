@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import losses, models, ops, rollout as rollout_lib
-from rlhf_jax.config import to_dict
+from rlhf_jax.config import require, to_dict
 from rlhf_jax.train import common, loop, online
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer
 
@@ -62,6 +62,13 @@ class PPOLoss:
       raise ValueError(f"loss.kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
     if self.epochs < 1 or self.minibatches < 1:
       raise ValueError("loss.epochs and loss.minibatches must be >= 1")
+    for name in ("clip_eps", "value_clip_eps"):
+      require(getattr(self, name) > 0, f"loss.{name}", "a clip range > 0", getattr(self, name))
+    for name in ("vf_coef", "entropy_coef", "kl_coef"):
+      require(getattr(self, name) >= 0, f"loss.{name}", "a coefficient >= 0", getattr(self, name))
+    for name in ("gamma", "lam"):
+      require(0 <= getattr(self, name) <= 1, f"loss.{name}", "a value in [0, 1]",
+              getattr(self, name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +88,8 @@ class PPOConfig:
     self.generation.validate()
     self.reward.validate()
     self.optimizer.validate()
+    self.run.validate()
+    self.data.validate()
     if self.loss.value_head == "separate" and self.reward.kind != "model":
       raise ValueError("loss.value_head='separate' initialises the critic from the reward model; "
                        "it needs reward.kind='model'")

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import losses, ops, parallel
-from rlhf_jax.config import to_dict
+from rlhf_jax.config import require, to_dict
 from rlhf_jax.data import BatchStream
 from rlhf_jax.train import common, loop, steps
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer, make_schedule
@@ -72,6 +72,7 @@ class PreferenceLossConfig:
     return self.logp_reduction or self.entry().logp_reduction
 
   def validate(self):
+    require(self.beta > 0, "loss.beta", "a value > 0", self.beta)
     self.loss_hparams()
     if self.reduction() not in ("sum", "mean"):
       raise ValueError(f"loss.logp_reduction must be sum or mean, got {self.logp_reduction!r}")
@@ -91,6 +92,8 @@ class PreferenceConfig:
   def validate(self):
     self.loss.validate()
     self.optimizer.validate()
+    self.run.validate()
+    self.data.validate()
 
 
 def _sequence_logps(model, params, batch, reduction, chunk_size):
@@ -239,6 +242,11 @@ class KTOLossConfig:
   desirable_weight: float = 1.0
   undesirable_weight: float = 1.0  # raise when undesirable rows are rarer (the paper's λ_U)
 
+  def validate(self):
+    require(self.beta > 0, "loss.beta", "a value > 0", self.beta)
+    for name in ("desirable_weight", "undesirable_weight"):
+      require(getattr(self, name) > 0, f"loss.{name}", "a weight > 0", getattr(self, name))
+
 
 @dataclasses.dataclass(frozen=True)
 class KTOConfig:
@@ -250,7 +258,10 @@ class KTOConfig:
   run: loop.RunConfig = loop.RunConfig(output_dir="runs/kto")
 
   def validate(self):
+    self.loss.validate()
     self.optimizer.validate()
+    self.run.validate()
+    self.data.validate()
 
 
 def make_kto_losses(model, loss: KTOLossConfig, chunk_size: int = 512):

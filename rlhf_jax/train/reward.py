@@ -61,6 +61,8 @@ class RewardConfig:
   def validate(self):
     self.loss.validate()
     self.optimizer.validate()
+    self.run.validate()
+    self.data.validate()
 
 
 def load_reward_model(spec: common.ModelSpec, num_heads: int, seed: int, mesh=None):

@@ -48,6 +48,8 @@ class SFTConfig:
   def validate(self):
     self.loss.validate()
     self.optimizer.validate()
+    self.run.validate()
+    self.data.validate()
     if self.data.packing and self.loss.aggregation != "token_mean":
       raise ValueError("data.packing puts several examples in a row: use "
                        "loss.aggregation=token_mean (a per-row mean would weigh examples by "

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlhf_jax.config import require
 from rlhf_jax.models import lora
 
 __all__ = ["TrainState", "OptimizerConfig", "make_optimizer", "make_schedule",
@@ -103,6 +104,18 @@ class OptimizerConfig:
                        f"{self.schedule!r}")
     if self.grad_accumulation < 1:
       raise ValueError(f"optimizer.grad_accumulation must be >= 1, got {self.grad_accumulation}")
+    require(self.lr > 0, "optimizer.lr", "a learning rate > 0", self.lr)
+    require(self.warmup_steps >= 0, "optimizer.warmup_steps", "an integer >= 0",
+            self.warmup_steps)
+    require(0 <= self.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "a ratio in [0, 1]",
+            self.min_lr_ratio)
+    require(self.weight_decay >= 0, "optimizer.weight_decay", "a value >= 0", self.weight_decay)
+    for name in ("b1", "b2"):
+      value = getattr(self, name)
+      require(0 <= value < 1, f"optimizer.{name}", "a decay rate in [0, 1)", value)
+    require(self.eps > 0, "optimizer.eps", "a value > 0", self.eps)
+    require(self.max_grad_norm is None or self.max_grad_norm > 0, "optimizer.max_grad_norm",
+            "a norm > 0 (or None: no clipping)", self.max_grad_norm)
 
 
 def make_schedule(config: OptimizerConfig, total_updates: int) -> optax.Schedule:

@@ -82,7 +82,7 @@ def test_kto_and_ranked_rows_from_files(tmp_path, word_tokenizer, suffix, kind, 
   lists = kind == "ranked" or isinstance(rows[0]["prompt"], list)
   if suffix == ".csv" and lists:
     # CSV cells are scalars: the lists arrive as their text, a bad row rather than training text.
-    with pytest.raises(DataError, match=r"rows\.csv, row 0, field '(prompt|completions)'.*CSV "
+    with pytest.raises(DataError, match=r"rows\.csv, line 2, field '(prompt|completions)'.*CSV "
                                         r"cannot hold lists"):
       prepare(kind, path, word_tokenizer, CONFIG)
     return
@@ -114,32 +114,62 @@ def test_saved_dataset_dict_split_and_the_trainers_eval_split(tmp_path, word_tok
   assert (len(train), len(evaluation)) == (2, 1)
 
 
-def test_bad_row_error_names_file_row_and_field(tmp_path, word_tokenizer):
+def test_bad_row_error_names_file_line_and_field(tmp_path, word_tokenizer):
+  # A JSON Lines file is located by its (1-based) line: the third row is on line 3.
   rows = ROWS + [{"prompt": "review the show", "chosen": "the plot is ok .",
                   "rejected": "the plot is ok ."}]
   path = _jsonl(tmp_path / "prefs.jsonl", rows)
-  with pytest.raises(DataError, match=r"prefs\.jsonl, row 2, field 'rejected': chosen and "
-                                      r"rejected are identical"):
+  with pytest.raises(DataError, match=r"prefs\.jsonl, line 3, field 'rejected': chosen and "
+                                      r"rejected are identical") as info:
     prepare("pair", path, word_tokenizer, CONFIG)
+  assert (info.value.row, info.value.line) == (2, 3)
+  assert ", row " not in str(info.value)  # one numbering in the message, not rows next to lines
+
+
+def test_blank_lines_hold_no_row_but_count_as_lines(tmp_path, word_tokenizer):
+  path = tmp_path / "prefs.jsonl"
+  bad = {"prompt": "review the show", "chosen": "the plot is ok ."}
+  path.write_text("\n".join([json.dumps(ROWS[0]), "", "  ", json.dumps(ROWS[1]), json.dumps(bad)])
+                  + "\n")
+  with pytest.raises(DataError, match=r"prefs\.jsonl, line 5, field 'rejected': missing"):
+    prepare("pair", str(path), word_tokenizer, CONFIG)
+
+
+def test_a_csv_row_is_located_by_the_line_it_starts_on(tmp_path, word_tokenizer):
+  # Line 1 is the header, line 3 is empty, the row on line 4 has a cell spanning two lines: the
+  # third row, whose "rejected" is empty, starts on line 6.
+  path = tmp_path / "prefs.csv"
+  path.write_text('prompt,chosen,rejected\nreview the phone,the screen is good .,the screen is '
+                  'bad .\n\n"review\nthe cafe",the food is great .,the food is ok .\n'
+                  'review the cafe,the food is great .,\n')
+  with pytest.raises(DataError, match=r"prefs\.csv, line 6, field 'rejected': missing"):
+    prepare("pair", str(path), word_tokenizer, CONFIG)
+
+
+def test_a_json_array_file_is_located_by_row(tmp_path, word_tokenizer):
+  path = tmp_path / "prefs.json"  # one JSON array: its rows have no lines of their own
+  path.write_text(json.dumps(ROWS + [{"prompt": "review the show", "chosen": "ok ."}], indent=2))
+  with pytest.raises(DataError, match=r"prefs\.json, row 2, field 'rejected': missing"):
+    prepare("pair", str(path), word_tokenizer, CONFIG)
 
 
 def test_missing_field_in_a_file(tmp_path, word_tokenizer):
   rows = ROWS + [{"prompt": "review the show", "chosen": "the plot is ok ."}]
   path = _jsonl(tmp_path / "prefs.jsonl", rows)
-  with pytest.raises(DataError, match=r"row 2, field 'rejected': missing"):
+  with pytest.raises(DataError, match=r"line 3, field 'rejected': missing"):
     prepare("pair", path, word_tokenizer, CONFIG)
 
 
 def test_a_field_whose_type_changes_between_rows_is_located(tmp_path, word_tokenizer):
   rows = ROWS + [{"prompt": "review the show", "chosen": "the plot is ok .", "rejected": 7}]
   path = _jsonl(tmp_path / "prefs.jsonl", rows)
-  with pytest.raises(DataError, match=r"prefs\.jsonl, row 2, field 'rejected': expected a string"):
+  with pytest.raises(DataError, match=r"prefs\.jsonl, line 3, field 'rejected': expected a string"):
     prepare("pair", path, word_tokenizer, CONFIG)
 
 
 def test_when_arrow_rejects_a_file_the_row_is_still_located(tmp_path, word_tokenizer, monkeypatch):
   # Older `datasets` releases fail on a column whose type changes; the file is then re-read
-  # line by line so the error still names the row and the field.
+  # line by line so the error still names the line and the field.
   rows = ROWS + [{"prompt": "review the show", "chosen": "the plot is ok .", "rejected": 7}]
   path = _jsonl(tmp_path / "prefs.jsonl", rows)
 
@@ -147,15 +177,17 @@ def test_when_arrow_rejects_a_file_the_row_is_still_located(tmp_path, word_token
     raise datasets.exceptions.DatasetGenerationError("An error occurred while generating")
 
   monkeypatch.setattr(datasets, "load_dataset", arrow_fails)
-  with pytest.raises(DataError, match=r"prefs\.jsonl, row 2, field 'rejected': is a int, but row "
-                                      r"0 has a str"):
+  with pytest.raises(DataError, match=r"prefs\.jsonl, line 3, field 'rejected': expected str as "
+                                      r"on line 1 \(every row must use the same type for a "
+                                      r"field\), got int"):
     prepare("pair", path, word_tokenizer, CONFIG)
 
 
 def test_invalid_json_line_is_located(tmp_path, word_tokenizer):
   path = tmp_path / "prefs.jsonl"
   path.write_text(json.dumps(ROWS[0]) + "\n{not json\n")
-  with pytest.raises(DataError, match="line 2 is not valid JSON"):
+  with pytest.raises(DataError, match=r"prefs\.jsonl, line 2: expected a JSON object, got invalid "
+                                      r"JSON \("):
     prepare("pair", str(path), word_tokenizer, CONFIG)
 
 

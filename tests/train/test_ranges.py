@@ -1,0 +1,83 @@
+"""Settings are range-checked when the config is built (before any file is read), each error
+naming its key: `<key>: expected <what>, got <value>`."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from rlhf_jax import config as config_lib
+from rlhf_jax.config import ConfigError
+from rlhf_jax.train import common
+
+EXPERIMENTS = pathlib.Path(__file__).resolve().parents[2] / "experiments"
+
+
+def _error(experiment, *overrides) -> str:
+  config = config_lib.load_experiment(EXPERIMENTS / experiment)
+  with pytest.raises(ConfigError) as info:
+    config_lib.apply_overrides(config, overrides)
+  return str(info.value)
+
+
+@pytest.mark.parametrize("experiment, override, message", [
+    ("sft.py", "run.steps=0", "run.steps: expected an integer >= 1, got 0"),
+    ("dpo.py", "run.batch_size=0", "run.batch_size: expected an integer >= 1, got 0"),
+    ("dpo.py", "run.checkpoint_every=-1",
+     "run.checkpoint_every: expected an integer >= 0 (0: off), got -1"),
+    ("dpo.py", "run.alarm_grad_growth=0.5",
+     "run.alarm_grad_growth: expected 0 (off) or a factor > 1, got 0.5"),
+    ("sft.py", "optimizer.lr=0", "optimizer.lr: expected a learning rate > 0, got 0.0"),
+    ("reward.py", "optimizer.lr=-1e-5", "optimizer.lr: expected a learning rate > 0, got -1e-05"),
+    ("dpo.py", "optimizer.b2=1", "optimizer.b2: expected a decay rate in [0, 1), got 1.0"),
+    ("dpo.py", "loss.beta=0", "loss.beta: expected a value > 0, got 0.0"),
+    ("kto.py", "loss.beta=-0.1", "loss.beta: expected a value > 0, got -0.1"),
+    ("dpo.py", "data.eval_fraction=1",
+     "data.eval_fraction: expected a fraction in [0, 1) (0: no held-out evaluation), got 1.0"),
+    ("ppo.py", "loss.clip_eps=0", "loss.clip_eps: expected a clip range > 0, got 0.0"),
+    ("ppo.py", "loss.gamma=1.5", "loss.gamma: expected a value in [0, 1], got 1.5"),
+    ("grpo.py", "loss.clip_eps=-0.2", "loss.clip_eps: expected a clip range > 0, got -0.2"),
+    ("rloo.py", "loss.clip_eps_high=0",
+     "loss.clip_eps_high: expected a clip range > 0 (or None: loss.clip_eps), got 0.0"),
+    ("iterative_dpo.py", "optimizer.lr=0", "optimizer.lr: expected a learning rate > 0, got 0.0"),
+])
+def test_each_range_error_names_its_key(experiment, override, message):
+  assert _error(experiment, override) == message
+
+
+def test_rounds_trainers_take_their_steps_from_the_rounds():
+  # run.steps=0 is the rejection-sampling and iterative-DPO default: not an error there.
+  for experiment in ("rejection_sampling.py", "iterative_dpo.py"):
+    config = config_lib.apply_overrides(config_lib.load_experiment(EXPERIMENTS / experiment), [])
+    assert config.run.steps == 0
+
+
+@pytest.mark.parametrize("buckets", ["(16,64)", "(32,16)", "(16,)"])
+def test_buckets_must_end_at_max_length(buckets):
+  message = _error("sft.py", f"data.buckets={buckets}")
+  assert message.startswith("data.buckets: expected increasing lengths ending at "
+                            "data.max_length=32 (")
+  assert message.endswith(f"got {tuple(int(b) for b in buckets.strip('()').split(',') if b)}")
+  assert config_lib.apply_overrides(config_lib.load_experiment(EXPERIMENTS / "sft.py"), [
+      "data.buckets=(16,32)"]).data.buckets == (16, 32)
+
+
+def test_data_settings_are_checked_before_anything_is_read(tmp_path):
+  spec = common.DataSpec(train=str(tmp_path / "absent.jsonl"), max_length=64, buckets=(32,))
+  with pytest.raises(ConfigError, match=r"^data\.buckets: expected increasing lengths ending at "
+                                        r"data\.max_length=64"):
+    common.load_data("sft", spec, tokenizer=None, seed=0)  # not a missing-file error
+
+
+def test_the_cli_refuses_buckets_past_max_length_in_one_line():
+  result = subprocess.run(
+      [sys.executable, "-m", "rlhf_jax", "run", str(EXPERIMENTS / "sft.py"),
+       "--set", "data.max_length=128", "--print-config"], capture_output=True, text=True,
+      timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines() == [
+      "error: data.buckets: expected increasing lengths ending at data.max_length=128 (rows are "
+      "cut to max_length, and each batch is padded to the first bucket that holds its longest "
+      "row), got (32,)"]
