@@ -56,6 +56,7 @@ class RejectionSamplingConfig:
     self.optimizer.validate()
     self.run.validate(steps=False)  # the rounds set run.steps
     self.data.validate()
+    self.model.validate()
     self.reward.resolved(self.data.train)
 
   def resolved(self) -> "RejectionSamplingConfig":

@@ -55,6 +55,9 @@ class ModelSpec:
   # LoRA / QLoRA adapters on the trained model (rank 0: full fine-tuning); see models/lora.py.
   lora: models.LoraConfig = models.LoraConfig()
 
+  def validate(self):
+    self.lora.validate()
+
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:

@@ -102,6 +102,7 @@ class GRPOConfig:
     self.optimizer.validate()
     self.run.validate()
     self.data.validate()
+    self.model.validate()
     self.advantage()
     if self.generation.num_samples < 2:
       raise ValueError("group baselines need generation.num_samples >= 2")

@@ -73,6 +73,7 @@ class IterativeDPOConfig:
     self.optimizer.validate()
     self.run.validate(steps=False)  # the rounds set run.steps
     self.data.validate()
+    self.model.validate()
     if self.generation.num_samples < 2:
       raise ValueError("iterative DPO needs generation.num_samples >= 2 responses per prompt")
     if self.labels.kind == "reward":

@@ -90,6 +90,7 @@ class PPOConfig:
     self.optimizer.validate()
     self.run.validate()
     self.data.validate()
+    self.model.validate()
     if self.loss.value_head == "separate" and self.reward.kind != "model":
       raise ValueError("loss.value_head='separate' initialises the critic from the reward model; "
                        "it needs reward.kind='model'")

@@ -94,6 +94,7 @@ class PreferenceConfig:
     self.optimizer.validate()
     self.run.validate()
     self.data.validate()
+    self.model.validate()
 
 
 def _sequence_logps(model, params, batch, reduction, chunk_size):
@@ -262,6 +263,7 @@ class KTOConfig:
     self.optimizer.validate()
     self.run.validate()
     self.data.validate()
+    self.model.validate()
 
 
 def make_kto_losses(model, loss: KTOLossConfig, chunk_size: int = 512):

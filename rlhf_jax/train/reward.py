@@ -63,6 +63,7 @@ class RewardConfig:
     self.optimizer.validate()
     self.run.validate()
     self.data.validate()
+    self.model.validate()
 
 
 def load_reward_model(spec: common.ModelSpec, num_heads: int, seed: int, mesh=None):

@@ -50,6 +50,7 @@ class SFTConfig:
     self.optimizer.validate()
     self.run.validate()
     self.data.validate()
+    self.model.validate()
     if self.data.packing and self.loss.aggregation != "token_mean":
       raise ValueError("data.packing puts several examples in a row: use "
                        "loss.aggregation=token_mean (a per-row mean would weigh examples by "

@@ -156,3 +156,14 @@ def test_lora_reward_model_trains_its_score_head_in_full(model_spec, data_spec, 
   rm, params = models.from_pretrained_reward_model(str(config.run.output_dir) + "/hf")
   np.testing.assert_array_equal(params["score"]["kernel"],
                                 jax.device_get(out["state"].params["score"]["kernel"]))
+
+
+def test_lora_settings_are_checked_when_the_config_is_built():
+  from rlhf_jax.config import ConfigError, apply_overrides
+  with pytest.raises(ConfigError, match=r"model.lora.targets: unknown module 'qkv'"):
+    apply_overrides(preference.PreferenceConfig(), ["model.lora.rank=4", "model.lora.targets=qkv"])
+  with pytest.raises(ConfigError, match=r"model.lora.quantize='nf4' needs LoRA adapters"):
+    apply_overrides(preference.PreferenceConfig(), ["model.lora.quantize=nf4"])
+  config = apply_overrides(preference.PreferenceConfig(), ["model.lora.rank=16",
+                                                           "model.lora.targets=q_proj,v_proj"])
+  assert config.model.lora.target_names() == ("q", "v")
