@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.errors import UserError
+from rlhf_jax.config import ConfigError
 
 __all__ = ["LoraConfig", "Adapted", "parts", "split", "trainable", "detach_bases",
            "attach_bases", "adapt", "init_adapters", "quantize_base", "decoder_module",
@@ -67,24 +67,24 @@ class LoraConfig:
 
   def validate(self, prefix: str = "model.lora") -> None:
     if self.rank < 0:
-      raise UserError(f"{prefix}.rank: expected an integer >= 0 (0 = off), got {self.rank}")
+      raise ConfigError(f"{prefix}.rank: expected an integer >= 0 (0 = off), got {self.rank}")
     if not self.enabled:
       if self.quantize != "none":
-        raise UserError(f"{prefix}.quantize={self.quantize!r} needs LoRA adapters: set "
+        raise ConfigError(f"{prefix}.quantize={self.quantize!r} needs LoRA adapters: set "
                          f"{prefix}.rank >= 1 (a quantised base cannot be fine-tuned in full)")
       return
     if not self.alpha > 0:
-      raise UserError(f"{prefix}.alpha: expected a number > 0, got {self.alpha}")
+      raise ConfigError(f"{prefix}.alpha: expected a number > 0, got {self.alpha}")
     if self.dropout != 0.0:
-      raise UserError(f"{prefix}.dropout: only 0.0 is supported (the forward pass takes no "
+      raise ConfigError(f"{prefix}.dropout: only 0.0 is supported (the forward pass takes no "
                        f"dropout key), got {self.dropout}")
     if self.quantize not in QUANTIZATIONS:
-      raise UserError(f"{prefix}.quantize: expected one of {', '.join(QUANTIZATIONS)}, got "
+      raise ConfigError(f"{prefix}.quantize: expected one of {', '.join(QUANTIZATIONS)}, got "
                        f"{self.quantize!r}")
     if self.group_size < 1:
-      raise UserError(f"{prefix}.group_size: expected an integer >= 1, got {self.group_size}")
+      raise ConfigError(f"{prefix}.group_size: expected an integer >= 1, got {self.group_size}")
     if self.dtype not in ("float32", "bfloat16"):
-      raise UserError(f"{prefix}.dtype: expected float32 or bfloat16, got {self.dtype!r}")
+      raise ConfigError(f"{prefix}.dtype: expected float32 or bfloat16, got {self.dtype!r}")
     self.target_names()
 
   def target_names(self) -> tuple[str, ...]:
@@ -95,7 +95,7 @@ class LoraConfig:
     for name in self.targets:
       ours = _ALIASES.get(name, name)
       if ours not in PROJECTIONS:
-        raise UserError(f"model.lora.targets: unknown module {name!r}; expected 'all' or names "
+        raise ConfigError(f"model.lora.targets: unknown module {name!r}; expected 'all' or names "
                          f"from {', '.join(PROJECTIONS)} (or their *_proj forms)")
       names.append(ours)
     return tuple(dict.fromkeys(names))
@@ -213,7 +213,7 @@ def init_adapters(lora: LoraConfig, base: dict, key: jax.Array) -> dict:
   names = lora.target_names()
   missing = [n for n in names if n not in layers.get(PROJECTIONS[n], {})]
   if missing and tuple(lora.targets) != ("all",):
-    raise UserError(f"model.lora.targets: the model has no {', '.join(missing)} projection "
+    raise ConfigError(f"model.lora.targets: the model has no {', '.join(missing)} projection "
                      f"(it has {', '.join(n for n in PROJECTIONS if n in layers[PROJECTIONS[n]])})")
   for i, name in enumerate(n for n in names if n not in missing):
     group = PROJECTIONS[name]
@@ -239,7 +239,7 @@ def quantize_base(model, base: dict) -> dict:
       for name in PROJECTIONS:
         kernel = base["layers"][group].get(name, {}).get("kernel")
         if kernel is not None and kernel.shape[1] % lora.group_size:
-          raise UserError(f"model.lora.group_size={lora.group_size} does not divide the {name} "
+          raise ConfigError(f"model.lora.group_size={lora.group_size} does not divide the {name} "
                            f"projection's {kernel.shape[1]} input features")
   decoder = decoder_module(model._decoder(model.compute_dtype(base)), lora, with_adapters=False)
   ids = jnp.zeros((1, 1), jnp.int32)
@@ -319,7 +319,7 @@ def save_peft(model, params, out_dir: str, *, base_model_name_or_path: str | Non
   from rlhf_jax.models import hf_io
   _, adapters = parts(params)
   if adapters is None or model.lora is None:
-    raise UserError("save_peft needs LoRA params (lora.Adapted with adapters)")
+    raise ConfigError("save_peft needs LoRA params (lora.Adapted with adapters)")
   config = model.config
   hf_names = {}
   for rule in hf_io.tensor_map(config):
@@ -331,7 +331,7 @@ def save_peft(model, params, out_dir: str, *, base_model_name_or_path: str | Non
     for name, ab in names.items():
       rule, _ = hf_names[name]
       if rule.kind != "linear":
-        raise UserError(f"PEFT export: the {name} projection is stored fused in transformers "
+        raise ConfigError(f"PEFT export: the {name} projection is stored fused in transformers "
                          f"({rule.hf_name}) for model_type={config.model_type!r}; export the "
                          f"merged checkpoint instead")
       modules.append(rule.hf_name.rsplit(".", 2)[-2])
