@@ -78,12 +78,41 @@ class Rollout:
     return self.input_ids[:, self.prompt_length:]
 
 
+def end_of_turn_id(tokenizer) -> int | None:
+  """The special token the chat template closes an assistant turn with (Qwen's <|im_end|>,
+  Llama 3's <|eot_id|>, Gemma's <end_of_turn>), found by rendering a probe conversation; None
+  without a chat template or when the turn ends in plain text."""
+  if not getattr(tokenizer, "chat_template", None):
+    return None
+  probe = "Zq7 probe reply"
+  try:
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello"}, {"role": "assistant", "content": probe}],
+        tokenize=False)
+  except Exception:  # noqa: BLE001 — a template that cannot render this is not ours to judge
+    return None
+  if probe not in text:
+    return None
+  special = set(tokenizer.all_special_ids) | {
+      i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
+  for token_id in tokenizer(text[text.rindex(probe) + len(probe):],
+                            add_special_tokens=False)["input_ids"]:
+    if token_id in special:
+      return int(token_id)
+    if tokenizer.decode([token_id]).strip():
+      return None
+  return None
+
+
 def stop_ids(tokenizer, model) -> tuple[int, ...]:
-  """Every id that ends a response: the tokenizer's EOS and the model config's EOS ids."""
+  """Every id that ends a response: the tokenizer's EOS, the model config's EOS ids, and the
+  chat template's end-of-turn token."""
   ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
   config_eos = getattr(model.config, "eos_token_id", None)
   # host: config values
   ids |= set(np.atleast_1d(config_eos).tolist()) if config_eos is not None else set()
+  if (turn_end := end_of_turn_id(tokenizer)) is not None:
+    ids.add(turn_end)
   if not ids:
     raise ValueError("neither the tokenizer nor the model config defines an EOS token: set "
                      "tokenizer.eos_token so generation can stop")

@@ -197,3 +197,30 @@ def test_prompt_rows_keep_their_columns_for_the_reward(tokenizer):
   assert records[0].text == ({"role": "system", "content": "add"},
                              {"role": "user", "content": "2+2"})
   assert records[0].columns == {"answer": "4", "source": "x"} and records[0].row == 0
+
+
+def test_the_chat_templates_end_of_turn_token_stops_generation_and_is_exported(tmp_path):
+  """A Qwen-style template closes the assistant turn with <|im_end|>, not EOS: the sampler stops
+  at both, and the export's generation_config.json lists both for transformers' generate."""
+  import json
+
+  from rlhf_jax import embedded, models
+  from rlhf_jax.train import common
+  directory = embedded.ensure_assets(tmp_path / "tiny", seed=0, hidden_size=32,
+                                     intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2)
+  tokenizer = common.load_tokenizer(common.ModelSpec(path=directory))
+  model, params = models.from_pretrained(directory)
+  assert rollout.end_of_turn_id(tokenizer) == tokenizer.eos_token_id  # the embedded template
+  tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+  tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                             "{{ m['content'] }}<|im_end|>\n{% endfor %}")
+  im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+  assert rollout.end_of_turn_id(tokenizer) == im_end != tokenizer.eos_token_id
+  assert set(rollout.stop_ids(tokenizer, model)) == {tokenizer.eos_token_id, im_end}
+  common.write_generation_config(model, tokenizer, tmp_path / "out")
+  saved = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+  assert sorted(saved["eos_token_id"]) == sorted({tokenizer.eos_token_id, im_end})
+  assert saved["pad_token_id"] == tokenizer.pad_token_id
+  tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+  assert rollout.end_of_turn_id(tokenizer) is None  # the turn ends in plain text

@@ -36,6 +36,7 @@ __all__ = [
     "Placement",
     "make_placement",
     "export_causal_lm",
+    "write_generation_config",
     "OnlineSetup",
     "load_online",
 ]
@@ -330,8 +331,26 @@ def export_causal_lm(model, tokenizer, params_of=lambda state: state.params):
       models.save_pretrained(model, params, out_dir)
     if parallel.is_main_process():
       tokenizer.save_pretrained(out_dir)
+      if not adapters:
+        write_generation_config(model, tokenizer, out_dir)
   export.lora = model.lora  # what `export --adapters` checks
   return export
+
+
+def write_generation_config(model, tokenizer, out_dir) -> None:
+  """generation_config.json with every id our sampler stops at (EOS, the model config's EOS
+  ids, the chat template's end-of-turn), so transformers' `generate` stops where ours does; the
+  source checkpoint's other generation settings are kept."""
+  import transformers  # noqa: PLC0415
+  from rlhf_jax import rollout  # noqa: PLC0415 — rollout imports train-free layers only
+  source = pathlib.Path(getattr(tokenizer, "name_or_path", "") or ".") / "generation_config.json"
+  config = (transformers.GenerationConfig.from_pretrained(str(source.parent)) if source.is_file()
+            else transformers.GenerationConfig())
+  config.eos_token_id = list(rollout.stop_ids(tokenizer, model))
+  config.pad_token_id = tokenizer.pad_token_id
+  if tokenizer.bos_token_id is not None:
+    config.bos_token_id = tokenizer.bos_token_id
+  config.save_pretrained(str(out_dir))
 
 
 @dataclasses.dataclass

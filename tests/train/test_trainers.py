@@ -1,5 +1,7 @@
 """Each trainer lowers its loss on the embedded data and moves the policy the right way."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -28,6 +30,9 @@ def test_sft_lowers_held_out_nll_and_exports(model_spec, data_spec, small_run, t
   model, params = models.from_pretrained(str(tmp_path / "run" / "hf"))
   trained = jax.device_get(out["state"].params)
   np.testing.assert_array_equal(params["embed"]["embedding"], trained["embed"]["embedding"])
+  # transformers' generate stops where our sampler does: at EOS (the template's end of turn).
+  generation = json.loads((tmp_path / "run" / "hf" / "generation_config.json").read_text())
+  assert generation["eos_token_id"] == [3] and generation["pad_token_id"] is not None
 
 
 def test_reward_model_beats_chance_on_held_out_pairs(model_spec, data_spec, small_run):
