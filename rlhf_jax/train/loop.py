@@ -61,6 +61,7 @@ class RunConfig:
   batch_size: int = 8  # examples per micro-batch, global across devices
   log_every: int = 10
   eval_every: int = 0  # 0: evaluate at the end only
+  eval_at_start: bool = True  # evaluate before the first step too: the starting point on record
   checkpoint_every: int = 0  # 0: checkpoint at the end only
   keep_checkpoints: int = 3
   async_checkpoint: bool = True
@@ -329,6 +330,10 @@ def run_loop(task: Task, run: RunConfig) -> dict:
     if evaluates and 0 < start < task.num_steps and run.eval_every and start % run.eval_every == 0:
       eval_metrics = evaluate(task, state)  # the evaluation after that checkpoint, redone
       writer.write(start, "eval", eval_metrics)
+    if evaluates and start == 0 and run.eval_at_start and task.num_steps > 0:
+      eval_metrics = evaluate(task, state)
+      writer.write(0, "eval", eval_metrics)
+      _print(f"eval step 0/{task.num_steps} {_format(eval_metrics)}")
     for step in range(start, task.num_steps):
       batch = task.batch(step)
       window_tokens += task.count_tokens(batch)

@@ -23,8 +23,11 @@ def small_run(tmp_path):
   def make(**changes):
     # One device by default (learning tests); sharded steps are tested in test_parallel.py and
     # the kill-and-resume test asks for the 8-device mesh.
+    # No evaluation before step 0 (the default; tested in test_loop.py): the learning tests
+    # measure their own starting point.
     base = RunConfig(steps=20, batch_size=16, log_every=5, output_dir=str(tmp_path / "run"),
-                     progress=False, async_checkpoint=False, mesh=MeshConfig(1, 1, 1))
+                     progress=False, async_checkpoint=False, mesh=MeshConfig(1, 1, 1),
+                     eval_at_start=False)
     return dataclasses.replace(base, **changes)
   return make
 

@@ -260,3 +260,18 @@ def test_a_failing_export_or_evaluation_loses_no_training(tmp_path, caplog):
   assert not train_steps and exported == calls  # the same final state, exported this time
   assert summary["eval"] == {"w0": calls[0]}
   assert [r["step"] for r in _metrics(tmp_path / "run", "eval")] == [4]
+
+
+def test_the_starting_point_is_evaluated_before_the_first_step(model_spec, data_spec, small_run):
+  """eval_at_start (the default): an eval record at step 0, the initial policy's, so a run on a
+  real model has its starting point on record; a resumed run does not redo it."""
+  config = preference.PreferenceConfig(
+      model=model_spec, data=data_spec("pair", num_rows=128),
+      run=small_run(steps=2, eval_at_start=True))
+  task = preference.build_task(config)
+  expected = loop.evaluate(task, task.init_state())
+  loop.run_loop(task, config.run)
+  evals = _metrics(pathlib.Path(config.run.output_dir), "eval")
+  assert [m["step"] for m in evals] == [0, 2]
+  assert evals[0]["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+  assert evals[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)  # policy == reference: log 2

@@ -35,7 +35,7 @@ def sft_dir(tmp_path_factory):
       data=common.DataSpec(train="synthetic:sft", num_rows=4096, max_length=32, buckets=(32,)),
       optimizer=OptimizerConfig(lr=2e-3, warmup_steps=10),
       run=loop.RunConfig(steps=150, batch_size=32, output_dir=str(root / "sft"), progress=False,
-                         async_checkpoint=False, mesh=MeshConfig(1, 1, 1)))
+                         async_checkpoint=False, mesh=MeshConfig(1, 1, 1), eval_at_start=False))
   sft.run(config)
   return str(root / "sft" / "hf")
 
@@ -65,7 +65,7 @@ def _run(tmp_path, steps, batch_size=16, **changes):
   # and 8 fake devices on 2 cores multiply every step's cost.
   return loop.RunConfig(steps=steps, batch_size=batch_size, output_dir=str(tmp_path),
                         progress=False, async_checkpoint=False, mesh=MeshConfig(1, 1, 1),
-                        **changes)
+                        **{"eval_at_start": False, **changes})
 
 
 def _assert_improves(judge_gold, params, min_gain=0.15, max_kl=15.0):
