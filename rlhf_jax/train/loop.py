@@ -81,6 +81,14 @@ class RunConfig:
   # value (0: off). A warning naming the metric and step; with stop_on_alarm, the run stops.
   alarm_steps: int = 10
   alarm_grad_growth: float = 1e3
+  # RL alarms (0: off): entropy under alarm_entropy_ratio x its first value; KL to the reference
+  # over alarm_kl nats; response length of the last alarm_steps steps off that of the first by
+  # more than alarm_length_drift (a fraction); gold reward alarm_gold_drop below its best while
+  # the proxy rises (at evaluations with both).
+  alarm_entropy_ratio: float = 0.1
+  alarm_kl: float = 20.0
+  alarm_length_drift: float = 0.5
+  alarm_gold_drop: float = 0.1
   stop_on_alarm: bool = False
 
   def validate(self, *, steps: bool = True):
@@ -96,6 +104,11 @@ class RunConfig:
             self.keep_checkpoints)
     require(self.alarm_grad_growth == 0 or self.alarm_grad_growth > 1, "run.alarm_grad_growth",
             "0 (off) or a factor > 1", self.alarm_grad_growth)
+    require(0 <= self.alarm_entropy_ratio < 1, "run.alarm_entropy_ratio",
+            "0 (off) or a fraction in (0, 1)", self.alarm_entropy_ratio)
+    for name in ("alarm_kl", "alarm_length_drift", "alarm_gold_drop"):
+      require(getattr(self, name) >= 0, f"run.{name}", "0 (off) or a number > 0",
+              getattr(self, name))
 
 
 @dataclasses.dataclass
@@ -207,8 +220,9 @@ def _check_finite(step: int, metrics: dict, checkpoints: Checkpointer):
 
 
 def _check_alarms(step: int, metrics: dict, alarms: Alarms, run: RunConfig,
-                  checkpoints: Checkpointer):
-  for message in alarms.check(step, metrics):
+                  checkpoints: Checkpointer, *, evaluation: bool = False):
+  fired = alarms.check_eval(step, metrics) if evaluation else alarms.check(step, metrics)
+  for message in fired:
     if run.stop_on_alarm:
       raise TrainingDivergedError(
           f"{message}; stopped by run.stop_on_alarm=true without saving this state "
@@ -324,7 +338,9 @@ def run_loop(task: Task, run: RunConfig) -> dict:
              dynamic_ncols=True)
   last_metrics, eval_metrics = {}, {}
   evaluates = task.eval_step is not None or bool(task.evaluators)
-  alarms = Alarms(run.alarm_steps, run.alarm_grad_growth)
+  alarms = Alarms(run.alarm_steps, run.alarm_grad_growth,
+                  entropy_ratio=run.alarm_entropy_ratio, kl_max=run.alarm_kl,
+                  length_drift=run.alarm_length_drift, gold_drop=run.alarm_gold_drop)
   window_tokens, window_start = 0, time.perf_counter()
   try:
     if evaluates and 0 < start < task.num_steps and run.eval_every and start % run.eval_every == 0:
@@ -333,6 +349,7 @@ def run_loop(task: Task, run: RunConfig) -> dict:
     if evaluates and start == 0 and run.eval_at_start and task.num_steps > 0:
       eval_metrics = evaluate(task, state)
       writer.write(0, "eval", eval_metrics)
+      _check_alarms(0, eval_metrics, alarms, run, checkpoints, evaluation=True)
       _print(f"eval step 0/{task.num_steps} {_format(eval_metrics)}")
     for step in range(start, task.num_steps):
       batch = task.batch(step)
@@ -341,7 +358,7 @@ def run_loop(task: Task, run: RunConfig) -> dict:
       metrics = parallel.host_get(metrics)
       _check_finite(step + 1, metrics, checkpoints)
       _check_alarms(step + 1, metrics, alarms, run, checkpoints)
-      last_metrics = {k: _scalar(v) for k, v in metrics.items()}
+      last_metrics = {**{k: _scalar(v) for k, v in metrics.items()}, **alarms.fired_metrics()}
       writer.write(step + 1, "train", last_metrics)
       bar.update(1)
       if (step + 1) % run.log_every == 0 or step + 1 == task.num_steps:
@@ -359,6 +376,7 @@ def run_loop(task: Task, run: RunConfig) -> dict:
       if evaluates and not done and run.eval_every and (step + 1) % run.eval_every == 0:
         eval_metrics = evaluate(task, state)
         writer.write(step + 1, "eval", eval_metrics)
+        _check_alarms(step + 1, eval_metrics, alarms, run, checkpoints, evaluation=True)
         _print(f"eval step {step + 1}/{task.num_steps} {_format(eval_metrics)}")
     bar.close()
     checkpoints.close()  # the final checkpoint is on disk before anything else can fail
@@ -368,6 +386,7 @@ def run_loop(task: Task, run: RunConfig) -> dict:
       if evaluates:
         eval_metrics = evaluate(task, state)
         writer.write(task.num_steps, "eval", eval_metrics)
+        _check_alarms(task.num_steps, eval_metrics, alarms, run, checkpoints, evaluation=True)
         _print(f"eval step {task.num_steps}/{task.num_steps} {_format(eval_metrics)}")
     except Exception as err:
       log.error("the final export or evaluation failed; the final checkpoint (step %d) is in %s: "

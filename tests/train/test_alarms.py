@@ -53,6 +53,39 @@ def test_an_exploding_gradient_norm_fires():
                        "up; lower the learning rate)"]}
 
 
+def test_rl_alarms_entropy_collapse_kl_runaway_and_length_drift():
+  alarms = Alarms(steps=2, growth=0, entropy_ratio=0.1, kl_max=5.0, length_drift=0.5)
+  fired = {}
+  rows = [(3.0, 0.1, 10), (2.0, 1.0, 11), (1.0, 3.0, 12), (0.5, 4.0, 14), (0.2, 6.0, 15),
+          (0.29, 7.0, 16)]
+  for step, (entropy, kl, length) in enumerate(rows, 1):
+    if messages := alarms.check(step, {"entropy": entropy, "kl": kl, "response_length": length}):
+      fired[step] = messages
+  assert fired[5] == [
+      "step 5: entropy=0.2 is under 0.1x its first value 3 (entropy collapse: the policy has "
+      "turned near-deterministic)",
+      "step 5: kl=6 nats is over run.alarm_kl=5 (the policy is running away from the reference; "
+      "raise the KL coefficient or lower the learning rate)"]
+  # Lengths: the first two steps average 10.5, the last two 15.5 (+48%) at step 6: not yet;
+  assert list(fired) == [5]
+  messages = alarms.check(7, {"response_length": 17.0})  # then 16.5 (+57%) at step 7
+  assert messages == ["step 7: the mean response length of the last 2 steps, 16.5, is +57% off "
+                      "that of the first 2, 10.5 (length drift: the reward may pay for length)"]
+  assert alarms.fired_metrics() == {"alarm/entropy": 1.0, "alarm/kl": 1.0, "alarm/length": 1.0}
+
+
+def test_reward_hacking_fires_when_gold_falls_from_its_best_while_the_proxy_rises():
+  alarms = Alarms(steps=0, growth=0, gold_drop=0.1)
+  evals = [(0, 0.0, 0.1), (10, 0.5, 1.0), (20, 0.45, 1.5), (30, 0.3, 0.9), (40, 0.3, 2.2)]
+  fired = {step: m for step, gold, proxy in evals
+           if (m := alarms.check_eval(step, {"gold_reward": gold, "proxy_reward": proxy}))}
+  # Step 20: gold only 0.05 below its best; step 30: 0.2 below, but the proxy fell below 1.0 too.
+  assert fired == {40: ["step 40: gold_reward=0.3 has fallen below its best 0.5 while "
+                        "proxy_reward=2.2 rose past 1 (reward hacking: the policy over-optimises "
+                        "the reward model)"]}
+  assert alarms.check_eval(50, {"proxy_reward": 9.0}) == []  # no gold reward: nothing to judge
+
+
 def test_off_switches_and_non_finite_values_are_left_to_the_nan_guard():
   zeros = [(0.0, 1.0)] * 20
   assert _feed(Alarms(steps=0, growth=0), zeros) == {}
