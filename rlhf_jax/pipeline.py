@@ -204,7 +204,8 @@ def run(config: PipelineConfig) -> dict:
     summary, seconds = _timed(loop.run_loop, task, ppo_config.run)
     rows.append({**_final(lab, summary["state"].params["policy"], name, seconds,
                           _trajectory(pathlib.Path(ppo_config.run.output_dir))),
-                 "rm_seconds": rm_seconds})  # PPO needs the reward model: its time is extra
+                 "rm_seconds": rm_seconds,  # PPO needs the reward model: its time is extra
+                 "alarms": summary["alarms"]})
 
   # 4. Direct methods on the same pairs, from the SFT policy.
   for loss_name, beta in config.direct_runs():
@@ -218,8 +219,9 @@ def run(config: PipelineConfig) -> dict:
     task = preference.build_task(direct_config)
     task.evaluators.append(_as_evaluator(evaluator, lambda s: s.params))
     summary, seconds = _timed(loop.run_loop, task, direct_config.run)
-    rows.append(_final(lab, summary["state"].params, name, seconds,
-                       _trajectory(pathlib.Path(direct_config.run.output_dir))))
+    rows.append({**_final(lab, summary["state"].params, name, seconds,
+                          _trajectory(pathlib.Path(direct_config.run.output_dir))),
+                 "alarms": summary["alarms"]})
 
   # 5. Best-of-N against the proxy: no training; KL is log N - (N-1)/N.
   bon = [{**point, "rm_seconds": rm_seconds} for point in best_of_n_points(lab, config)]

@@ -68,3 +68,12 @@ def test_comparison_table_shows_the_reward_model_s_time_and_best_of_n_cost():
   assert "| 40s + 21s RM |" in table
   assert "| best-of-4 | 0.400 | 0.900 | 0.64 (est. 0.62) | 12.5 | - | - | 3.0s + 21s RM |" in table
   assert "M = 128" in table
+
+
+def test_comparison_table_names_the_alarms_that_fired():
+  rows = [{"method": "PPO kl=0.01", "gold_reward": -0.9, "alarms": ["hacking", "kl"]},
+          {"method": "DPO β=0.1", "gold_reward": 0.1, "alarms": []}]
+  table = plots.comparison_table(rows)
+  assert "Training alarms that fired (train/alarms.py): PPO kl=0.01: hacking, kl." in table
+  assert "DPO" not in table.split("Training alarms")[1]
+  assert "Training alarms" not in plots.comparison_table(rows[1:])

@@ -40,6 +40,9 @@ def comparison_table(rows: list[dict], best_of_n: list[dict] = (), *,
                  f"{point['kl_estimate']:.2f}) | {fmt(point, 'length', '.1f')} | - | - | "
                  f"{wall(point)} |")
   notes = []
+  alarmed = [f"{row['method']}: {', '.join(row['alarms'])}" for row in rows if row.get("alarms")]
+  if alarmed:
+    notes.append("Training alarms that fired (train/alarms.py): " + "; ".join(alarmed) + ".")
   if any(row.get("rm_seconds") is not None for row in [*rows, *best_of_n]):
     notes.append("\"+ Ns RM\": the reward model's training, which the method needs, is extra.")
   if best_of_n:

@@ -397,7 +397,8 @@ def run_loop(task: Task, run: RunConfig) -> dict:
     bar.close()
     writer.close()
     checkpoints.close()
-  return {"state": state, "train": last_metrics, "eval": eval_metrics, "output_dir": str(out)}
+  return {"state": state, "train": last_metrics, "eval": eval_metrics, "output_dir": str(out),
+          "alarms": sorted(alarms.fired)}
 
 
 def _print(line: str):
