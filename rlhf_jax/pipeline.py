@@ -26,7 +26,7 @@ import numpy as np
 
 from rlhf_jax import parallel, rewards, rollout
 from rlhf_jax.data import BatchStream, TokenizeConfig, prepare, synthetic
-from rlhf_jax.eval import diagnostics, plots, policy_eval
+from rlhf_jax.eval import diagnostics, plots, policy_eval, stats
 from rlhf_jax.parallel import MeshConfig
 from rlhf_jax.train import common, loop, ppo, preference, reward, sft
 from rlhf_jax.train.state import OptimizerConfig
@@ -70,6 +70,10 @@ class PipelineConfig:
   # reward is about -(N-1)/(2M) (-0.03 at N = 16; 16 gave -0.45), see best_of_n_kl_estimate_bias.
   # Sampling and scoring them takes ~30 s of the pipeline on 2 CPU cores.
   best_of_n_reference: int = 256
+  # Several seeds (e.g. --set seeds=0,1,2): the whole pipeline once per seed, in
+  # output_dir/seed-<s>, then one table of means with two-level bootstrap 95% intervals (over
+  # seeds and held-out prompts, eval/stats.py). Empty: one run with `seed`.
+  seeds: tuple[int, ...] = ()
 
   def direct_runs(self) -> list[tuple[str, float]]:
     from rlhf_jax import losses
@@ -145,10 +149,19 @@ class _Lab:
     return self.evaluator
 
 
+def _per_prompt(samples, baseline) -> dict:
+  """Per-prompt values of a policy's evaluation, for intervals over seeds and prompts."""
+  as_list = lambda x: None if x is None else np.asarray(x, np.float64).tolist()
+  return {"gold_reward": as_list(samples.gold), "proxy_reward": as_list(samples.proxy),
+          "kl": as_list(samples.kl), "length": as_list(samples.length),
+          "win_rate": as_list(stats.win_indicators(samples.gold, baseline.gold))
+          if samples.gold is not None and baseline.gold is not None else None}
+
+
 def _final(lab: _Lab, params, name: str, seconds: float, trajectory) -> dict:
   samples = lab.evaluator.samples(params)
   row = {"method": name, **policy_eval.summarize(samples, lab.sft_samples), "seconds": seconds,
-         "trajectory": trajectory}
+         "trajectory": trajectory, "per_prompt": _per_prompt(samples, lab.sft_samples)}
   log.info("%s: %s", name, {k: v for k, v in row.items() if k != "trajectory"})
   return row
 
@@ -161,6 +174,8 @@ def _trajectory(run_dir: pathlib.Path) -> list[dict]:
 
 def run(config: PipelineConfig) -> dict:
   config.validate()
+  if config.seeds:
+    return run_seeds(config)
   start = time.perf_counter()
   lab = _Lab(config)
   out, rows = lab.out, []
@@ -184,7 +199,8 @@ def run(config: PipelineConfig) -> dict:
   rm_dir = str(out / "reward" / "hf")
   evaluator = lab.make_evaluator(sft_dir, rm_dir)
   rows.append({"method": "SFT", **policy_eval.summarize(lab.sft_samples, lab.sft_samples),
-               "seconds": sft_seconds, "trajectory": []})
+               "seconds": sft_seconds, "trajectory": [],
+               "per_prompt": _per_prompt(lab.sft_samples, lab.sft_samples)})
   log.info("reward model: held-out accuracy %.3f", rm_summary["eval"].get("accuracy", np.nan))
 
   # 3. PPO against the proxy, from the SFT policy, one run per KL coefficient.
@@ -235,6 +251,55 @@ def run(config: PipelineConfig) -> dict:
   plots.overoptimization(rows, out / "overoptimization.png", bon)
   log.info("pipeline done in %.0fs: %s", result["seconds"], out)
   return result
+
+
+SEED_METRICS = (("gold_reward", ".3f"), ("proxy_reward", ".3f"), ("kl", ".2f"),
+                ("length", ".1f"), ("win_rate", ".3f"))
+
+
+def run_seeds(config: PipelineConfig) -> dict:
+  """The pipeline once per seed, then a table of means with 95% intervals per method."""
+  out = pathlib.Path(config.output_dir)
+  results = [run(dataclasses.replace(config, seed=seed, seeds=(),
+                                     output_dir=str(out / f"seed-{seed}")))
+             for seed in config.seeds]
+  table = seeds_table(results, config.seeds)
+  print(table)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "table.md").write_text(table + "\n")
+  summary = {"seeds": list(config.seeds), "table": table,
+             "seconds": sum(r["seconds"] for r in results)}
+  (out / "results.json").write_text(json.dumps(summary, indent=2))
+  return {**summary, "runs": results}
+
+
+def seeds_table(results: list[dict], seeds) -> str:
+  """Markdown: each method's metrics as mean [95% interval] over seeds and held-out prompts;
+  best-of-N points (one mean per seed) over seeds alone."""
+  lines = [f"| method | {' | '.join(name.replace('_', ' ') for name, _ in SEED_METRICS)} |",
+           "|---" * (len(SEED_METRICS) + 1) + "|"]
+  methods = list(dict.fromkeys(row["method"] for r in results for row in r["rows"]))
+  for method in methods:
+    rows = [row for r in results for row in r["rows"] if row["method"] == method]
+    cells = []
+    for name, spec in SEED_METRICS:
+      groups = [np.asarray(row["per_prompt"][name], np.float64) for row in rows
+                if row.get("per_prompt", {}).get(name) is not None]
+      trivial = method == "SFT" and name in ("kl", "win_rate")  # 0 and 0.5 by definition
+      cells.append(stats.format_interval(*stats.bootstrap_mean_ci(groups), spec)
+                   if groups and not trivial else "-")
+    lines.append(f"| {method} | {' | '.join(cells)} |")
+  for n in sorted({p["n"] for r in results for p in r["best_of_n"]}):
+    points = [p for r in results for p in r["best_of_n"] if p["n"] == n]
+    cells = []
+    for name, spec in SEED_METRICS:
+      values = [p[name] for p in points if p.get(name) is not None]
+      cells.append(stats.format_interval(*stats.bootstrap_mean_ci(
+          [np.asarray([v]) for v in values]), spec) if values else "-")
+    lines.append(f"| best-of-{n} | {' | '.join(cells)} |")
+  return "\n".join(lines + ["", f"Seeds {', '.join(map(str, seeds))}: mean [95% interval], a "
+                             "two-level bootstrap over seeds and held-out prompts (best-of-N: "
+                             "over seeds); the SFT policy's own KL and win rate are trivial."])
 
 
 def _as_evaluator(evaluator, params_of):

@@ -51,3 +51,31 @@ def test_pipeline_runs_every_stage_and_writes_the_comparison(tmp_path):
 def run(config):
   from rlhf_jax.pipeline import run as run_pipeline
   return run_pipeline(config)
+
+
+def test_the_seeds_table_gives_means_with_intervals_over_seeds_and_prompts():
+  from rlhf_jax.pipeline import seeds_table
+  rng = np.random.default_rng(0)
+
+  def row(method, shift):
+    gold = rng.normal(shift, 0.1, 64)
+    return {"method": method, "per_prompt": {
+        "gold_reward": gold.tolist(), "proxy_reward": (gold + 1).tolist(),
+        "kl": np.full(64, 2.0).tolist(), "length": np.full(64, 10.0).tolist(),
+        "win_rate": (gold > 0).astype(float).tolist()}}
+
+  results = [{"rows": [row("SFT", 0.0), row("PPO kl=0.05", 0.5 + 0.1 * s)],
+              "best_of_n": [{"n": 4, "gold_reward": 0.3 + 0.01 * s, "proxy_reward": 1.0,
+                             "kl": 0.64, "length": 12.0}]} for s in range(3)]
+  table = seeds_table(results, (0, 1, 2))
+  lines = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()
+           if line.startswith("| ") and "---" not in line}
+  ppo = lines["PPO kl=0.05"].split(" | ")
+  mean, interval = ppo[1].split(" [")
+  low, high = map(float, interval.rstrip("]").split(", "))
+  # Seed means 0.5, 0.6, 0.7: the pooled mean ~0.6 and an interval wider than the prompts' alone.
+  assert float(mean) == pytest.approx(0.6, abs=0.03) and low < 0.55 and high > 0.65
+  assert ppo[3].startswith("2.00 [2.00, 2.00]")
+  assert lines["SFT"].split(" | ")[3] == "-"  # its KL to itself is trivial
+  assert lines["best-of-4"].split(" | ")[1].startswith("0.310 [")
+  assert "two-level bootstrap over seeds and held-out prompts" in table
