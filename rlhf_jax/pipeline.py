@@ -151,6 +151,7 @@ class _Lab:
 
 def _per_prompt(samples, baseline) -> dict:
   """Per-prompt values of a policy's evaluation, for intervals over seeds and prompts."""
+  # host: PolicySamples hold NumPy arrays
   as_list = lambda x: None if x is None else np.asarray(x, np.float64).tolist()
   return {"gold_reward": as_list(samples.gold), "proxy_reward": as_list(samples.proxy),
           "kl": as_list(samples.kl), "length": as_list(samples.length),
@@ -283,6 +284,7 @@ def seeds_table(results: list[dict], seeds) -> str:
     rows = [row for r in results for row in r["rows"] if row["method"] == method]
     cells = []
     for name, spec in SEED_METRICS:
+      # host: lists read back from the runs' results
       groups = [np.asarray(row["per_prompt"][name], np.float64) for row in rows
                 if row.get("per_prompt", {}).get(name) is not None]
       trivial = method == "SFT" and name in ("kl", "win_rate")  # 0 and 0.5 by definition
