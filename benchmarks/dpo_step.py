@@ -39,23 +39,28 @@ def make_batch(rng, pairs: int, seq: int, vocab: int, prompt: int):
           "weight": np.ones(pairs, np.float32)}
 
 
+def dpo_loss_fn(model, chunk: int):
+  """loss_fn(params, batch, ref_params): DPO (beta 0.1) with the frozen reference in the step."""
+  per_example = preference.make_pair_losses(
+      model, preference.PreferenceLossConfig(name="dpo", beta=0.1), chunk)
+
+  def loss_fn(params, batch, ref):
+    ref_logps = jax.lax.stop_gradient(
+        preference._sequence_logps(model, ref, batch, "sum", chunk)[0])
+    values, _ = per_example(params, batch, ref_logps)
+    return jnp.mean(values), {}
+
+  return loss_fn
+
+
 def time_jax(args, config, batch):
   model = CausalLM(config)
   dtype = jnp.dtype(args.dtype)
   params = model.init(jax.random.key(0), dtype=dtype)
   ref_params = jax.tree.map(jnp.copy, params)
-  per_example = preference.make_pair_losses(
-      model, preference.PreferenceLossConfig(name="dpo", beta=0.1), args.chunk)
-
-  def loss_fn(params, batch, ref):
-    ref_logps = jax.lax.stop_gradient(
-        preference._sequence_logps(model, ref, batch, "sum", args.chunk)[0])
-    values, _ = per_example(params, batch, ref_logps)
-    return jnp.mean(values), {}
-
   tx = make_optimizer(OptimizerConfig(lr=1e-6), 1000)
   state = TrainState.create(params, tx, jax.random.key(1))
-  step = steps.make_train_step(loss_fn)
+  step = steps.make_train_step(dpo_loss_fn(model, args.chunk))
   batch = jax.device_put(batch)
   stats = step.lower(state, batch, ref_params).compile().memory_analysis()
   memory = (stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes

@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpo_step import dpo_loss_fn
 from forward import qwen25_05b_config
 from rlhf_jax.models import CausalLM, lora
-from rlhf_jax.train import preference, steps
+from rlhf_jax.train import steps
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer
 
 
@@ -61,15 +62,6 @@ def measure(args, mode: str) -> dict:
     params = jax.eval_shape(lambda p: lora.adapt(model, p, spec, jax.random.key(1))[1], params)
     model = dataclasses.replace(model, lora=spec)
     reference = lora.Adapted(params.base, None)  # shares the base's buffers in the run
-  per_example = preference.make_pair_losses(
-      model, preference.PreferenceLossConfig(name="dpo", beta=0.1), args.chunk)
-
-  def loss_fn(params, batch, ref):
-    ref_logps = jax.lax.stop_gradient(
-        preference._sequence_logps(model, ref, batch, "sum", args.chunk)[0])
-    values, _ = per_example(params, batch, ref_logps)
-    return jnp.mean(values), {}
-
   tx = make_optimizer(OptimizerConfig(lr=1e-6), 1000)
   state = jax.eval_shape(lambda p: TrainState.create(p, tx, jax.random.key(1)), params)
   rows, seq = 2 * args.pairs, args.seq
@@ -77,7 +69,7 @@ def measure(args, mode: str) -> dict:
            "attention_mask": jax.ShapeDtypeStruct((rows, seq), jnp.int32),
            "loss_mask": jax.ShapeDtypeStruct((rows, seq), jnp.int32),
            "weight": jax.ShapeDtypeStruct((args.pairs,), jnp.float32)}
-  step = steps.make_train_step(loss_fn)
+  step = steps.make_train_step(dpo_loss_fn(model, args.chunk))
   stats = step.lower(state, batch, reference).compile().memory_analysis()
   base_bytes = _bytes(lora.parts(params)[0])
   state_bytes = _bytes(state) + (base_bytes if mode == "full" else 0)  # + the reference copy
