@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +81,10 @@ class DataSpec:
   prompt_column: str | None = None
   chat: bool = False
   system_prompt: str | None = None
+  # Rows identical in every field to an earlier row are counted in the load summary; "drop"
+  # also removes them (before the held-out split is drawn, and from the `eval` file those equal
+  # to a training row), so no row is in both the training and the held-out rows.
+  duplicates: Literal["keep", "drop"] = "keep"
 
   def validate(self):
     """Ranges, and buckets against max_length, before anything is loaded."""
@@ -94,6 +98,8 @@ class DataSpec:
               "data.buckets", f"increasing lengths ending at data.max_length={self.max_length} "
               "(rows are cut to max_length, and each batch is padded to the first bucket that "
               "holds its longest row)", self.buckets)
+    require(self.duplicates in ("keep", "drop"), "data.duplicates", "'keep' or 'drop'",
+            self.duplicates)
     require(self.max_prompt_length is None or 1 <= self.max_prompt_length <= self.max_length,
             "data.max_prompt_length", f"None or a length in [1, data.max_length="
             f"{self.max_length}]", self.max_prompt_length)
@@ -215,13 +221,15 @@ def load_data(kind: str, spec: DataSpec, tokenizer, seed: int):
   options = spec.prompt_options() if kind == "prompt" else None
   records, stats = data_lib.prepare(kind, spec.train, tokenizer, config,
                                     on_bad_row=spec.on_bad_row, split=spec.split,
-                                    num_rows=spec.num_rows, subset=spec.subset, options=options)
+                                    num_rows=spec.num_rows, subset=spec.subset, options=options,
+                                    duplicates=spec.duplicates)
   if spec.eval is not None:
     eval_split = spec.split if spec.eval_split is None else spec.eval_split
     eval_records, _ = data_lib.prepare(kind, spec.eval, tokenizer, config,
                                        on_bad_row=spec.on_bad_row, split=eval_split,
                                        num_rows=spec.num_rows, subset=spec.subset,
-                                       options=options)
+                                       options=options, duplicates=spec.duplicates,
+                                       exclude=stats.row_keys)
     return records, eval_records, stats
   num_eval = int(round(len(records) * spec.eval_fraction))
   if num_eval == 0:
