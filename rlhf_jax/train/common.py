@@ -25,6 +25,8 @@ __all__ = [
     "DataSpec",
     "resolve_model_path",
     "load_tokenizer",
+    "check_vocabulary",
+    "check_run",
     "load_policy",
     "load_trained_policy",
     "adapt_reward_model",
@@ -143,7 +145,50 @@ def load_tokenizer(spec: ModelSpec):
   if tokenizer.pad_token_id is None:
     # Pad tokens are masked everywhere, so any id works; EOS is the usual choice.
     tokenizer.pad_token = tokenizer.eos_token
+  for model_path in filter(None, (spec.path, spec.reference_path)):
+    check_vocabulary(tokenizer, path, resolve_model_path(model_path))
   return tokenizer
+
+
+def check_vocabulary(tokenizer, tokenizer_path: str, model_path: str):
+  """Every token id of the tokenizer must index a row of the model's embedding: checked from
+  the model's config.json, before any weight is read (a larger embedding, padded to a multiple
+  of 64 or 128 as many are, is fine). A hub id's config is not read here."""
+  import json
+  config_file = pathlib.Path(model_path).expanduser() / "config.json"
+  if not config_file.is_file():
+    return
+  hf_config = json.loads(config_file.read_text())
+  vocab_size = hf_config.get("vocab_size") or (hf_config.get("text_config") or {}).get(
+      "vocab_size")
+  if not isinstance(vocab_size, int):
+    return
+  largest = max(tokenizer.get_vocab().values())
+  if largest >= vocab_size:
+    raise CheckpointError(
+        f"expected a vocab_size above every token id of the tokenizer at {tokenizer_path} (its "
+        f"largest is {largest}: {len(tokenizer)} tokens), got vocab_size={vocab_size} (set "
+        "model.tokenizer to the model's own tokenizer, or resize the model's embedding)",
+        where=str(config_file))
+
+
+def check_run(run, num_devices: int | None = None, *, batch_size: int | None = None,
+              key: str = "run.batch_size"):
+  """Run settings that depend on the devices, checked before any file or weight is read: the
+  global batch (`run.batch_size`, or the `batch_size` that `key` names) splits evenly over the
+  mesh's batch axes (data x fsdp)."""
+  from rlhf_jax.config import ConfigError, require  # noqa: PLC0415 — as in DataSpec.validate
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  mesh = run.mesh
+  try:
+    data, fsdp, _ = parallel.mesh_shape(mesh, num_devices)
+  except ValueError as err:
+    raise ConfigError(str(err), where="run.mesh") from err
+  batch_size = run.batch_size if batch_size is None else batch_size
+  require(batch_size % (data * fsdp) == 0, key,
+          f"a multiple of the mesh's data x fsdp = {data} x {fsdp} = {data * fsdp} (the batch "
+          f"is split over them; run.mesh: data={mesh.data}, fsdp={mesh.fsdp}, "
+          f"tensor={mesh.tensor} on {num_devices} devices)", batch_size)
 
 
 def load_policy(spec: ModelSpec, path: str | None = None, *, mesh=None):
@@ -360,6 +405,7 @@ def load_online(config) -> OnlineSetup:
   """Tokenizer, policy, prompt data (and the held-out prompts), its batch stream, the mesh and
   the reference, from an online config's model, data and run sections."""
   run, spec = config.run, config.model
+  check_run(run)
   tokenizer = load_tokenizer(spec)
   model, params = load_trained_policy(spec, run.seed, mesh=run.mesh)
   records, eval_records, _ = load_data("prompt", config.data, tokenizer, run.seed)

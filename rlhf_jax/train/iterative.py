@@ -157,6 +157,8 @@ def make_labeller(config: IterativeDPOConfig, scorer, tokenizer):
 def build_task(config: IterativeDPOConfig) -> loop.Task:
   config = config.resolved()
   run, spec, gen, rc = config.run, config.model, config.generation, config.rounds
+  # The round's prompts are the batch placed on the mesh.
+  common.check_run(run, batch_size=rc.prompts_per_round, key="rounds.prompts_per_round")
   tokenizer = common.load_tokenizer(spec)
   model, params = common.load_trained_policy(spec, run.seed, mesh=run.mesh)
   records, prompt_length, prompts = common.round_prompts(config.data, tokenizer,

@@ -170,6 +170,7 @@ def build_task(config: PreferenceConfig) -> loop.Task:
   config.validate()
   run, spec = config.run, config.model
   entry = config.loss.entry()
+  common.check_run(run)
   tokenizer = common.load_tokenizer(spec)
   model, params = common.load_trained_policy(spec, run.seed, mesh=run.mesh)
   train_records, eval_records, _ = common.load_data("pair", config.data, tokenizer, run.seed)
@@ -296,6 +297,7 @@ def build_kto_task(config: KTOConfig) -> loop.Task:
   run, spec = config.run, config.model
   if run.batch_size < 2:
     raise ValueError("KTO needs run.batch_size >= 2 to form mismatched pairs for its KL estimate")
+  common.check_run(run)
   tokenizer = common.load_tokenizer(spec)
   model, params = common.load_trained_policy(spec, run.seed, mesh=run.mesh)
   train_records, eval_records, _ = common.load_data("unpaired", config.data, tokenizer, run.seed)

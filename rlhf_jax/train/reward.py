@@ -117,6 +117,7 @@ def _weighted_mean(x, weight):
 def build_task(config: RewardConfig) -> loop.Task:
   config.validate()
   run = config.run
+  common.check_run(run)
   tokenizer = common.load_tokenizer(config.model)
   rm, params = common.adapt_reward_model(
       config.model, *load_reward_model(config.model, config.loss.num_heads, run.seed, run.mesh),

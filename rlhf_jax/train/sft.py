@@ -90,6 +90,7 @@ def make_eval_sums(model, chunk_size: int = 512):
 def build_task(config: SFTConfig) -> loop.Task:
   config.validate()
   run = config.run
+  common.check_run(run)
   tokenizer = common.load_tokenizer(config.model)
   model, params = common.load_trained_policy(config.model, run.seed, mesh=run.mesh)
   train_records, eval_records, _ = common.load_data("sft", config.data, tokenizer, run.seed)
