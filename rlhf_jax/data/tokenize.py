@@ -139,16 +139,17 @@ def render(tokenizer, prompt: Text, completion: Text | None) -> tuple[str, str]:
 # Roles probed to say which ones a chat template handles, when a role of the data is not one.
 COMMON_ROLES = ("system", "user", "assistant", "tool", "function", "ipython", "developer")
 _PROBE = "probe-text"  # a message's content in the probe conversations
-# What precedes the probed message: some templates want a user turn first, or alternation.
-_PROBE_CONTEXTS = ((), ({"role": "user", "content": "hi"},),
-                   ({"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}))
+# The turns (before, after) the probed message: some templates want a user turn first, or
+# alternation, or render a system turn only in front of the user turn that follows it.
+_USER, _ASSISTANT = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}
+_PROBE_CONTEXTS = (((), ()), ((), (_USER,)), ((_USER,), ()), ((_USER, _ASSISTANT), ()))
 
 
 def role_problem(tokenizer, role: str) -> str | None:
   """Why the tokenizer's chat template does not handle messages of `role`; None when it does.
 
-  A probe conversation ending in a `role` message (alone, after a user turn, or after a user and
-  an assistant turn) must render without raising, show the message's content (a template with
+  A probe conversation with a `role` message (alone, before a user turn, after a user turn, or
+  after a user and an assistant turn) must render without raising, show the message's content (a template with
   one branch per known role drops the others silently), and its markup must not tokenise to
   <unk> (a template that writes any role as a token the vocabulary lacks, like the embedded
   task's `<|role|>`): the rendering may hold no more <unk> tokens than the contents alone.
@@ -160,8 +161,8 @@ def role_problem(tokenizer, role: str) -> str | None:
 def _role_problem(tokenizer, template: str, role: str) -> str | None:
   del template  # a key of the cache only: a tokenizer whose template is replaced is probed again
   reasons = []
-  for context in _PROBE_CONTEXTS:
-    messages = [*context, {"role": role, "content": _PROBE}]
+  for before, after in _PROBE_CONTEXTS:
+    messages = [*before, {"role": role, "content": _PROBE}, *after]
     try:
       text = tokenizer.apply_chat_template(messages, tokenize=False)
     except Exception as err:  # noqa: BLE001 — a template's raise_exception is jinja2's, or any

@@ -381,3 +381,38 @@ def test_dropped_duplicates_never_land_in_both_train_and_held_out_rows(tmp_path,
   spec = DataSpec(train=str(train), eval=str(held), max_length=32, duplicates="drop")
   _, eval_records, _ = load_data("pair", spec, word_tokenizer, 0)
   assert len(eval_records) == 1 and not keys(eval_records) & keys(train_records)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Llama 2's: a system turn is written inside the first user turn; roles must alternate.
+LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set sys = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set sys = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if loop.index0 == 0 and sys != false %}"
+    "{% set content = '<<SYS>>\\n' + sys + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}")
+
+
+def test_typical_templates_handle_the_roles_they_render(tmp_path, bpe_tokenizer):
+  from rlhf_jax.data import tokenize
+
+  chatml = _with_template(bpe_tokenizer, CHATML)  # writes any role: every one is handled
+  assert tokenize.template_roles(chatml) == sorted(tokenize.COMMON_ROLES)
+  path = tmp_path / "chat.jsonl"
+  _jsonl(path, [TOOL_CHAT])
+  assert len(prepare("sft", str(path), chatml, TokenizeConfig(max_length=512))[0]) == 1
+  llama2 = _with_template(bpe_tokenizer, LLAMA2)
+  assert tokenize.template_roles(llama2) == ["assistant", "system", "user"]
+  with pytest.raises(DataError) as info:
+    prepare("sft", str(path), llama2, CONFIG)
+  assert str(info.value) == (
+      f"{path}, line 1, field 'messages[1].role': role 'tool' is not one the tokenizer's chat "
+      "template handles (rendering it raises TemplateError: Conversation roles must alternate "
+      "user/assistant/user/assistant/...); it handles the roles ['assistant', 'system', 'user']")
