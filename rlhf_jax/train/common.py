@@ -407,8 +407,8 @@ def load_online(config) -> OnlineSetup:
   run, spec = config.run, config.model
   check_run(run)
   tokenizer = load_tokenizer(spec)
-  model, params = load_trained_policy(spec, run.seed, mesh=run.mesh)
   records, eval_records, _ = load_data("prompt", config.data, tokenizer, run.seed)
+  model, params = load_trained_policy(spec, run.seed, mesh=run.mesh)
   stream = make_stream(records, config.data, run.batch_size, tokenizer.pad_token_id, run.seed)
   placement = make_placement(run.mesh, model.config)
   return OnlineSetup(tokenizer, model, params, records, eval_records, stream, placement,

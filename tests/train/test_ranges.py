@@ -146,3 +146,19 @@ def test_a_tokenizer_larger_than_the_embedding_fails_before_the_weights_load(tmp
     common.load_tokenizer(common.ModelSpec(path=fits, reference_path=small))
   padded = _model_dir(tmp_path / "padded", 128)  # a larger embedding is fine
   assert len(common.load_tokenizer(common.ModelSpec(path=fits, tokenizer=padded))) == size
+
+
+@pytest.mark.parametrize("experiment, trainer, overrides", [
+    ("sft.py", "sft", ()), ("dpo.py", "preference", ()), ("reward.py", "reward", ()),
+    ("grpo.py", "grpo", ("reward.functions=rlhf_jax.rewards:math_answer",))])
+def test_a_bad_data_file_fails_before_the_weights_load(tmp_path, experiment, trainer, overrides):
+  import importlib
+
+  from rlhf_jax.data import DataError, synthetic
+  weightless = _model_dir(tmp_path / "model", len(synthetic.build_tokenizer()))
+  (tmp_path / "data.jsonl").write_text("")
+  config = config_lib.apply_overrides(config_lib.load_experiment(EXPERIMENTS / experiment), [
+      f"model.path={weightless}", f"data.train={tmp_path / 'data.jsonl'}", *overrides])
+  module = importlib.import_module(f"rlhf_jax.train.{trainer}")
+  with pytest.raises(DataError, match=r"the data file is empty \(0 bytes\)$"):
+    module.build_task(config)  # the model directory holds no weights: they were never read
