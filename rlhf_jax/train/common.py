@@ -153,11 +153,19 @@ def load_tokenizer(spec: ModelSpec):
 def check_vocabulary(tokenizer, tokenizer_path: str, model_path: str):
   """Every token id of the tokenizer must index a row of the model's embedding: checked from
   the model's config.json, before any weight is read (a larger embedding, padded to a multiple
-  of 64 or 128 as many are, is fine). A hub id's config is not read here."""
+  of 64 or 128 as many are, is fine). A hub id's config.json is fetched alone (the weights
+  would be next); when it cannot be, the check is left to loading."""
   import json
   config_file = pathlib.Path(model_path).expanduser() / "config.json"
+  where = str(config_file)  # for a hub id: "org/name/config.json", not the cache's path
   if not config_file.is_file():
-    return
+    if pathlib.Path(model_path).expanduser().exists() or model_path.count("/") != 1:
+      return  # a directory without a config: loading reports it
+    try:
+      from huggingface_hub import hf_hub_download  # noqa: PLC0415
+      config_file = pathlib.Path(hf_hub_download(model_path, "config.json"))
+    except Exception:  # noqa: BLE001 — offline, gated, no such repo: loading says which
+      return
   hf_config = json.loads(config_file.read_text())
   vocab_size = hf_config.get("vocab_size") or (hf_config.get("text_config") or {}).get(
       "vocab_size")
@@ -169,7 +177,7 @@ def check_vocabulary(tokenizer, tokenizer_path: str, model_path: str):
         f"expected a vocab_size above every token id of the tokenizer at {tokenizer_path} (its "
         f"largest is {largest}: {len(tokenizer)} tokens), got vocab_size={vocab_size} (set "
         "model.tokenizer to the model's own tokenizer, or resize the model's embedding)",
-        where=str(config_file))
+        where=where)
 
 
 def check_run(run, num_devices: int | None = None, *, batch_size: int | None = None,

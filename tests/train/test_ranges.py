@@ -162,3 +162,22 @@ def test_a_bad_data_file_fails_before_the_weights_load(tmp_path, experiment, tra
   module = importlib.import_module(f"rlhf_jax.train.{trainer}")
   with pytest.raises(DataError, match=r"the data file is empty \(0 bytes\)$"):
     module.build_task(config)  # the model directory holds no weights: they were never read
+
+
+def test_a_hub_models_vocabulary_is_checked_from_its_config_alone(tmp_path, monkeypatch):
+  import huggingface_hub
+
+  from rlhf_jax.data import synthetic
+  from rlhf_jax.errors import CheckpointError
+  config_file = pathlib.Path(_model_dir(tmp_path / "cached", 8)) / "config.json"
+  fetched = []
+  monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                      lambda repo, name: fetched.append((repo, name)) or str(config_file))
+  with pytest.raises(CheckpointError, match=r"^org/model/config\.json: .* got vocab_size=8 "):
+    common.check_vocabulary(synthetic.build_tokenizer(), "org/tokenizer", "org/model")
+  assert fetched == [("org/model", "config.json")]  # the config only, never the weights
+
+  def offline(repo, name):
+    raise OSError("offline")
+  monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+  common.check_vocabulary(synthetic.build_tokenizer(), "org/tokenizer", "org/model")  # no check
