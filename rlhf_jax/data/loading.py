@@ -9,6 +9,11 @@ by line so the error names the row and field instead of Arrow's column.
 CSV cells hold only scalars: plain-text rows load from CSV, but message lists (conversational
 rows) and the lists of ranked rows do not. Such a cell arrives as the list's text, and is a bad
 row (naming the row and field) rather than text to train on.
+
+Checked before rows are used: a text file must be UTF-8 (the first bad byte is named by offset
+and line) and not empty; each message role must be one the tokenizer's chat template handles
+(`tokenize.role_problem`); exact duplicate rows are counted, and kept or dropped
+(`duplicates`), in the summary.
 """
 
 from __future__ import annotations

@@ -416,3 +416,18 @@ def test_typical_templates_handle_the_roles_they_render(tmp_path, bpe_tokenizer)
       f"{path}, line 1, field 'messages[1].role': role 'tool' is not one the tokenizer's chat "
       "template handles (rendering it raises TemplateError: Conversation roles must alternate "
       "user/assistant/user/assistant/...); it handles the roles ['assistant', 'system', 'user']")
+
+
+@pytest.mark.parametrize("kind, row, field, message", [
+    ("unpaired", {**KTO_TEXT[0], "label": float("nan")}, "label",
+     "expected a bool (true = desirable), got nan"),
+    ("pair", {**ROWS[0], "objective": float("inf")}, "objective",
+     "expected a non-negative int (a reward head), got inf"),
+    ("ranked", {**RANKED_TEXT[0], "ranks": [0, float("nan")]}, "ranks",
+     "expected 2 non-negative ints (one per completion, 0 = best), got [0, nan]"),
+])
+def test_the_other_numeric_columns_refuse_nan_and_inf(word_tokenizer, kind, row, field, message):
+  # margin is the one float the formats read; the label, head and ranks are bools and ints.
+  with pytest.raises(DataError) as info:
+    prepare(kind, [row], word_tokenizer, CONFIG)
+  assert str(info.value) == f"<rows>, row 0, field {field!r}: {message}"
