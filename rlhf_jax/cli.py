@@ -21,7 +21,7 @@ import sys
 from rlhf_jax import config as config_lib
 from rlhf_jax.errors import UserError, one_line
 
-__all__ = ["TRAINERS", "main", "run_config"]
+__all__ = ["TRAINERS", "CONFIGS", "check_trainer", "main", "run_config"]
 
 # trainer name -> "module:function"; the function takes the config and returns a summary dict.
 TRAINERS = {
@@ -40,12 +40,48 @@ TRAINERS = {
 }
 
 
+# trainer name -> "module:Class" of the config it takes (named, not imported: config errors stay
+# instant). A trainer reads its own config's sections; given another's it would fail far from
+# the cause, or train with settings nobody set.
+CONFIGS = {
+    "bandit": "rlhf_jax.bandit:BanditConfig",
+    "sft": "rlhf_jax.train.sft:SFTConfig",
+    "reward": "rlhf_jax.train.reward:RewardConfig",
+    "preference": "rlhf_jax.train.preference:PreferenceConfig",
+    "kto": "rlhf_jax.train.preference:KTOConfig",
+    "ppo": "rlhf_jax.train.ppo:PPOConfig",
+    "grpo": "rlhf_jax.train.grpo:GRPOConfig",
+    "rloo": "rlhf_jax.train.grpo:GRPOConfig",
+    "rejection_sampling": "rlhf_jax.train.best_of_n:RejectionSamplingConfig",
+    "iterative_dpo": "rlhf_jax.train.iterative:IterativeDPOConfig",
+    "pipeline": "rlhf_jax.pipeline:PipelineConfig",
+    "verifiable": "rlhf_jax.verifiable:VerifiableConfig",
+}
+
+
+def check_trainer(config):
+  """`config.trainer` must be a known trainer that takes the config's class (or a subclass of
+  it): `--set trainer=sft` on a DPO experiment is a ConfigError naming the class and the
+  trainers it serves."""
+  if config.trainer not in TRAINERS:
+    raise config_lib.ConfigError(f"expected one of the trainers {sorted(TRAINERS)}, got "
+                                 f"{config.trainer!r}", where="trainer")
+  names = {f"{cls.__module__}:{cls.__qualname__}" for cls in type(config).__mro__}
+  if CONFIGS[config.trainer] in names:
+    return
+  name = type(config).__name__
+  served = sorted(trainer for trainer, target in CONFIGS.items() if target in names)
+  takes = CONFIGS[config.trainer].rpartition(":")[2]
+  raise config_lib.ConfigError(
+      f"expected a trainer that {name} serves ({', '.join(served) or 'none'}), got {config.trainer!r}, "
+      f"whose config class is {takes} (start from an experiment of that trainer)",
+      where="trainer")
+
+
 def run_config(config):
   """Runs the trainer that `config.trainer` names and returns its summary."""
-  target = TRAINERS.get(config.trainer)
-  if target is None:
-    raise config_lib.ConfigError(
-        f"unknown trainer {config.trainer!r}; known trainers: {sorted(TRAINERS)}")
+  check_trainer(config)
+  target = TRAINERS[config.trainer]
   module_name, function_name = target.split(":")
   return getattr(importlib.import_module(module_name), function_name)(config)
 
@@ -109,7 +145,8 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
   config = config_lib.load_experiment(args.experiment, args.arg)
-  config = config_lib.apply_overrides(config, args.overrides)
+  # The trainer first: another trainer's config would fail its validate() less clearly.
+  config = config_lib.apply_overrides(config, args.overrides, check=check_trainer)
   if args.print_config:
     print(json.dumps(config_lib.to_dict(config), indent=2))
     return 0

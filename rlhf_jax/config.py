@@ -185,14 +185,17 @@ def _set(config, parts: list[str], raw: str, full_key: str, root):
   return dataclasses.replace(config, **{name: value})
 
 
-def apply_overrides(config, overrides: typing.Iterable[str]):
-  """Returns `config` with each "dotted.key=value" applied (parsed by the field's type)."""
+def apply_overrides(config, overrides: typing.Iterable[str], *, check=None):
+  """Returns `config` with each "dotted.key=value" applied (parsed by the field's type), then
+  `check(config)` if given (the CLI's trainer check) and the config's own `validate()`."""
   for override in list(overrides):
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
       raise ConfigError(f"override {override!r} is not of the form dotted.key=value")
     key = key.strip()
     config = _set(config, key.split("."), raw, key, config)
+  if check is not None:
+    check(config)
   if callable(validate := getattr(config, "validate", None)):
     try:
       validate()

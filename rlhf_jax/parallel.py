@@ -26,6 +26,7 @@ __all__ = [
     "MeshConfig",
     "make_mesh",
     "state_shardings",
+    "mesh_shape",
     "shard_batch",
     "replicate",
     "host_get",
@@ -48,19 +49,25 @@ class MeshConfig:
   tensor: int = 1
 
 
-def make_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
-  devices = list(jax.devices() if devices is None else devices)
+def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+  """The (data, fsdp, tensor) sizes `make_mesh` gives `config` on `num_devices` devices."""
   sizes = [config.data, config.fsdp, config.tensor]
   if sizes.count(-1) > 1:
     raise ValueError(f"at most one mesh axis may be -1, got {config}")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(f"mesh {config} does not divide {len(devices)} devices")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) > len(devices):
+    if num_devices % known:
+      raise ValueError(f"mesh {config} does not divide {num_devices} devices")
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) > num_devices:
     raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
-                     f"{int(np.prod(sizes))} devices, but {len(devices)} are available")
+                     f"{int(np.prod(sizes))} devices, but {num_devices} are available")
+  return tuple(sizes)
+
+
+def make_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_shape(config, len(devices))
   # An explicit mesh smaller than the host uses its first devices (e.g. 1x1x1: one device).
   return Mesh(np.array(devices[:int(np.prod(sizes))]).reshape(sizes), AXES)
 

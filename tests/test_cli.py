@@ -187,3 +187,34 @@ def test_a_bug_keeps_its_traceback_and_a_user_error_does_not(monkeypatch, capsys
                                      "(expected a string)\n")
   with pytest.raises(DataError):
     cli.main(["run", str(EXPERIMENTS / "sft.py"), "--debug"])
+
+
+def test_a_trainer_is_tied_to_its_config_class():
+  from rlhf_jax import cli, config as config_lib
+  from rlhf_jax.config import ConfigError
+
+  def error(experiment, trainer):
+    config = config_lib.load_experiment(EXPERIMENTS / experiment)
+    with pytest.raises(ConfigError) as info:
+      config_lib.apply_overrides(config, [f"trainer={trainer}"], check=cli.check_trainer)
+    return str(info.value)
+
+  assert error("dpo.py", "sft") == (
+      "trainer: expected a trainer that PreferenceConfig serves (preference), got 'sft', whose "
+      "config class is SFTConfig (start from an experiment of that trainer)")
+  # Checked before GRPOConfig.validate(), whose own complaint would not name the classes.
+  assert error("grpo.py", "ppo") == (
+      "trainer: expected a trainer that GRPOConfig serves (grpo, rloo), got 'ppo', whose config "
+      "class is PPOConfig (start from an experiment of that trainer)")
+  assert error("sft.py", "spf").startswith("trainer: expected one of the trainers ['bandit', ")
+  for path in sorted(EXPERIMENTS.glob("*.py")):  # every experiment's own trainer is its config's
+    cli.check_trainer(config_lib.load_experiment(path))
+  assert set(cli.CONFIGS) == set(cli.TRAINERS)
+
+
+def test_the_cli_refuses_another_trainers_config_in_one_line():
+  result = _cli("run", str(EXPERIMENTS / "dpo.py"), "--set", "trainer=sft", "--print-config")
+  assert result.returncode == 2 and result.stdout == ""
+  assert _one_error_line(result) == (
+      "error: trainer: expected a trainer that PreferenceConfig serves (preference), got 'sft', "
+      "whose config class is SFTConfig (start from an experiment of that trainer)")

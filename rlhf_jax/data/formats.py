@@ -26,6 +26,7 @@ Errors name the source, the row and the field, and say what was expected (`DataE
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Union
 
@@ -315,6 +316,8 @@ def normalize_pair(raw, source: str = "<rows>", index: int = 0) -> PairExample:
   margin = raw.get("margin")
   if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
     raise row.error("margin", f"expected a number, got {type(margin).__name__}")
+  if margin is not None and not math.isfinite(margin):
+    raise row.error("margin", f"expected a finite number, got {margin!r}")
   objective = raw.get("objective", 0)
   if objective is None:
     objective = 0

@@ -9,13 +9,20 @@ by line so the error names the row and field instead of Arrow's column.
 CSV cells hold only scalars: plain-text rows load from CSV, but message lists (conversational
 rows) and the lists of ranked rows do not. Such a cell arrives as the list's text, and is a bad
 row (naming the row and field) rather than text to train on.
+
+Checked before rows are used: a text file must be UTF-8 (the first bad byte is named by offset
+and line) and not empty; each message role must be one the tokenizer's chat template handles
+(`tokenize.role_problem`); exact duplicate rows are counted, and kept or dropped
+(`duplicates`), in the summary.
 """
 
 from __future__ import annotations
 
+import codecs
 import collections
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -23,6 +30,7 @@ import pathlib
 import re
 from typing import Any
 
+from rlhf_jax import errors
 from rlhf_jax.data import arithmetic, formats, synthetic, tokenize
 
 __all__ = ["DatasetStats", "load_rows", "prepare", "KINDS", "synthetic_gold_function"]
@@ -42,11 +50,22 @@ class DatasetStats:
   kept: int = 0
   truncated: int = 0
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  duplicates: int = 0  # rows identical to an earlier row (or to a row of `exclude`)
+  duplicates_dropped: bool = False
+  # A digest of every row read, so a held-out file can be checked against the training rows.
+  row_keys: set = dataclasses.field(default_factory=set, repr=False)
 
   def summary(self) -> str:
     skipped = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
+    duplicates = f"{self.duplicates} {'dropped' if self.duplicates_dropped else 'kept'}"
     return (f"{self.source}: {self.kept}/{self.rows} rows kept; truncated {self.truncated}; "
-            f"skipped: {skipped}")
+            f"skipped: {skipped}; exact duplicates: {duplicates}")
+
+
+def _row_key(row) -> bytes:
+  """A digest of a row's whole content (every field), the same for rows that are equal."""
+  text = json.dumps(row, sort_keys=True, default=repr, ensure_ascii=False)
+  return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
 def _json_lines(text: str) -> list[tuple[int, str]] | None:
@@ -156,13 +175,17 @@ def load_rows(source: Any, *, split: str = "train", kind: str | None = None, num
   if path.suffix in _FILE_BUILDERS:
     if not path.exists():
       raise formats.DataError(source, None, None, "the data file does not exist")
+    _check_file_text(path, source)
     try:
       return datasets.load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path),
                                    split="train"), source
     except Exception as err:  # Arrow's schema errors come wrapped in several types
+      if "corresponds to no data" in str(err):  # datasets' words for a split of no rows
+        raise formats.DataError(source, None, None, _NO_ROWS) from err
       if _FILE_BUILDERS[path.suffix] == "json":
         _locate_json_error(path, err)
-      raise formats.DataError(source, None, None, f"datasets could not load it: {err}") from err
+      raise formats.DataError(source, None, None, "datasets could not load it: "
+                              f"{errors.one_line(err) or type(err).__name__}") from err
   if path.exists():
     raise formats.DataError(source, None, None, f"unsupported data file type {path.suffix!r}; "
                             f"use one of {sorted(_FILE_BUILDERS)} or a saved Dataset directory")
@@ -172,6 +195,36 @@ def load_rows(source: Any, *, split: str = "train", kind: str | None = None, num
     raise formats.DataError(source, None, None, "expected a local data file, a saved Dataset "
                             "directory or a hub dataset id that can be reached, got none of them "
                             f"({type(err).__name__}: {err})") from err
+
+
+_NO_ROWS = "the data file is empty: it holds no rows (a CSV header or an empty JSON list only)"
+
+
+def _check_file_text(path: pathlib.Path, source: str):
+  """An empty file, or a text file (JSON, JSONL, CSV) that is not UTF-8, is a DataError naming
+  the first bad byte's offset and line; read in chunks, so a large file costs no memory."""
+  if path.stat().st_size == 0:
+    raise formats.DataError(source, None, None, "the data file is empty (0 bytes)")
+  if path.suffix not in (".json", ".jsonl", ".csv"):
+    return
+  decoder = codecs.getincrementaldecoder("utf-8")()
+  offset, lines, blank = 0, 1, True
+  with path.open("rb") as file:
+    while chunk := file.read(1 << 20):
+      pending = len(decoder.getstate()[0])  # bytes of a character the last chunk cut in two
+      try:
+        blank = not decoder.decode(chunk).strip() and blank
+      except UnicodeDecodeError as err:
+        data, start = err.object, err.start
+        at = offset - pending + start
+        line = lines + data[:start].count(b"\n")  # pending bytes hold no newline
+        raise formats.DataError(
+            source, None, None, f"expected UTF-8 text, got the byte 0x{data[start]:02x} at byte "
+            f"offset {at} (re-save the file as UTF-8)", line=line) from None
+      offset += len(chunk)
+      lines += chunk.count(b"\n")
+  if blank:
+    raise formats.DataError(source, None, None, "the data file is empty (whitespace only)")
 
 
 def _synthetic_rows(source: str, kind: str | None, num_rows):
@@ -207,11 +260,15 @@ def synthetic_gold_function(source) -> str | None:
 
 def prepare(kind: str, source: Any, tokenizer, config: tokenize.TokenizeConfig, *,
             on_bad_row: str = "raise", split: str = "train", num_rows: int | None = None,
-            rows=None, subset: str | None = None, options: dict | None = None):
+            rows=None, subset: str | None = None, options: dict | None = None,
+            duplicates: str = "keep", exclude: set | None = None):
   """Loads, normalises and tokenises a dataset. Returns (records, DatasetStats).
 
   on_bad_row: "raise" stops at the first bad row with a DataError naming source, row and field;
   "skip" drops it and counts it by reason (logged, and in the returned stats). Never silent.
+  duplicates: rows identical to an earlier one (every field equal) are counted in the stats and
+  "keep" keeps them, "drop" drops them; `exclude` (another load's `stats.row_keys`, e.g. the
+  training rows when this is the held-out file) counts and, with "drop", drops its rows too.
   subset: a hub dataset's configuration (e.g. "main" for openai/gsm8k); options: keyword
   arguments of the kind's normaliser (prompts: prompt_column, chat, system_prompt).
   """
@@ -219,21 +276,30 @@ def prepare(kind: str, source: Any, tokenizer, config: tokenize.TokenizeConfig, 
     raise ValueError(f"unknown data kind {kind!r}; expected one of {sorted(KINDS)}")
   if on_bad_row not in ("raise", "skip"):
     raise ValueError(f"on_bad_row must be 'raise' or 'skip', got {on_bad_row!r}")
+  if duplicates not in ("keep", "drop"):
+    raise ValueError(f"duplicates must be 'keep' or 'drop', got {duplicates!r}")
   if rows is None:
     rows, name = load_rows(source, split=split, kind=kind, num_rows=num_rows, subset=subset)
   else:
     name = str(source)
-  stats = DatasetStats(source=name)
+  stats = DatasetStats(source=name, duplicates_dropped=duplicates == "drop")
   normalize = KINDS[kind]
   is_csv = name.lower().endswith(".csv")
   records = []
   lines = None  # the file's line of each row, read at the first bad row of a line-based file
   for index, row in enumerate(rows):
     stats.rows += 1
+    key = _row_key(row)
+    if key in stats.row_keys or (exclude and key in exclude):
+      stats.duplicates += 1
+      if duplicates == "drop":
+        continue
+    stats.row_keys.add(key)
     try:
       if is_csv:
         _check_csv_row(row, name, index)
       example = normalize(row, name, index, **(options or {}))
+      _check_roles(example, row, tokenizer, name, index)
       record = tokenize.tokenize_example(example, tokenizer, config, name, index)
     except formats.DataError as err:
       if err.row is not None and err.line is None:
@@ -254,10 +320,42 @@ def prepare(kind: str, source: Any, tokenizer, config: tokenize.TokenizeConfig, 
     stats.truncated += int(record.truncated)
     records.append(record)
   stats.kept = len(records)
+  if stats.rows == 0:
+    raise formats.DataError(name, None, None, "holds no rows")
   if not records:
     raise formats.DataError(name, None, None, f"no usable rows ({stats.summary()})")
   log.info("data %s", stats.summary())
   return records, stats
+
+
+def _check_roles(example, row, tokenizer, source: str, index: int):
+  """A message whose role the tokenizer's chat template does not handle is a DataError naming
+  the role, its field and the roles the template does handle (never text the template drops or
+  writes as <unk> tokens). Each role is probed once (`tokenize.role_problem`)."""
+  if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+    return  # plain text; or conversational rows, which tokenize rejects without a template
+  texts = [getattr(example, name, None) for name in ("prompt", "completion", "chosen",
+                                                       "rejected")]
+  roles = {m["role"] for text in [*texts, *getattr(example, "completions", ())]
+           if isinstance(text, tuple) for m in text}
+  for role in sorted(roles):
+    problem = tokenize.role_problem(tokenizer, role)
+    if problem is not None:
+      handled = tokenize.template_roles(tokenizer, also=roles)
+      raise formats.DataError(source, index, _role_field(row, role),
+                              f"role {role!r} is not one the tokenizer's chat template handles "
+                              f"({problem}); it handles the roles {handled}")
+
+
+def _role_field(row, role: str) -> str | None:
+  """The field of the first message of `role` in a raw row, e.g. "messages[2].role"."""
+  for key, value in (row.items() if isinstance(row, dict) else ()):
+    for i, item in enumerate(value if isinstance(value, (list, tuple)) else ()):
+      nested = item if isinstance(item, (list, tuple)) else [item]  # ranked rows' completions
+      for j, message in enumerate(nested):
+        if isinstance(message, dict) and message.get("role") == role:
+          return f"{key}[{i}][{j}].role" if nested is item else f"{key}[{i}].role"
+  return None
 
 
 def _reason(err: formats.DataError) -> str:

@@ -38,6 +38,9 @@ __all__ = [
     "TokenizedPrompt",
     "encode_text",
     "render",
+    "role_problem",
+    "template_roles",
+    "COMMON_ROLES",
     "tokenize_example",
 ]
 
@@ -131,6 +134,58 @@ def render(tokenizer, prompt: Text, completion: Text | None) -> tuple[str, str]:
     raise ValueError("the chat template does not render the prompt as a prefix of the full "
                      f"conversation:\nprompt:  {prompt_text!r}\nfull:    {full_text!r}")
   return prompt_text, full_text[len(prompt_text):]
+
+
+# Roles probed to say which ones a chat template handles, when a role of the data is not one.
+COMMON_ROLES = ("system", "user", "assistant", "tool", "function", "ipython", "developer")
+_PROBE = "probe-text"  # a message's content in the probe conversations
+# The turns (before, after) the probed message: some templates want a user turn first, or
+# alternation, or render a system turn only in front of the user turn that follows it.
+_USER, _ASSISTANT = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}
+_PROBE_CONTEXTS = (((), ()), ((), (_USER,)), ((_USER,), ()), ((_USER, _ASSISTANT), ()))
+
+
+def role_problem(tokenizer, role: str) -> str | None:
+  """Why the tokenizer's chat template does not handle messages of `role`; None when it does.
+
+  A probe conversation with a `role` message (alone, before a user turn, after a user turn, or
+  after a user and an assistant turn) must render without raising, show the message's content (a template with
+  one branch per known role drops the others silently), and its markup must not tokenise to
+  <unk> (a template that writes any role as a token the vocabulary lacks, like the embedded
+  task's `<|role|>`): the rendering may hold no more <unk> tokens than the contents alone.
+  """
+  return _role_problem(tokenizer, tokenizer.chat_template, role)
+
+
+@functools.lru_cache(maxsize=256)
+def _role_problem(tokenizer, template: str, role: str) -> str | None:
+  del template  # a key of the cache only: a tokenizer whose template is replaced is probed again
+  reasons = []
+  for before, after in _PROBE_CONTEXTS:
+    messages = [*before, {"role": role, "content": _PROBE}, *after]
+    try:
+      text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as err:  # noqa: BLE001 — a template's raise_exception is jinja2's, or any
+      reasons.append(f"rendering it raises {type(err).__name__}: {' '.join(str(err).split())}"
+                     [:200])
+      continue
+    if _PROBE not in text:
+      reasons.append("the template leaves its content out")
+      continue
+    unk = tokenizer.unk_token_id
+    if unk is not None:
+      in_contents = sum(int((encode_text(tokenizer, m["content"]) == unk).sum()) for m in messages)
+      if int((encode_text(tokenizer, text) == unk).sum()) > in_contents:
+        reasons.append(f"the template writes it as text the tokenizer reads as "
+                       f"{tokenizer.unk_token}")
+        continue
+    return None
+  return reasons[-1]
+
+
+def template_roles(tokenizer, also=()) -> list[str]:
+  """The roles among COMMON_ROLES (and `also`) the tokenizer's chat template handles."""
+  return sorted(role for role in {*COMMON_ROLES, *also} if role_problem(tokenizer, role) is None)
 
 
 def encode_text(tokenizer, text: str) -> np.ndarray:

@@ -77,10 +77,12 @@ def sft_rows_from(rollout):
 def build_task(config: RejectionSamplingConfig) -> loop.Task:
   config = config.resolved()
   run, spec, gen, rc = config.run, config.model, config.generation, config.rounds
+  # The round's prompts are the batch placed on the mesh.
+  common.check_run(run, batch_size=rc.prompts_per_round, key="rounds.prompts_per_round")
   tokenizer = common.load_tokenizer(spec)
-  model, params = common.load_trained_policy(spec, run.seed, mesh=run.mesh)
   records, prompt_length, prompts = common.round_prompts(config.data, tokenizer,
                                                         rc.prompts_per_round, run.seed)
+  model, params = common.load_trained_policy(spec, run.seed, mesh=run.mesh)
   scorer = rollout_lib.make_scorer(config.reward, tokenizer,
                                    lambda path: common.load_reward_model(path, spec, mesh=run.mesh))
   sample = rollout_lib.make_sampler(model, gen, rollout_lib.stop_ids(tokenizer, model),

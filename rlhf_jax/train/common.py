@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,8 @@ __all__ = [
     "DataSpec",
     "resolve_model_path",
     "load_tokenizer",
+    "check_vocabulary",
+    "check_run",
     "load_policy",
     "load_trained_policy",
     "adapt_reward_model",
@@ -82,6 +84,10 @@ class DataSpec:
   prompt_column: str | None = None
   chat: bool = False
   system_prompt: str | None = None
+  # Rows identical in every field to an earlier row are counted in the load summary; "drop"
+  # also removes them (before the held-out split is drawn, and from the `eval` file those equal
+  # to a training row), so no row is in both the training and the held-out rows.
+  duplicates: Literal["keep", "drop"] = "keep"
 
   def validate(self):
     """Ranges, and buckets against max_length, before anything is loaded."""
@@ -95,6 +101,8 @@ class DataSpec:
               "data.buckets", f"increasing lengths ending at data.max_length={self.max_length} "
               "(rows are cut to max_length, and each batch is padded to the first bucket that "
               "holds its longest row)", self.buckets)
+    require(self.duplicates in ("keep", "drop"), "data.duplicates", "'keep' or 'drop'",
+            self.duplicates)
     require(self.max_prompt_length is None or 1 <= self.max_prompt_length <= self.max_length,
             "data.max_prompt_length", f"None or a length in [1, data.max_length="
             f"{self.max_length}]", self.max_prompt_length)
@@ -138,7 +146,58 @@ def load_tokenizer(spec: ModelSpec):
   if tokenizer.pad_token_id is None:
     # Pad tokens are masked everywhere, so any id works; EOS is the usual choice.
     tokenizer.pad_token = tokenizer.eos_token
+  for model_path in filter(None, (spec.path, spec.reference_path)):
+    check_vocabulary(tokenizer, path, resolve_model_path(model_path))
   return tokenizer
+
+
+def check_vocabulary(tokenizer, tokenizer_path: str, model_path: str):
+  """Every token id of the tokenizer must index a row of the model's embedding: checked from
+  the model's config.json, before any weight is read (a larger embedding, padded to a multiple
+  of 64 or 128 as many are, is fine). A hub id's config.json is fetched alone (the weights
+  would be next); when it cannot be, the check is left to loading."""
+  import json
+  config_file = pathlib.Path(model_path).expanduser() / "config.json"
+  where = str(config_file)  # for a hub id: "org/name/config.json", not the cache's path
+  if not config_file.is_file():
+    if pathlib.Path(model_path).expanduser().exists() or model_path.count("/") != 1:
+      return  # a directory without a config: loading reports it
+    try:
+      from huggingface_hub import hf_hub_download  # noqa: PLC0415
+      config_file = pathlib.Path(hf_hub_download(model_path, "config.json"))
+    except Exception:  # noqa: BLE001 — offline, gated, no such repo: loading says which
+      return
+  hf_config = json.loads(config_file.read_text())
+  vocab_size = hf_config.get("vocab_size") or (hf_config.get("text_config") or {}).get(
+      "vocab_size")
+  if not isinstance(vocab_size, int):
+    return
+  largest = max(tokenizer.get_vocab().values())
+  if largest >= vocab_size:
+    raise CheckpointError(
+        f"expected a vocab_size above every token id of the tokenizer at {tokenizer_path} (its "
+        f"largest is {largest}: {len(tokenizer)} tokens), got vocab_size={vocab_size} (set "
+        "model.tokenizer to the model's own tokenizer, or resize the model's embedding)",
+        where=where)
+
+
+def check_run(run, num_devices: int | None = None, *, batch_size: int | None = None,
+              key: str = "run.batch_size"):
+  """Run settings that depend on the devices, checked before any file or weight is read: the
+  global batch (`run.batch_size`, or the `batch_size` that `key` names) splits evenly over the
+  mesh's batch axes (data x fsdp)."""
+  from rlhf_jax.config import ConfigError, require  # noqa: PLC0415 — as in DataSpec.validate
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  mesh = run.mesh
+  try:
+    data, fsdp, _ = parallel.mesh_shape(mesh, num_devices)
+  except ValueError as err:
+    raise ConfigError(str(err), where="run.mesh") from err
+  batch_size = run.batch_size if batch_size is None else batch_size
+  require(batch_size % (data * fsdp) == 0, key,
+          f"a multiple of the mesh's data x fsdp = {data} x {fsdp} = {data * fsdp} (the batch "
+          f"is split over them; run.mesh: data={mesh.data}, fsdp={mesh.fsdp}, "
+          f"tensor={mesh.tensor} on {num_devices} devices)", batch_size)
 
 
 def load_policy(spec: ModelSpec, path: str | None = None, *, mesh=None):
@@ -216,13 +275,15 @@ def load_data(kind: str, spec: DataSpec, tokenizer, seed: int):
   options = spec.prompt_options() if kind == "prompt" else None
   records, stats = data_lib.prepare(kind, spec.train, tokenizer, config,
                                     on_bad_row=spec.on_bad_row, split=spec.split,
-                                    num_rows=spec.num_rows, subset=spec.subset, options=options)
+                                    num_rows=spec.num_rows, subset=spec.subset, options=options,
+                                    duplicates=spec.duplicates)
   if spec.eval is not None:
     eval_split = spec.split if spec.eval_split is None else spec.eval_split
     eval_records, _ = data_lib.prepare(kind, spec.eval, tokenizer, config,
                                        on_bad_row=spec.on_bad_row, split=eval_split,
                                        num_rows=spec.num_rows, subset=spec.subset,
-                                       options=options)
+                                       options=options, duplicates=spec.duplicates,
+                                       exclude=stats.row_keys)
     return records, eval_records, stats
   num_eval = int(round(len(records) * spec.eval_fraction))
   if num_eval == 0:
@@ -371,9 +432,10 @@ def load_online(config) -> OnlineSetup:
   """Tokenizer, policy, prompt data (and the held-out prompts), its batch stream, the mesh and
   the reference, from an online config's model, data and run sections."""
   run, spec = config.run, config.model
+  check_run(run)
   tokenizer = load_tokenizer(spec)
-  model, params = load_trained_policy(spec, run.seed, mesh=run.mesh)
   records, eval_records, _ = load_data("prompt", config.data, tokenizer, run.seed)
+  model, params = load_trained_policy(spec, run.seed, mesh=run.mesh)
   stream = make_stream(records, config.data, run.batch_size, tokenizer.pad_token_id, run.seed)
   placement = make_placement(run.mesh, model.config)
   return OnlineSetup(tokenizer, model, params, records, eval_records, stream, placement,

@@ -104,8 +104,9 @@ class GRPOConfig:
     self.data.validate()
     self.model.validate()
     self.advantage()
-    if self.generation.num_samples < 2:
-      raise ValueError("group baselines need generation.num_samples >= 2")
+    require(self.generation.num_samples >= 2, "generation.num_samples",
+            f"an integer >= 2 (the group size: {self.trainer}'s advantage compares each sample "
+            f"with the others drawn for its prompt)", self.generation.num_samples)
     rows = self.run.batch_size * self.generation.num_samples
     if rows % self.loss.minibatches:
       raise ValueError(f"{rows} rollout rows do not split into loss.minibatches="

@@ -157,10 +157,12 @@ def make_labeller(config: IterativeDPOConfig, scorer, tokenizer):
 def build_task(config: IterativeDPOConfig) -> loop.Task:
   config = config.resolved()
   run, spec, gen, rc = config.run, config.model, config.generation, config.rounds
+  # The round's prompts are the batch placed on the mesh.
+  common.check_run(run, batch_size=rc.prompts_per_round, key="rounds.prompts_per_round")
   tokenizer = common.load_tokenizer(spec)
-  model, params = common.load_trained_policy(spec, run.seed, mesh=run.mesh)
   records, prompt_length, prompts = common.round_prompts(config.data, tokenizer,
                                                         rc.prompts_per_round, run.seed)
+  model, params = common.load_trained_policy(spec, run.seed, mesh=run.mesh)
   placement = common.make_placement(run.mesh, model.config)
   initial_ref = common.load_reference(spec, params, placement)
   scorer = (rollout_lib.make_scorer(config.reward, tokenizer,

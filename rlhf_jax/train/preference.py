@@ -170,9 +170,10 @@ def build_task(config: PreferenceConfig) -> loop.Task:
   config.validate()
   run, spec = config.run, config.model
   entry = config.loss.entry()
+  common.check_run(run)
   tokenizer = common.load_tokenizer(spec)
-  model, params = common.load_trained_policy(spec, run.seed, mesh=run.mesh)
   train_records, eval_records, _ = common.load_data("pair", config.data, tokenizer, run.seed)
+  model, params = common.load_trained_policy(spec, run.seed, mesh=run.mesh)
   pad, chunk = tokenizer.pad_token_id, spec.logps_chunk_size
   train = common.make_stream(train_records, config.data, run.batch_size, pad, run.seed)
   evaluation = (common.make_stream(eval_records, config.data, run.batch_size, pad, shuffle=False)
@@ -296,9 +297,10 @@ def build_kto_task(config: KTOConfig) -> loop.Task:
   run, spec = config.run, config.model
   if run.batch_size < 2:
     raise ValueError("KTO needs run.batch_size >= 2 to form mismatched pairs for its KL estimate")
+  common.check_run(run)
   tokenizer = common.load_tokenizer(spec)
-  model, params = common.load_trained_policy(spec, run.seed, mesh=run.mesh)
   train_records, eval_records, _ = common.load_data("unpaired", config.data, tokenizer, run.seed)
+  model, params = common.load_trained_policy(spec, run.seed, mesh=run.mesh)
   labels = np.array([r.label for r in train_records])
   log.info("KTO data: %d desirable, %d undesirable rows", labels.sum(), (~labels).sum())
   pad, chunk = tokenizer.pad_token_id, spec.logps_chunk_size

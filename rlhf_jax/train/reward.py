@@ -117,12 +117,13 @@ def _weighted_mean(x, weight):
 def build_task(config: RewardConfig) -> loop.Task:
   config.validate()
   run = config.run
+  common.check_run(run)
   tokenizer = common.load_tokenizer(config.model)
+  kind = "pair" if config.loss.objective == "bradley_terry" else "ranked"
+  train_records, eval_records, _ = common.load_data(kind, config.data, tokenizer, run.seed)
   rm, params = common.adapt_reward_model(
       config.model, *load_reward_model(config.model, config.loss.num_heads, run.seed, run.mesh),
       run.seed)
-  kind = "pair" if config.loss.objective == "bradley_terry" else "ranked"
-  train_records, eval_records, _ = common.load_data(kind, config.data, tokenizer, run.seed)
   too_high = [r.objective for r in train_records + eval_records
               if getattr(r, "objective", 0) >= config.loss.num_heads]
   if too_high:

@@ -90,9 +90,11 @@ def make_eval_sums(model, chunk_size: int = 512):
 def build_task(config: SFTConfig) -> loop.Task:
   config.validate()
   run = config.run
+  common.check_run(run)
   tokenizer = common.load_tokenizer(config.model)
-  model, params = common.load_trained_policy(config.model, run.seed, mesh=run.mesh)
+  # The data before the weights: a bad file or row fails in seconds, not after the model loads.
   train_records, eval_records, _ = common.load_data("sft", config.data, tokenizer, run.seed)
+  model, params = common.load_trained_policy(config.model, run.seed, mesh=run.mesh)
   pad = tokenizer.pad_token_id
   if config.data.packing:
     packed = pack_sft(train_records, config.data.max_length, run.seed)

@@ -233,3 +233,201 @@ def test_unknown_file_type_is_an_error(tmp_path):
   path.write_text("hello")
   with pytest.raises(ValueError, match="unsupported data file type"):
     load_rows(str(path))
+
+
+# Checks of a data file before its rows are used: encoding, emptiness, numbers, roles, duplicates.
+
+def test_a_file_that_is_not_utf8_names_the_byte_offset_and_line(tmp_path, word_tokenizer):
+  path = tmp_path / "prefs.jsonl"
+  first = json.dumps(ROWS[0]) + "\n"
+  path.write_bytes(first.encode() + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
+  offset = len(first) + len('{"prompt": "caf')
+  with pytest.raises(DataError) as info:
+    prepare("pair", str(path), word_tokenizer, CONFIG)
+  assert str(info.value) == (f"{path}, line 2: expected UTF-8 text, got the byte 0xe9 at byte "
+                             f"offset {offset} (re-save the file as UTF-8)")
+
+
+def test_a_bad_byte_past_the_first_read_chunk_is_located_exactly(tmp_path, word_tokenizer):
+  # "é" (2 bytes) straddles the 1 MiB read boundary; the bad byte comes after it.
+  path = tmp_path / "rows.csv"
+  head = b"text\n" + b"x" * ((1 << 20) - 6)
+  path.write_bytes(head + "é".encode() + b"\n\xff\n")
+  with pytest.raises(DataError) as info:
+    prepare("sft", str(path), word_tokenizer, CONFIG)
+  assert str(info.value) == (f"{path}, line 3: expected UTF-8 text, got the byte 0xff at byte "
+                             f"offset {len(head) + 3} (re-save the file as UTF-8)")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.jsonl", "", "the data file is empty (0 bytes)"),
+    ("blank.jsonl", "\n  \n", "the data file is empty (whitespace only)"),
+    ("header.csv", "prompt,chosen,rejected\n",
+     "the data file is empty: it holds no rows (a CSV header or an empty JSON list only)"),
+    ("list.json", "[]",
+     "the data file is empty: it holds no rows (a CSV header or an empty JSON list only)"),
+])
+def test_an_empty_data_file_says_it_is_empty(tmp_path, word_tokenizer, name, content, message):
+  path = tmp_path / name
+  path.write_text(content)
+  with pytest.raises(DataError) as info:
+    prepare("pair", str(path), word_tokenizer, CONFIG)
+  assert str(info.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_margin_that_is_not_finite_names_the_line_and_column(tmp_path, word_tokenizer, value):
+  path = tmp_path / "prefs.jsonl"
+  _jsonl(path, [ROWS[0], {**ROWS[1], "margin": 1.0}, {**ROWS[0], "margin": value}])
+  with pytest.raises(DataError) as info:
+    prepare("pair", str(path), word_tokenizer, CONFIG)
+  assert str(info.value) == (f"{path}, line 3, field 'margin': expected a finite number, "
+                             f"got {value!r}")
+
+
+def test_a_margin_that_is_not_finite_in_parquet_names_the_row(tmp_path, word_tokenizer):
+  path = tmp_path / "prefs.parquet"
+  datasets.Dataset.from_list([{**ROWS[0], "margin": 0.5},
+                              {**ROWS[1], "margin": float("nan")}]).to_parquet(str(path))
+  with pytest.raises(DataError) as info:
+    prepare("pair", str(path), word_tokenizer, CONFIG)
+  assert str(info.value) == f"{path}, row 1, field 'margin': expected a finite number, got nan"
+
+
+TOOL_CHAT = {"messages": [{"role": "user", "content": "review the phone"},
+                          {"role": "tool", "content": "the screen"},
+                          {"role": "assistant", "content": "the screen is good ."}]}
+SFT_CHAT = {"messages": [{"role": "user", "content": "review the cafe"},
+                         {"role": "assistant", "content": "the food is good ."}]}
+# One branch per known role, as many real templates are: any other role would vanish.
+TWO_ROLES = ("{% for m in messages %}{% if m['role'] == 'user' %}<|user|> {{ m['content'] }} "
+             "{% elif m['role'] == 'assistant' %}<|assistant|> {{ m['content'] }} <eos> "
+             "{% else %}RAISE{% endif %}{% endfor %}"
+             "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
+def _with_template(tokenizer, template):
+  import copy
+  tokenizer = copy.deepcopy(tokenizer)
+  tokenizer.chat_template = template
+  return tokenizer
+
+
+def test_a_role_the_chat_template_writes_as_unk_is_a_data_error(tmp_path, word_tokenizer):
+  # The embedded template writes any role as "<|role|>": "<|tool|>" is not in the vocabulary.
+  path = tmp_path / "chat.jsonl"
+  _jsonl(path, [SFT_CHAT, TOOL_CHAT])
+  with pytest.raises(DataError) as info:
+    prepare("sft", str(path), word_tokenizer, CONFIG)
+  assert str(info.value) == (
+      f"{path}, line 2, field 'messages[1].role': role 'tool' is not one the tokenizer's chat "
+      "template handles (the template writes it as text the tokenizer reads as <unk>); it "
+      "handles the roles ['assistant', 'system', 'user']")
+  records, stats = prepare("sft", str(path), word_tokenizer, CONFIG, on_bad_row="skip")
+  assert len(records) == 1 and sum(stats.skipped.values()) == 1
+
+
+def test_a_role_the_chat_template_drops_or_rejects_is_a_data_error(tmp_path, word_tokenizer):
+  path = tmp_path / "chat.jsonl"
+  _jsonl(path, [{"messages": [{"role": "system", "content": "be brief"}, *SFT_CHAT["messages"]]}])
+  dropping = _with_template(word_tokenizer, TWO_ROLES.replace("RAISE", ""))
+  with pytest.raises(DataError) as info:
+    prepare("sft", str(path), dropping, CONFIG)
+  assert str(info.value) == (
+      f"{path}, line 1, field 'messages[0].role': role 'system' is not one the tokenizer's chat "
+      "template handles (the template leaves its content out); it handles the roles "
+      "['assistant', 'user']")
+  raising = _with_template(word_tokenizer, TWO_ROLES.replace(
+      "RAISE", "{{ raise_exception('Only user and assistant roles are supported!') }}"))
+  with pytest.raises(DataError) as info:
+    prepare("sft", str(path), raising, CONFIG)
+  assert str(info.value) == (
+      f"{path}, line 1, field 'messages[0].role': role 'system' is not one the tokenizer's chat "
+      "template handles (rendering it raises TemplateError: Only user and assistant roles are "
+      "supported!); it handles the roles ['assistant', 'user']")
+
+
+def test_exact_duplicate_rows_are_counted_and_kept_or_dropped(tmp_path, word_tokenizer):
+  path = tmp_path / "prefs.jsonl"
+  _jsonl(path, [ROWS[0], ROWS[1], ROWS[0], ROWS[0]])
+  records, stats = prepare("pair", str(path), word_tokenizer, CONFIG)
+  assert len(records) == 4 and stats.summary() == (
+      f"{path}: 4/4 rows kept; truncated 0; skipped: none; exact duplicates: 2 kept")
+  records, stats = prepare("pair", str(path), word_tokenizer, CONFIG, duplicates="drop")
+  assert len(records) == 2 and stats.summary() == (
+      f"{path}: 2/4 rows kept; truncated 0; skipped: none; exact duplicates: 2 dropped")
+  # Equal rows only: a row differing in any field (here the margin) is not a duplicate.
+  _jsonl(path, [ROWS[0], {**ROWS[0], "margin": 1.0}])
+  assert prepare("pair", str(path), word_tokenizer, CONFIG)[1].duplicates == 0
+
+
+def test_dropped_duplicates_never_land_in_both_train_and_held_out_rows(tmp_path, word_tokenizer):
+  from rlhf_jax.train.common import DataSpec, load_data
+
+  rows = [{"prompt": f"review the {item}", "chosen": "the food is good .",
+           "rejected": "the food is bad ."} for item in ("phone", "cafe", "show", "hotel")]
+  train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+  _jsonl(train, rows * 3)
+
+  def keys(records):
+    return {(r.prompt.tobytes(), r.chosen.tobytes()) for r in records}
+
+  for seed in range(3):
+    spec = DataSpec(train=str(train), eval_fraction=0.5, max_length=32, duplicates="drop")
+    train_records, eval_records, stats = load_data("pair", spec, word_tokenizer, seed)
+    assert stats.duplicates == 8 and len(train_records) + len(eval_records) == 4
+    assert not keys(train_records) & keys(eval_records)
+  _jsonl(held, [rows[0], {**rows[0], "prompt": "review the camera"}])
+  spec = DataSpec(train=str(train), eval=str(held), max_length=32, duplicates="drop")
+  _, eval_records, _ = load_data("pair", spec, word_tokenizer, 0)
+  assert len(eval_records) == 1 and not keys(eval_records) & keys(train_records)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Llama 2's: a system turn is written inside the first user turn; roles must alternate.
+LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set sys = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set sys = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if loop.index0 == 0 and sys != false %}"
+    "{% set content = '<<SYS>>\\n' + sys + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}")
+
+
+def test_typical_templates_handle_the_roles_they_render(tmp_path, bpe_tokenizer):
+  from rlhf_jax.data import tokenize
+
+  chatml = _with_template(bpe_tokenizer, CHATML)  # writes any role: every one is handled
+  assert tokenize.template_roles(chatml) == sorted(tokenize.COMMON_ROLES)
+  path = tmp_path / "chat.jsonl"
+  _jsonl(path, [TOOL_CHAT])
+  assert len(prepare("sft", str(path), chatml, TokenizeConfig(max_length=512))[0]) == 1
+  llama2 = _with_template(bpe_tokenizer, LLAMA2)
+  assert tokenize.template_roles(llama2) == ["assistant", "system", "user"]
+  with pytest.raises(DataError) as info:
+    prepare("sft", str(path), llama2, CONFIG)
+  assert str(info.value) == (
+      f"{path}, line 1, field 'messages[1].role': role 'tool' is not one the tokenizer's chat "
+      "template handles (rendering it raises TemplateError: Conversation roles must alternate "
+      "user/assistant/user/assistant/...); it handles the roles ['assistant', 'system', 'user']")
+
+
+@pytest.mark.parametrize("kind, row, field, message", [
+    ("unpaired", {**KTO_TEXT[0], "label": float("nan")}, "label",
+     "expected a bool (true = desirable), got nan"),
+    ("pair", {**ROWS[0], "objective": float("inf")}, "objective",
+     "expected a non-negative int (a reward head), got inf"),
+    ("ranked", {**RANKED_TEXT[0], "ranks": [0, float("nan")]}, "ranks",
+     "expected 2 non-negative ints (one per completion, 0 = best), got [0, nan]"),
+])
+def test_the_other_numeric_columns_refuse_nan_and_inf(word_tokenizer, kind, row, field, message):
+  # margin is the one float the formats read; the label, head and ranks are bools and ints.
+  with pytest.raises(DataError) as info:
+    prepare(kind, [row], word_tokenizer, CONFIG)
+  assert str(info.value) == f"<rows>, row 0, field {field!r}: {message}"
