@@ -150,12 +150,44 @@ def _run(args) -> int:
   if args.print_config:
     print(json.dumps(config_lib.to_dict(config), indent=2))
     return 0
+  if (warning := toy_settings_warning(config, args.overrides)) is not None:
+    logging.getLogger(__name__).warning("%s", warning)
   _launch(args)
   from rlhf_jax import parallel  # noqa: PLC0415 — keeps --help and config errors instant
   if parallel.is_main_process():  # one copy of the config in a multi-process job's logs
     print(json.dumps(config_lib.to_dict(config), indent=2))
   run_config(config)
   return 0
+
+
+# Settings an experiment tunes for the embedded tiny model and synthetic task.
+TOY_TUNED = ("optimizer.lr", "run.steps", "run.batch_size", "data.train", "data.max_length",
+             "data.buckets", "generation.max_new_tokens")
+
+
+def toy_settings_warning(config, overrides) -> str | None:
+  """A warning when --set model.path points the experiment at a real checkpoint while the
+  settings it tuned for the embedded model (TOY_TUNED) are left as they are; None otherwise."""
+  keys = {o.partition("=")[0].strip() for o in overrides}
+  model = getattr(config, "model", None)
+  path = getattr(model, "path", None)
+  if "model.path" not in keys or not isinstance(path, str) or path.startswith("synthetic:"):
+    return None
+  kept = []
+  for key in TOY_TUNED:
+    value, found = config, True
+    for part in key.split("."):
+      if not hasattr(value, part):
+        found = False
+        break
+      value = getattr(value, part)
+    if found and key not in keys:
+      kept.append(f"{key}={value!r}")
+  if not kept:
+    return None
+  return (f"model.path={path!r} is a real checkpoint, but these settings keep the experiment's "
+          f"values for the embedded tiny model: {', '.join(kept)}; the experiment's docstring "
+          f"gives the real recipe's (set them with --set)")
 
 
 def _export(args) -> int:

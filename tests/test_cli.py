@@ -218,3 +218,20 @@ def test_the_cli_refuses_another_trainers_config_in_one_line():
   assert _one_error_line(result) == (
       "error: trainer: expected a trainer that PreferenceConfig serves (preference), got 'sft', "
       "whose config class is SFTConfig (start from an experiment of that trainer)")
+
+
+def test_a_real_model_with_the_toy_settings_gets_a_warning_naming_them():
+  from rlhf_jax import cli
+  from rlhf_jax.config import apply_overrides
+  from rlhf_jax.train import preference
+  overrides = ["model.path=Qwen/Qwen2.5-0.5B-Instruct", "optimizer.lr=5e-7"]
+  config = apply_overrides(preference.PreferenceConfig(), overrides)
+  warning = cli.toy_settings_warning(config, overrides)
+  assert warning.startswith("model.path='Qwen/Qwen2.5-0.5B-Instruct' is a real checkpoint, but "
+                            "these settings keep the experiment's values for the embedded tiny "
+                            "model: run.steps=")
+  assert "optimizer.lr" not in warning and "data.max_length=" in warning
+  assert "generation" not in warning  # DPO has no generation section
+  assert cli.toy_settings_warning(preference.PreferenceConfig(), []) is None
+  every = overrides[:1] + [f"{key}=1" for key in cli.TOY_TUNED]
+  assert cli.toy_settings_warning(config, every) is None
