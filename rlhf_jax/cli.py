@@ -16,6 +16,7 @@ import argparse
 import importlib
 import json
 import logging
+import pathlib
 import sys
 
 from rlhf_jax import config as config_lib
@@ -172,6 +173,12 @@ def toy_settings_warning(config, overrides) -> str | None:
   model = getattr(config, "model", None)
   path = getattr(model, "path", None)
   if "model.path" not in keys or not isinstance(path, str) or path.startswith("synthetic:"):
+    return None
+  local = pathlib.Path(path)
+  if (local / "synthetic_assets.json").is_file():  # a tiny model embedded.py built
+    return None
+  hub_id = not local.is_absolute() and not path.startswith(".") and path.count("/") == 1
+  if not local.is_dir() and not hub_id:  # nothing there: loading it is the error to report
     return None
   kept = []
   for key in TOY_TUNED:

@@ -235,3 +235,13 @@ def test_a_real_model_with_the_toy_settings_gets_a_warning_naming_them():
   assert cli.toy_settings_warning(preference.PreferenceConfig(), []) is None
   every = overrides[:1] + [f"{key}=1" for key in cli.TOY_TUNED]
   assert cli.toy_settings_warning(config, every) is None
+
+
+def test_a_tiny_model_built_by_embedded_gets_no_toy_settings_warning(tmp_path):
+  from rlhf_jax import cli
+  from rlhf_jax.config import apply_overrides
+  from rlhf_jax.train import preference
+  model_dir = embedded.ensure_assets(tmp_path / "model", **TINY)
+  overrides = [f"model.path={model_dir}"]
+  config = apply_overrides(preference.PreferenceConfig(), overrides)
+  assert cli.toy_settings_warning(config, overrides) is None
