@@ -634,7 +634,7 @@ def test_truncated_logps_equal_the_filtered_full_forward(hf_pair):
 @pytest.mark.slow
 @pytest.mark.parametrize("hf_pair", _FILTER_FAMILIES, indirect=True)
 def test_bf16_sampler_logps_match_the_trainers(hf_pair):
-  # PITFALLS: sampler-vs-trainer log-prob mismatch in bf16. Both read the same bf16 hidden
+  # A known failure elsewhere: sampler-vs-trainer log-prob mismatch in bf16. Both read the same bf16 hidden
   # states through the same f32-accumulated unembedding, so the gap is bf16 attention rounding.
   _, model, params, ids, mask, token_logps = hf_pair
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)

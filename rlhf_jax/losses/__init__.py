@@ -1,4 +1,6 @@
-"""Every loss is a pure, jittable function of arrays (see ARCHITECTURE.md, "The loss contract").
+"""Every loss is a pure, jittable function of arrays: it takes arrays (log-probs, rewards, masks)
+and keyword-only hyper-parameters, does no I/O and holds no state, so it can be jitted, vmapped,
+differentiated and tested on its own.
 
   preference.py  sequence-level losses on log-probs or rewards: the DPO family, KTO, reward
                  modelling (Bradley-Terry, K-wise rankings).

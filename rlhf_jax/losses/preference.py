@@ -365,8 +365,9 @@ def ranking(rewards, ranks, mask) -> chex.Array:
 def implicit_rewards(pc, pr, rc=None, rr=None, *, beta) -> tuple[chex.Array, chex.Array]:
   """DPO's implicit rewards (β ρc, β ρr), detached, for metrics; (β pc, β pr) if rc = rr = None.
 
-  Log them with their margin and accuracy: "both rewards fall" is common and harmless when the
-  margin grows (PITFALLS.md). Args [B]; returns two [B] float32 arrays.
+  Log them with their margin and accuracy: both rewards falling during DPO training is common
+  and harmless as long as the margin grows (users often report it as a bug). Args [B]; returns
+  two [B] float32 arrays.
   """
   if (rc is None) != (rr is None):
     raise ValueError("implicit_rewards: pass both rc and rr, or neither (reference-free)")

@@ -17,7 +17,7 @@ Rewards come from a reward model or a Python function (verifiable rewards).
 `advantage="leave_one_out"` (the default, None, resolves to it) and rejects any other; `"grpo"`
 takes the group baselines (default "group").
 
-Metrics (PITFALLS: log the KL that is trained on): `kl` is the KL term of the objective per
+Metrics (the KL logged is the one trained on): `kl` is the KL term of the objective per
 sequence at the rollout, Σ_t k3 with `kl_in="loss"` and Σ_t k1 with `kl_in="reward"`; `kl_k1` is
 the summed k1 diagnostic in both cases; `kl_k3` the token-mean k3 of the policy being updated, in
 the minibatches (the loss's term when `kl_in="loss"`).

@@ -9,7 +9,7 @@ which gives DPO and its family (nll_weight 0), RPO (Pang et al. 2024: nll_weight
 reference. With `reference="precompute"` the reference scores every example once before training
 and is then dropped: the step holds no reference parameters.
 
-Metrics (PITFALLS: "chosen and rejected rewards both fall" confuses users, so all are logged):
+Metrics ("chosen and rejected rewards both fall" often confuses users, so all are logged):
   rewards/chosen, rewards/rejected  implicit rewards β·(log π - log π_ref) (β·log π if ref-free)
   rewards/margin, rewards/accuracy  their difference, and how often chosen > rejected
   logps/chosen, logps/rejected      the policy's sequence log-probs: both may fall while the
