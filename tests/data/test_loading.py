@@ -249,8 +249,9 @@ def test_a_file_that_is_not_utf8_names_the_byte_offset_and_line(tmp_path, word_t
   first = json.dumps(ROWS[0]) + "\n"
   path.write_bytes(first.encode() + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
   offset = len(first) + len('{"prompt": "caf')
-  assert _prepare_error("pair", str(path), word_tokenizer) == (f"{path}, line 2: expected UTF-8 text, got the byte 0xe9 at byte "
-                             f"offset {offset} (re-save the file as UTF-8)")
+  error = _prepare_error("pair", str(path), word_tokenizer)
+  assert error == (f"{path}, line 2: expected UTF-8 text, got the byte 0xe9 at byte "
+                  f"offset {offset} (re-save the file as UTF-8)")
 
 
 def test_a_bad_byte_past_the_first_read_chunk_is_located_exactly(tmp_path, word_tokenizer):
@@ -258,8 +259,9 @@ def test_a_bad_byte_past_the_first_read_chunk_is_located_exactly(tmp_path, word_
   path = tmp_path / "rows.csv"
   head = b"text\n" + b"x" * ((1 << 20) - 6)
   path.write_bytes(head + "é".encode() + b"\n\xff\n")
-  assert _prepare_error("sft", str(path), word_tokenizer) == (f"{path}, line 3: expected UTF-8 text, got the byte 0xff at byte "
-                             f"offset {len(head) + 3} (re-save the file as UTF-8)")
+  error = _prepare_error("sft", str(path), word_tokenizer)
+  assert error == (f"{path}, line 3: expected UTF-8 text, got the byte 0xff at byte "
+                  f"offset {len(head) + 3} (re-save the file as UTF-8)")
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -273,22 +275,25 @@ def test_a_bad_byte_past_the_first_read_chunk_is_located_exactly(tmp_path, word_
 def test_an_empty_data_file_says_it_is_empty(tmp_path, word_tokenizer, name, content, message):
   path = tmp_path / name
   path.write_text(content)
-  assert _prepare_error("pair", str(path), word_tokenizer) == f"{path}: {message}"
+  error = _prepare_error("pair", str(path), word_tokenizer)
+  assert error == f"{path}: {message}"
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_a_margin_that_is_not_finite_names_the_line_and_column(tmp_path, word_tokenizer, value):
   path = tmp_path / "prefs.jsonl"
   _jsonl(path, [ROWS[0], {**ROWS[1], "margin": 1.0}, {**ROWS[0], "margin": value}])
-  assert _prepare_error("pair", str(path), word_tokenizer) == (f"{path}, line 3, field 'margin': expected a finite number, "
-                             f"got {value!r}")
+  error = _prepare_error("pair", str(path), word_tokenizer)
+  assert error == (f"{path}, line 3, field 'margin': expected a finite number, "
+                  f"got {value!r}")
 
 
 def test_a_margin_that_is_not_finite_in_parquet_names_the_row(tmp_path, word_tokenizer):
   path = tmp_path / "prefs.parquet"
   datasets.Dataset.from_list([{**ROWS[0], "margin": 0.5},
                               {**ROWS[1], "margin": float("nan")}]).to_parquet(str(path))
-  assert _prepare_error("pair", str(path), word_tokenizer) == f"{path}, row 1, field 'margin': expected a finite number, got nan"
+  error = _prepare_error("pair", str(path), word_tokenizer)
+  assert error == f"{path}, row 1, field 'margin': expected a finite number, got nan"
 
 
 TOOL_CHAT = {"messages": [{"role": "user", "content": "review the phone"},
@@ -314,7 +319,8 @@ def test_a_role_the_chat_template_writes_as_unk_is_a_data_error(tmp_path, word_t
   # The embedded template writes any role as "<|role|>": "<|tool|>" is not in the vocabulary.
   path = tmp_path / "chat.jsonl"
   _jsonl(path, [SFT_CHAT, TOOL_CHAT])
-  assert _prepare_error("sft", str(path), word_tokenizer) == (
+  error = _prepare_error("sft", str(path), word_tokenizer)
+  assert error == (
       f"{path}, line 2, field 'messages[1].role': role 'tool' is not one the tokenizer's chat "
       "template handles (the template writes it as text the tokenizer reads as <unk>); it "
       "handles the roles ['assistant', 'system', 'user']")
@@ -326,13 +332,15 @@ def test_a_role_the_chat_template_drops_or_rejects_is_a_data_error(tmp_path, wor
   path = tmp_path / "chat.jsonl"
   _jsonl(path, [{"messages": [{"role": "system", "content": "be brief"}, *SFT_CHAT["messages"]]}])
   dropping = _with_template(word_tokenizer, TWO_ROLES.replace("RAISE", ""))
-  assert _prepare_error("sft", str(path), dropping) == (
+  error = _prepare_error("sft", str(path), dropping)
+  assert error == (
       f"{path}, line 1, field 'messages[0].role': role 'system' is not one the tokenizer's chat "
       "template handles (the template leaves its content out); it handles the roles "
       "['assistant', 'user']")
   raising = _with_template(word_tokenizer, TWO_ROLES.replace(
       "RAISE", "{{ raise_exception('Only user and assistant roles are supported!') }}"))
-  assert _prepare_error("sft", str(path), raising) == (
+  error = _prepare_error("sft", str(path), raising)
+  assert error == (
       f"{path}, line 1, field 'messages[0].role': role 'system' is not one the tokenizer's chat "
       "template handles (rendering it raises TemplateError: Only user and assistant roles are "
       "supported!); it handles the roles ['assistant', 'user']")
@@ -401,7 +409,8 @@ def test_typical_templates_handle_the_roles_they_render(tmp_path, bpe_tokenizer)
   assert len(prepare("sft", str(path), chatml, TokenizeConfig(max_length=512))[0]) == 1
   llama2 = _with_template(bpe_tokenizer, LLAMA2)
   assert tokenize.template_roles(llama2) == ["assistant", "system", "user"]
-  assert _prepare_error("sft", str(path), llama2) == (
+  error = _prepare_error("sft", str(path), llama2)
+  assert error == (
       f"{path}, line 1, field 'messages[1].role': role 'tool' is not one the tokenizer's chat "
       "template handles (rendering it raises TemplateError: Conversation roles must alternate "
       "user/assistant/user/assistant/...); it handles the roles ['assistant', 'system', 'user']")
@@ -417,4 +426,5 @@ def test_typical_templates_handle_the_roles_they_render(tmp_path, bpe_tokenizer)
 ])
 def test_the_other_numeric_columns_refuse_nan_and_inf(word_tokenizer, kind, row, field, message):
   # margin is the one float the formats read; the label, head and ranks are bools and ints.
-  assert _prepare_error(kind, [row], word_tokenizer) == f"<rows>, row 0, field {field!r}: {message}"
+  error = _prepare_error(kind, [row], word_tokenizer)
+  assert error == f"<rows>, row 0, field {field!r}: {message}"
