@@ -352,8 +352,8 @@ class Placement:
     params, bases = models.lora.detach_bases(params)
     shapes = jax.eval_shape(make_state, params, *args)
     shardings = parallel.state_shardings(shapes, params, self.param_specs(params), self.mesh)
-    trainable = models.lora.trainable(params)
     if bases:  # the optimiser state is shaped like the adapters
+      trainable = models.lora.trainable(params)
       shardings = shardings.replace(opt_state=parallel.state_shardings(
           shapes.opt_state, trainable, self.param_specs(trainable), self.mesh))
     state = jax.jit(make_state, out_shardings=shardings)(params, *args)

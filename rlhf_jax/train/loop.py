@@ -342,15 +342,21 @@ def run_loop(task: Task, run: RunConfig) -> dict:
                   entropy_ratio=run.alarm_entropy_ratio, kl_max=run.alarm_kl,
                   length_drift=run.alarm_length_drift, gold_drop=run.alarm_gold_drop)
   window_tokens, window_start = 0, time.perf_counter()
+
+  def evaluate_at(step: int) -> dict:
+    """Evaluates the current state: recorded, checked for reward hacking, printed."""
+    metrics = evaluate(task, state)
+    writer.write(step, "eval", metrics)
+    _check_alarms(step, metrics, alarms, run, checkpoints, evaluation=True)
+    _print(f"eval step {step}/{task.num_steps} {_format(metrics)}")
+    return metrics
+
   try:
     if evaluates and 0 < start < task.num_steps and run.eval_every and start % run.eval_every == 0:
       eval_metrics = evaluate(task, state)  # the evaluation after that checkpoint, redone
       writer.write(start, "eval", eval_metrics)
     if evaluates and start == 0 and run.eval_at_start and task.num_steps > 0:
-      eval_metrics = evaluate(task, state)
-      writer.write(0, "eval", eval_metrics)
-      _check_alarms(0, eval_metrics, alarms, run, checkpoints, evaluation=True)
-      _print(f"eval step 0/{task.num_steps} {_format(eval_metrics)}")
+      eval_metrics = evaluate_at(0)
     for step in range(start, task.num_steps):
       batch = task.batch(step)
       window_tokens += task.count_tokens(batch)
@@ -374,20 +380,14 @@ def run_loop(task: Task, run: RunConfig) -> dict:
       if done or run.checkpoint_every and (step + 1) % run.checkpoint_every == 0:
         save(step + 1)
       if evaluates and not done and run.eval_every and (step + 1) % run.eval_every == 0:
-        eval_metrics = evaluate(task, state)
-        writer.write(step + 1, "eval", eval_metrics)
-        _check_alarms(step + 1, eval_metrics, alarms, run, checkpoints, evaluation=True)
-        _print(f"eval step {step + 1}/{task.num_steps} {_format(eval_metrics)}")
+        eval_metrics = evaluate_at(step + 1)
     bar.close()
     checkpoints.close()  # the final checkpoint is on disk before anything else can fail
     try:
       if run.export and task.export is not None:
         task.export(state, str(out / "hf"))
       if evaluates:
-        eval_metrics = evaluate(task, state)
-        writer.write(task.num_steps, "eval", eval_metrics)
-        _check_alarms(task.num_steps, eval_metrics, alarms, run, checkpoints, evaluation=True)
-        _print(f"eval step {task.num_steps}/{task.num_steps} {_format(eval_metrics)}")
+        eval_metrics = evaluate_at(task.num_steps)
     except Exception as err:
       log.error("the final export or evaluation failed; the final checkpoint (step %d) is in %s: "
                 "rerun the same command to resume there and redo them", task.num_steps,
