@@ -16,6 +16,8 @@ import math
 
 import numpy as np
 
+from rlhf_jax.eval import stats
+
 __all__ = ["win_rate", "length_bias", "best_of_n_kl_analytic", "best_of_n_kl_estimate",
            "best_of_n_kl_estimate_bias"]
 
@@ -25,7 +27,7 @@ def win_rate(rewards_a, rewards_b) -> float:
   a, b = np.asarray(rewards_a, np.float64), np.asarray(rewards_b, np.float64)
   if a.shape != b.shape:
     raise ValueError(f"win_rate needs paired samples, got shapes {a.shape} and {b.shape}")
-  return float(np.mean((a > b) + 0.5 * (a == b)))
+  return float(np.mean(stats.win_indicators(a, b)))
 
 
 def length_bias(rewards, lengths) -> float:
