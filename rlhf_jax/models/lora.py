@@ -71,16 +71,16 @@ class LoraConfig:
     if not self.enabled:
       if self.quantize != "none":
         raise ConfigError(f"{prefix}.quantize={self.quantize!r} needs LoRA adapters: set "
-                         f"{prefix}.rank >= 1 (a quantised base cannot be fine-tuned in full)")
+                          f"{prefix}.rank >= 1 (a quantised base cannot be fine-tuned in full)")
       return
     if not self.alpha > 0:
       raise ConfigError(f"{prefix}.alpha: expected a number > 0, got {self.alpha}")
     if self.dropout != 0.0:
       raise ConfigError(f"{prefix}.dropout: only 0.0 is supported (the forward pass takes no "
-                       f"dropout key), got {self.dropout}")
+                        f"dropout key), got {self.dropout}")
     if self.quantize not in QUANTIZATIONS:
       raise ConfigError(f"{prefix}.quantize: expected one of {', '.join(QUANTIZATIONS)}, got "
-                       f"{self.quantize!r}")
+                        f"{self.quantize!r}")
     if self.group_size < 1:
       raise ConfigError(f"{prefix}.group_size: expected an integer >= 1, got {self.group_size}")
     if self.dtype not in ("float32", "bfloat16"):
@@ -96,7 +96,7 @@ class LoraConfig:
       ours = _ALIASES.get(name, name)
       if ours not in PROJECTIONS:
         raise ConfigError(f"model.lora.targets: unknown module {name!r}; expected 'all' or names "
-                         f"from {', '.join(PROJECTIONS)} (or their *_proj forms)")
+                          f"from {', '.join(PROJECTIONS)} (or their *_proj forms)")
       names.append(ours)
     return tuple(dict.fromkeys(names))
 
@@ -213,8 +213,9 @@ def init_adapters(lora: LoraConfig, base: dict, key: jax.Array) -> dict:
   names = lora.target_names()
   missing = [n for n in names if n not in layers.get(PROJECTIONS[n], {})]
   if missing and tuple(lora.targets) != ("all",):
+    present = ", ".join(n for n in PROJECTIONS if n in layers[PROJECTIONS[n]])
     raise ConfigError(f"model.lora.targets: the model has no {', '.join(missing)} projection "
-                     f"(it has {', '.join(n for n in PROJECTIONS if n in layers[PROJECTIONS[n]])})")
+                      f"(it has {present})")
   for i, name in enumerate(n for n in names if n not in missing):
     group = PROJECTIONS[name]
     num_layers, d_in, d_out = _kernel_shape(layers[group][name]["kernel"])
@@ -240,7 +241,7 @@ def quantize_base(model, base: dict) -> dict:
         kernel = base["layers"][group].get(name, {}).get("kernel")
         if kernel is not None and kernel.shape[1] % lora.group_size:
           raise ConfigError(f"model.lora.group_size={lora.group_size} does not divide the {name} "
-                           f"projection's {kernel.shape[1]} input features")
+                            f"projection's {kernel.shape[1]} input features")
   decoder = decoder_module(model._decoder(model.compute_dtype(base)), lora, with_adapters=False)
   ids = jnp.zeros((1, 1), jnp.int32)
   abstract = jax.eval_shape(decoder.init, jax.random.key(0), ids, ids, jnp.ones_like(ids))
@@ -250,7 +251,7 @@ def quantize_base(model, base: dict) -> dict:
     layers[group] = dict(layers[group])
     for name, leaves in layers[group].items():
       spec = abstract.get(group, {}).get(name, {}).get("kernel")
-      if name not in PROJECTIONS or not hasattr(spec, "how"):
+      if name not in PROJECTIONS or not _is_quantized(spec):
         continue
       how = spec.how
       quantize = lambda w: qwix.quantize(w, how.qtype, channelwise_axes=how.channelwise_axes,
@@ -332,8 +333,8 @@ def save_peft(model, params, out_dir: str, *, base_model_name_or_path: str | Non
       rule, _ = hf_names[name]
       if rule.kind != "linear":
         raise ConfigError(f"PEFT export: the {name} projection is stored fused in transformers "
-                         f"({rule.hf_name}) for model_type={config.model_type!r}; export the "
-                         f"merged checkpoint instead")
+                          f"({rule.hf_name}) for model_type={config.model_type!r}; export the "
+                          f"merged checkpoint instead")
       modules.append(rule.hf_name.rsplit(".", 2)[-2])
       a = np.asarray(jax.device_get(ab["kernel_lora_a"]))
       b = np.asarray(jax.device_get(ab["kernel_lora_b"]))
