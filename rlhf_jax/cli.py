@@ -74,8 +74,9 @@ def check_trainer(config):
   served = sorted(trainer for trainer, target in CONFIGS.items() if target in names)
   takes = CONFIGS[config.trainer].rpartition(":")[2]
   raise config_lib.ConfigError(
-      f"expected a trainer that {name} serves ({', '.join(served) or 'none'}), got {config.trainer!r}, "
-      f"whose config class is {takes} (start from an experiment of that trainer)",
+      f"expected a trainer that {name} serves ({', '.join(served) or 'none'}), got "
+      f"{config.trainer!r}, whose config class is {takes} (start from an experiment of that "
+      f"trainer)",
       where="trainer")
 
 

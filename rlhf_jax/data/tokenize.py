@@ -149,10 +149,11 @@ def role_problem(tokenizer, role: str) -> str | None:
   """Why the tokenizer's chat template does not handle messages of `role`; None when it does.
 
   A probe conversation with a `role` message (alone, before a user turn, after a user turn, or
-  after a user and an assistant turn) must render without raising, show the message's content (a template with
-  one branch per known role drops the others silently), and its markup must not tokenise to
-  <unk> (a template that writes any role as a token the vocabulary lacks, like the embedded
-  task's `<|role|>`): the rendering may hold no more <unk> tokens than the contents alone.
+  after a user and an assistant turn) must render without raising, show the message's content
+  (a template with one branch per known role drops the others silently), and its markup must
+  not tokenise to <unk> (a template that writes any role as a token the vocabulary lacks, like
+  the embedded task's `<|role|>`): the rendering may hold no more <unk> tokens than the contents
+  alone.
   """
   return _role_problem(tokenizer, tokenizer.chat_template, role)
 

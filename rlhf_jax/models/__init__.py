@@ -2,8 +2,8 @@
 heads, HF import/export, KV cache.
 
 config.py (ModelConfig), hf_config.py (transformers configs <-> ModelConfig), layers.py +
-transformer.py (the decoder, CausalLM, KVCache), lora.py (LoRA / QLoRA), hf_io.py (safetensors <-> params), heads.py
-(reward model, value head), partitioning.py (sharding specs).
+transformer.py (the decoder, CausalLM, KVCache), lora.py (LoRA / QLoRA), hf_io.py (safetensors
+<-> params), heads.py (reward model, value head), partitioning.py (sharding specs).
 """
 
 from rlhf_jax.models import lora

@@ -298,8 +298,8 @@ def load_reference(spec: ModelSpec, policy_params, placement: "Placement"):
   """The frozen reference's params on the mesh: `spec.reference_path`, else the initial policy.
 
   A separate copy for full fine-tuning: the policy's buffers are donated to every step, and a
-  reference that aliased them would be invalidated by the first update. The copy is made on the devices, shard
-  by shard (a jitted copy's outputs are new buffers), never through the host.
+  reference that aliased them would be invalidated by the first update. The copy is made on the
+  devices, shard by shard (a jitted copy's outputs are new buffers), never through the host.
   """
   if spec.reference_path:
     return placement.params(load_policy(spec, spec.reference_path, mesh=placement.mesh)[1])
