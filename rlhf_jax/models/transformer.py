@@ -21,6 +21,7 @@ over nothing. Positions come from the mask, clip(cumsum(mask) - 1, 0), so left p
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import chex
@@ -35,7 +36,8 @@ from rlhf_jax.models import lora as lora_lib
 from rlhf_jax.models.layers import Block, make_norm
 
 __all__ = ["Decoder", "CausalLM", "KVCache", "ModelOutput", "TokenScores",
-           "positions_from_mask", "positions_from_segments", "attention_mask_B1TS"]
+           "positions_from_mask", "positions_from_segments", "predictor_slots",
+           "attention_mask_B1TS"]
 
 _REMAT_POLICIES = {
     "full": None,
@@ -82,27 +84,81 @@ def positions_from_mask(mask_BT: jax.Array) -> jax.Array:
 
 
 def attention_mask_B1TS(key_mask_BS, query_slots_T, window: int | None,
-                        segment_ids_BS=None) -> jax.Array:
+                        segment_ids_BS=None, branch_ids_BS=None, positions_BS=None) -> jax.Array:
   """Boolean [B, 1, T, S]: causal over slots, real keys only, optional window, diagonal always;
-  with segment ids (packed rows, no cache), only keys of the query's own segment."""
+  with segment ids (packed rows, no cache), only keys of the query's own segment; with branch
+  ids too, only keys of the segment's shared prefix (branch 0) or of the query's own branch.
+
+  The window counts slots, or, for packed rows, positions (positions_BS), which differ from
+  slots once a branch follows a sibling: its prefix is further away in slots than in positions.
+  """
   key_slots_S = jnp.arange(key_mask_BS.shape[-1], dtype=jnp.int32)
   q, k = query_slots_T[:, None], key_slots_S[None, :]
   allowed_TS = k <= q
-  if window is not None:
+  if window is not None and segment_ids_BS is None:
     allowed_TS = allowed_TS & (q - k < window)
   allowed_BTS = allowed_TS[None] & (key_mask_BS[:, None, :] > 0)
   if segment_ids_BS is not None:
     allowed_BTS = allowed_BTS & (segment_ids_BS[:, :, None] == segment_ids_BS[:, None, :])
+    if window is not None:
+      allowed_BTS = allowed_BTS & (positions_BS[:, :, None] - positions_BS[:, None, :] < window)
+  if branch_ids_BS is not None:
+    key_branch_B1S = branch_ids_BS[:, None, :]
+    allowed_BTS = allowed_BTS & ((key_branch_B1S == 0)
+                                 | (key_branch_B1S == branch_ids_BS[:, :, None]))
   allowed_BTS = allowed_BTS | (k == q)[None]
   return allowed_BTS[:, None]
 
 
-def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
-  """Position of each token within its segment (packed rows): 0 at every segment start."""
-  t = jnp.arange(segment_ids_BT.shape[-1], dtype=jnp.int32)
-  previous = jnp.pad(segment_ids_BT[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
-  starts = jnp.where(segment_ids_BT != previous, t[None], 0)
-  return t[None] - jax.lax.cummax(starts, axis=1)
+def _run_starts(ids_BT: jax.Array) -> jax.Array:
+  """[B, T] slot of the first token of each token's run of equal ids."""
+  t = jnp.arange(ids_BT.shape[-1], dtype=jnp.int32)
+  previous = jnp.pad(ids_BT[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+  return jax.lax.cummax(jnp.where(ids_BT != previous, t[None], 0), axis=1)
+
+
+def _last_prefix_slot(segment_ids_BT, branch_ids_BT) -> jax.Array:
+  """[B, T] slot of the latest shared-prefix token (branch 0) of the token's own segment at or
+  before it, or -1 when its segment has none there."""
+  t = jnp.arange(segment_ids_BT.shape[-1], dtype=jnp.int32)[None]
+  is_prefix = (branch_ids_BT == 0) & (segment_ids_BT > 0)
+  last_BT = jax.lax.cummax(jnp.where(is_prefix, t, -1), axis=1)
+  return jnp.where(last_BT >= _run_starts(segment_ids_BT), last_BT, -1)
+
+
+def positions_from_segments(segment_ids_BT: jax.Array, branch_ids_BT=None) -> jax.Array:
+  """Position of each token within its segment (packed rows): 0 at every segment start.
+
+  With branch ids (each segment laid out [prefix | branch 1 | branch 2 | ...], branch 0 being
+  the prefix), a branch's positions continue from the end of the prefix, as if it followed the
+  prefix alone.
+  """
+  t = jnp.arange(segment_ids_BT.shape[-1], dtype=jnp.int32)[None]
+  if branch_ids_BT is None:
+    return t - _run_starts(segment_ids_BT)
+  run_ids_BT = segment_ids_BT * (jnp.max(branch_ids_BT) + 1) + branch_ids_BT
+  in_run_BT = t - _run_starts(run_ids_BT)
+  prefix_length_BT = _last_prefix_slot(segment_ids_BT, branch_ids_BT) + 1 - _run_starts(
+      segment_ids_BT)
+  return jnp.where(branch_ids_BT > 0, in_run_BT + jnp.maximum(prefix_length_BT, 0), in_run_BT)
+
+
+def predictor_slots(segment_ids_BT: jax.Array, branch_ids_BT=None) -> jax.Array:
+  """[B, T] slot whose hidden state predicts each token of packed rows, -1 for none.
+
+  The previous slot when the token sees it (same segment and, with branches, the prefix or the
+  same branch); else, for a branch's first token, its segment's last prefix token; else none (a
+  segment's first token, padding). Without branches: t - 1 inside a segment, else -1.
+  """
+  t = jnp.arange(segment_ids_BT.shape[-1], dtype=jnp.int32)[None]
+  previous_segment = jnp.pad(segment_ids_BT[:, :-1], ((0, 0), (1, 0)))
+  sees_previous = (segment_ids_BT == previous_segment) & (segment_ids_BT > 0)
+  if branch_ids_BT is None:
+    return jnp.where(sees_previous, t - 1, -1)
+  previous_branch = jnp.pad(branch_ids_BT[:, :-1], ((0, 0), (1, 0)))
+  sees_previous = sees_previous & ((previous_branch == 0) | (previous_branch == branch_ids_BT))
+  fallback = jnp.where(branch_ids_BT > 0, _last_prefix_slot(segment_ids_BT, branch_ids_BT), -1)
+  return jnp.where(sees_previous, t - 1, fallback)
 
 
 class Decoder(nn.Module):
@@ -118,7 +174,7 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids_BT, positions_BT, key_mask_BS, cache=None, cache_index=None,
-               segment_ids_BS=None):
+               segment_ids_BS=None, branch_ids_BS=None):
     cfg = self.config
     init = nn.initializers.normal(stddev=cfg.initializer_range)
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
@@ -150,9 +206,10 @@ class Decoder(nn.Module):
     start = 0 if cache_index is None else cache_index
     query_slots_T = start + jnp.arange(length, dtype=jnp.int32)
     sliding = cfg.layer_is_sliding
-    full = (attention_mask_B1TS(key_mask_BS, query_slots_T, None, segment_ids_BS)
+    full = (attention_mask_B1TS(key_mask_BS, query_slots_T, None, segment_ids_BS, branch_ids_BS)
             if not all(sliding) else None)
-    window = (attention_mask_B1TS(key_mask_BS, query_slots_T, cfg.sliding_window, segment_ids_BS)
+    window = (attention_mask_B1TS(key_mask_BS, query_slots_T, cfg.sliding_window, segment_ids_BS,
+                                  branch_ids_BS, positions_BT)
               if any(sliding) else None)
     if full is None:
       masks = (window, None)
@@ -239,7 +296,8 @@ class CausalLM:
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
   def apply(self, params, input_ids_BT, attention_mask=None, *, positions=None, cache=None,
-            cache_index=None, compute_logits: bool = True, segment_ids=None) -> ModelOutput:
+            cache_index=None, compute_logits: bool = True, segment_ids=None,
+            branch_ids=None) -> ModelOutput:
     """Forward pass. See the module docstring and the models contract for mask semantics.
 
     Without a cache: attention_mask [B, T] (None = all ones); positions default to the mask's.
@@ -249,6 +307,11 @@ class CausalLM:
     at those slots. out.cache holds the T new keys/values.
     Packed rows (no cache): segment_ids [B, T] int, 0 = padding, 1, 2, ... = the examples packed
     into a row; tokens attend only within their segment and positions restart at each segment.
+    Shared prefixes (packed rows only): branch_ids [B, T] int lays each segment out as
+    [prefix (0) | branch 1 | branch 2 | ...], each part contiguous; a branch token sees the
+    prefix and its own branch only, and its positions continue from the prefix's end, so the
+    prefix is computed once for all its continuations (a preference pair's prompt, a group's
+    prompt). Branch ids must be 0 on padding.
     Learned positions (GPT-2): raises ValueError when T (or S with a cache) exceeds
     max_position_embeddings (explicit `positions` must stay below it too; they are not checked).
     """
@@ -261,7 +324,9 @@ class CausalLM:
       chex.assert_shape(segment_ids, (batch, length))
       attention_mask = (segment_ids > 0).astype(jnp.int32)
       if positions is None:
-        positions = positions_from_segments(segment_ids)
+        positions = positions_from_segments(segment_ids, branch_ids)
+    elif branch_ids is not None:
+      raise ValueError("branch_ids (shared prefixes) need segment_ids (packed rows)")
     if cache is None:
       key_mask = (jnp.ones((batch, length), jnp.int32) if attention_mask is None
                   else attention_mask)
@@ -289,7 +354,7 @@ class CausalLM:
         decoder_params = _merge(decoder_params, adapters)
     hidden_BTD, new_cache = decoder.apply(
         {"params": decoder_params}, input_ids_BT, positions.astype(jnp.int32), key_mask,
-        cache, cache_index, segment_ids)
+        cache, cache_index, segment_ids, branch_ids)
     logits = self.logits_from_hidden(params, hidden_BTD) if compute_logits else None
     return ModelOutput(logits=logits, hidden=hidden_BTD, cache=new_cache)
 
@@ -307,7 +372,7 @@ class CausalLM:
 
   def score_tokens(self, params, input_ids_BT, attention_mask_BT, *, temperature: float = 1.0,
                    chunk_size: int = 512, entropy: bool = False,
-                   segment_ids=None) -> "TokenScores":
+                   segment_ids=None, branch_ids=None) -> "TokenScores":
     """Token log-probs (and optionally entropies) plus the hidden states, from one forward pass.
 
     logps [B, T] float32: [:, t] = log softmax(logits_{t-1} / temperature)[ids[:, t]]; [:, 0] = 0,
@@ -315,31 +380,43 @@ class CausalLM:
     the entropy of the distribution that predicts token t, aligned like logps. Uses
     ops.chunked_token_logps on the final hidden states, never a full float32 [B, T, V]
     log-softmax: the one log-prob function of trainer, reference, sampler checks and scoring.
+    Packed rows (segment_ids, optionally branch_ids; see `apply`): token t is predicted by the
+    hidden state at `predictor_slots` (the previous slot, or for a branch's first token its
+    prefix's last one), and a segment's first token scores 0.
     """
     chex.assert_rank([input_ids_BT, attention_mask_BT], 2)
     chex.assert_equal_shape([input_ids_BT, attention_mask_BT])
     hidden_BTD = self.apply(params, input_ids_BT, attention_mask_BT, compute_logits=False,
-                            segment_ids=segment_ids).hidden
+                            segment_ids=segment_ids, branch_ids=branch_ids).hidden
     unembed_DV = self.unembedding(params).astype(hidden_BTD.dtype)
-    scored = ops.chunked_token_logps(hidden_BTD[:, :-1], unembed_DV, input_ids_BT[:, 1:],
-                                     temperature=temperature, chunk_size=chunk_size,
-                                     return_entropy=entropy,
-                                     logit_softcap=self.config.final_logit_softcap)
+    score = functools.partial(ops.chunked_token_logps, unembed_DV=unembed_DV,
+                              temperature=temperature, chunk_size=chunk_size,
+                              return_entropy=entropy,
+                              logit_softcap=self.config.final_logit_softcap)
     mask = attention_mask_BT.astype(jnp.float32)
-    if segment_ids is not None:  # a segment's first token is predicted by nothing in it
-      mask = mask * (segment_ids == jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)))).astype(
-          jnp.float32)
-    align = lambda x: jnp.pad(x, ((0, 0), (1, 0))) * mask
+    if branch_ids is None:
+      scored = score(hidden_BTD[:, :-1], labels=input_ids_BT[:, 1:])
+      if segment_ids is not None:  # a segment's first token is predicted by nothing in it
+        mask = mask * (predictor_slots(segment_ids) >= 0).astype(jnp.float32)
+      align = lambda x: jnp.pad(x, ((0, 0), (1, 0))) * mask
+    else:
+      predictor_BT = predictor_slots(segment_ids, branch_ids)
+      predicting_BTD = jnp.take_along_axis(hidden_BTD, jnp.maximum(predictor_BT, 0)[..., None],
+                                           axis=1)
+      scored = score(predicting_BTD, labels=input_ids_BT)
+      mask = mask * (predictor_BT >= 0).astype(jnp.float32)
+      align = lambda x: x * mask
     logps, token_entropy = scored if entropy else (scored, None)
     return TokenScores(logps=align(logps),
                        entropy=None if token_entropy is None else align(token_entropy),
                        hidden=hidden_BTD)
 
   def token_logps(self, params, input_ids_BT, attention_mask_BT, *, temperature: float = 1.0,
-                  chunk_size: int = 512, segment_ids=None) -> jax.Array:
+                  chunk_size: int = 512, segment_ids=None, branch_ids=None) -> jax.Array:
     """[B, T] float32 token log-probs: `score_tokens(...).logps`."""
     return self.score_tokens(params, input_ids_BT, attention_mask_BT, temperature=temperature,
-                             chunk_size=chunk_size, segment_ids=segment_ids).logps
+                             chunk_size=chunk_size, segment_ids=segment_ids,
+                             branch_ids=branch_ids).logps
 
 
 # One compiled init per (model, dtype): eager Flax init dispatches hundreds of tiny ops.
