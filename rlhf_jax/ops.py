@@ -27,6 +27,7 @@ __all__ = [
     "masked_sum",
     "masked_mean",
     "sequence_logps",
+    "packed_sequence_sums",
     "token_logps_from_logits",
     "chunked_token_logps",
     "entropy_from_logits",
@@ -64,6 +65,28 @@ def sequence_logps(token_logps_BT: chex.Array, mask_BT: chex.Array, *, reduction
     return masked_sum(token_logps_BT, mask_BT, axis=-1)
   if reduction == "mean":
     return masked_mean(token_logps_BT, mask_BT, axis=-1)
+  raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+def packed_sequence_sums(values_RL: chex.Array, mask_RL: chex.Array, sequence_ids_RL: chex.Array,
+                         num_sequences: int, *, reduction: str = "sum"):
+  """Per-sequence sums (or means) [N] of packed rows' per-token values [R, L].
+
+  sequence_ids_RL numbers the sequence each token belongs to (0..N-1, -1 for none; see
+  `rlhf_jax.data.packing`); only tokens with mask 1 count. "mean" is 0 for an empty sequence.
+  The packed layout's counterpart of `sequence_logps`: with one sequence per row the two agree.
+  """
+  chex.assert_equal_shape([values_RL, mask_RL, sequence_ids_RL])
+  counted_RL = (mask_RL > 0) & (sequence_ids_RL >= 0)
+  ids_N = jnp.where(counted_RL, sequence_ids_RL, num_sequences).ravel()
+  sums_N = jax.ops.segment_sum(jnp.where(counted_RL, values_RL, 0).ravel(), ids_N,
+                               num_sequences + 1)[:-1]
+  if reduction == "sum":
+    return sums_N
+  if reduction == "mean":
+    counts_N = jax.ops.segment_sum(counted_RL.astype(values_RL.dtype).ravel(), ids_N,
+                                   num_sequences + 1)[:-1]
+    return jnp.where(counts_N > 0, sums_N / jnp.where(counts_N > 0, counts_N, 1), 0)
   raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
 
 

@@ -42,6 +42,21 @@ def test_masked_mean_ignores_values_under_the_mask():
   assert a == b == 1.5
 
 
+def test_packed_sequence_sums_agree_with_sequence_logps():
+  logps = jnp.array([[-1.0, -2.0, -3.0, -4.0], [-5.0, -6.0, -7.0, -8.0]])
+  mask = jnp.array([[0, 1, 1, 1], [1, 1, 0, 0]])
+  one_per_row = jnp.array([[0, 0, 0, 0], [1, 1, 1, 1]])
+  for reduction in ("sum", "mean"):
+    np.testing.assert_allclose(
+        ops.packed_sequence_sums(logps, mask, one_per_row, 2, reduction=reduction),
+        ops.sequence_logps(logps, mask, reduction=reduction))
+  # three sequences in the first row, none counted in the second; an empty sequence's mean is 0
+  ids = jnp.array([[0, 1, 1, 2], [-1, -1, 3, 3]])
+  np.testing.assert_allclose(ops.packed_sequence_sums(logps, mask, ids, 4), [0, -5, -4, 0])
+  np.testing.assert_allclose(ops.packed_sequence_sums(logps, mask, ids, 4, reduction="mean"),
+                             [0, -2.5, -4, 0])
+
+
 def test_sequence_logps_sum_and_mean():
   logps = jnp.array([[-1.0, -2.0, -3.0], [-4.0, 0.0, 0.0]])
   mask = jnp.array([[1, 1, 1], [1, 0, 0]])
