@@ -16,6 +16,10 @@ Attention masking (one boolean [B, 1, T, S] mask): a query in slot i sees slot j
 the key slot is real (mask 1), and, on sliding-window layers, i - j < window. A query also always
 sees its own slot, so a padding query has a well-defined (ignored) output instead of a softmax
 over nothing. Positions come from the mask, clip(cumsum(mask) - 1, 0), so left padding is exact.
+Packed rows (no cache) add segment ids (keys of the query's own segment only) and optionally
+branch ids (a segment [prefix | branch 1 | branch 2 | ...] whose branches each see the prefix
+and themselves, never a sibling); positions then restart per segment and each branch continues
+from its prefix's end, and the sliding window counts positions instead of slots.
 """
 
 from __future__ import annotations
