@@ -105,6 +105,12 @@ def test_an_unknown_config_key_is_one_line():
   assert line == "error: unknown config key 'optimizer.lrr'; did you mean 'optimizer.lr'?"
 
 
+def test_a_wrong_choice_is_one_line_naming_the_key_and_the_choices():
+  line = _one_error_line(_cli("run", str(EXPERIMENTS / "ppo.py"), "--set",
+                              "loss.kl_estimator=k4", "--print-config"))
+  assert line == "error: loss.kl_estimator: expected one of 'k1', 'k2', 'k3', got 'k4'"
+
+
 def test_experiment_file_faults_name_the_file_and_line(tmp_path):
   (tmp_path / "no_function.py").write_text('"""An experiment without get_config."""\nX = 1\n')
   (tmp_path / "syntax.py").write_text("import dataclasses\n\ndef get_config(:\n  pass\n")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Literal
 
 import numpy as np
 
@@ -49,12 +50,11 @@ __all__ = [
 class TokenizeConfig:
   max_length: int = 512  # prompt + completion tokens
   max_prompt_length: int | None = None  # None: prompts are never cut (too long -> bad row)
-  on_overflow: str = "truncate"  # completion over budget: "truncate" | "skip" | "error"
+  on_overflow: Literal["truncate", "skip", "error"] = "truncate"  # completion over budget
 
   def __post_init__(self):
-    if self.on_overflow not in ("truncate", "skip", "error"):
-      raise ValueError(f"on_overflow must be 'truncate', 'skip' or 'error', got "
-                       f"{self.on_overflow!r}")
+    from rlhf_jax.config import check_choices  # noqa: PLC0415 — config imports nothing of data
+    check_choices(self)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,14 +51,18 @@ class ModelSpec:
   path: str = "synthetic:tiny"
   tokenizer: str | None = None  # None: the model's path
   reference_path: str | None = None  # the frozen reference; None: the initial policy
-  dtype: str = "float32"  # parameter and compute dtype: float32 | bfloat16
-  remat_policy: str | None = None  # gradient checkpointing per block (see ModelConfig)
-  attention_impl: str | None = None  # None: automatic (cuDNN flash attention on GPU when possible)
+  dtype: Literal["float32", "bfloat16"] = "float32"  # parameter and compute dtype
+  # Gradient checkpointing per block (see ModelConfig); None: the model's ("none").
+  remat_policy: Literal["none", "full", "dots", "dots_no_batch"] | None = None
+  # None: automatic (cuDNN flash attention on GPU when possible)
+  attention_impl: Literal["xla", "cudnn"] | None = None
   logps_chunk_size: int = 512  # tokens per block of the chunked log-prob op
   # LoRA / QLoRA adapters on the trained model (rank 0: full fine-tuning); see models/lora.py.
   lora: models.LoraConfig = models.LoraConfig()
 
   def validate(self):
+    from rlhf_jax.config import check_choices  # noqa: PLC0415 — config imports nothing of train
+    check_choices(self, "model.")
     self.lora.validate()
 
 
@@ -73,8 +77,8 @@ class DataSpec:
   max_length: int = 512
   buckets: tuple[int, ...] = ()  # batch lengths (one compilation each); () = max_length / 2^k
   max_prompt_length: int | None = None
-  on_overflow: str = "truncate"  # "truncate" | "skip" | "error"
-  on_bad_row: str = "raise"  # "raise" | "skip" (counted in the logs)
+  on_overflow: Literal["truncate", "skip", "error"] = "truncate"
+  on_bad_row: Literal["raise", "skip"] = "raise"  # skipped rows are counted in the logs
   packing: bool = False  # SFT only: several examples per row (attention stays within each)
   subset: str | None = None  # a hub dataset's configuration, e.g. "main" for openai/gsm8k
   # RL prompts: the column holding the prompt when it is neither "prompt" nor "messages" (e.g.
@@ -91,7 +95,8 @@ class DataSpec:
 
   def validate(self):
     """Ranges, and buckets against max_length, before anything is loaded."""
-    from rlhf_jax.config import require  # noqa: PLC0415 — config imports nothing of train
+    from rlhf_jax.config import check_choices, require  # noqa: PLC0415 — see ModelSpec
+    check_choices(self, "data.")
     require(self.max_length >= 1, "data.max_length", "an integer >= 1", self.max_length)
     require(0 <= self.eval_fraction < 1, "data.eval_fraction",
             "a fraction in [0, 1) (0: no held-out evaluation)", self.eval_fraction)
@@ -101,8 +106,6 @@ class DataSpec:
               "data.buckets", f"increasing lengths ending at data.max_length={self.max_length} "
               "(rows are cut to max_length, and each batch is padded to the first bucket that "
               "holds its longest row)", self.buckets)
-    require(self.duplicates in ("keep", "drop"), "data.duplicates", "'keep' or 'drop'",
-            self.duplicates)
     require(self.max_prompt_length is None or 1 <= self.max_prompt_length <= self.max_length,
             "data.max_prompt_length", f"None or a length in [1, data.max_length="
             f"{self.max_length}]", self.max_prompt_length)
