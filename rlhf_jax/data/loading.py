@@ -359,6 +359,11 @@ def prepare(kind: str, source: Any, tokenizer, config: tokenize.TokenizeConfig, 
       continue
     stats.truncated += int(record.truncated)
     records.append(record)
+  if records and isinstance(records[0], tokenize.TokenizedPrompt):
+    lines = _row_lines(name) if lines is None else lines  # for reward functions' messages
+    if lines:
+      records = [dataclasses.replace(r, line=lines[r.row]) if r.row < len(lines) else r
+                 for r in records]
   stats.kept = len(records)
   if stats.rows == 0:
     raise formats.DataError(name, None, None, "holds no rows")

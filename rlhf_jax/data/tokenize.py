@@ -97,6 +97,13 @@ class TokenizedPrompt:
   truncated: bool = False
   columns: dict = dataclasses.field(default_factory=dict)  # the row's other columns
   row: int | None = None  # the row's index in its source, for error messages
+  source: str | None = None  # the source's name, for error messages (a reward function's)
+  line: int | None = None  # the file's line where the row starts, in a line-based file
+
+  def where(self) -> str:
+    """The row as data errors name it: "<source>, line <N>" or "<source>, row <N>"."""
+    from rlhf_jax.data.formats import row_where  # noqa: PLC0415
+    return row_where(self.source, self.row, self.line)
 
 
 class SkipRow(Exception):
@@ -281,7 +288,8 @@ def tokenize_example(example, tokenizer, config: TokenizeConfig, source="<rows>"
         raise SkipRow("prompt over max_prompt_length")
       prompt_ids, _, _ = _truncate(prompt_ids, [prompt_ids[:1]], dataclasses.replace(
           config, max_length=limit + 1), where, bos)
-    return TokenizedPrompt(prompt_ids, example.prompt, truncated, example.columns, row)
+    return TokenizedPrompt(prompt_ids, example.prompt, truncated, example.columns, row,
+                           None if source == "<rows>" else source)
   if isinstance(example, RankedExample):
     prompt, completions, truncated = encode_and_truncate(
         example.prompt, list(example.completions))
