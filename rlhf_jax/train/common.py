@@ -26,6 +26,7 @@ __all__ = [
     "resolve_model_path",
     "load_tokenizer",
     "check_vocabulary",
+    "check_reward_vocabulary",
     "check_run",
     "load_policy",
     "load_trained_policy",
@@ -154,14 +155,18 @@ def load_tokenizer(spec: ModelSpec):
   return tokenizer
 
 
-def check_vocabulary(tokenizer, tokenizer_path: str, model_path: str):
+def check_vocabulary(tokenizer, tokenizer_path: str, model_path: str, *,
+                     reward_key: str | None = None):
   """Every token id of the tokenizer must index a row of the model's embedding: checked from
   the model's config.json, before any weight is read (a larger embedding, padded to a multiple
   of 64 or 128 as many are, is fine). A hub id's config.json is fetched alone (the weights
-  would be next); when it cannot be, the check is left to loading."""
+  would be next); when it cannot be, the check is left to loading. `reward_key`: the model is
+  the reward model that config key names, which scores the policy's token ids."""
   import json
   config_file = pathlib.Path(model_path).expanduser() / "config.json"
   where = str(config_file)  # for a hub id: "org/name/config.json", not the cache's path
+  if reward_key is not None:
+    where += f" ({reward_key})"
   if not config_file.is_file():
     if pathlib.Path(model_path).expanduser().exists() or model_path.count("/") != 1:
       return  # a directory without a config: loading reports it
@@ -176,12 +181,27 @@ def check_vocabulary(tokenizer, tokenizer_path: str, model_path: str):
   if not isinstance(vocab_size, int):
     return
   largest = max(tokenizer.get_vocab().values())
+  if largest >= vocab_size and reward_key is not None:
+    raise CheckpointError(
+        f"expected a vocab_size above every token id of the policy's tokenizer at "
+        f"{tokenizer_path} (its largest is {largest}: {len(tokenizer)} tokens), got "
+        f"vocab_size={vocab_size} (the reward model scores the policy's token ids: set "
+        f"{reward_key} to a reward model trained with the policy's tokenizer)", where=where)
   if largest >= vocab_size:
     raise CheckpointError(
         f"expected a vocab_size above every token id of the tokenizer at {tokenizer_path} (its "
         f"largest is {largest}: {len(tokenizer)} tokens), got vocab_size={vocab_size} (set "
         "model.tokenizer to the model's own tokenizer, or resize the model's embedding)",
         where=where)
+
+
+def check_reward_vocabulary(reward, tokenizer, spec: ModelSpec):
+  """`check_vocabulary` of the reward model a RewardSpec names (kind="model": reward.path)
+  against the policy's tokenizer, before any weight is read; nothing for reward functions."""
+  if getattr(reward, "kind", None) != "model" or not reward.path:
+    return
+  check_vocabulary(tokenizer, resolve_model_path(spec.tokenizer or spec.path),
+                   resolve_model_path(reward.path), reward_key="reward.path")
 
 
 def check_run(run, num_devices: int | None = None, *, batch_size: int | None = None,
@@ -437,6 +457,7 @@ def load_online(config) -> OnlineSetup:
   run, spec = config.run, config.model
   check_run(run)
   tokenizer = load_tokenizer(spec)
+  check_reward_vocabulary(getattr(config, "reward", None), tokenizer, spec)
   records, eval_records, _ = load_data("prompt", config.data, tokenizer, run.seed)
   model, params = load_trained_policy(spec, run.seed, mesh=run.mesh)
   stream = make_stream(records, config.data, run.batch_size, tokenizer.pad_token_id, run.seed)
