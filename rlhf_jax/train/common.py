@@ -7,6 +7,7 @@ each trainer module adds its own loss section and top-level config.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pathlib
 from typing import Any, Callable, Literal
@@ -28,6 +29,9 @@ __all__ = [
     "check_vocabulary",
     "check_reward_vocabulary",
     "check_run",
+    "warn_once_loaded",
+    "flush_warnings",
+    "discard_warnings",
     "load_policy",
     "load_trained_policy",
     "adapt_reward_model",
@@ -223,9 +227,37 @@ def check_run(run, num_devices: int | None = None, *, batch_size: int | None = N
           f"tensor={mesh.tensor} on {num_devices} devices)", batch_size)
 
 
+# Warnings held until a model's weights have loaded (`warn_once_loaded`).
+_PENDING_WARNINGS: list[str] = []
+
+
+def warn_once_loaded(message: str):
+  """Logs `message` as a warning once the first model's weights have loaded (`load_policy`,
+  `load_reward_model`): after every check that runs before loading (config, devices, tokenizer
+  and vocabulary, data) and the loading itself have passed. A run that fails before then
+  prints its one error line alone, not a warning and an error (the CLI's toy-settings
+  warning). `flush_warnings()` logs what is still held; `discard_warnings()` drops it."""
+  _PENDING_WARNINGS.append(message)
+
+
+def flush_warnings():
+  while _PENDING_WARNINGS:
+    logging.getLogger(__name__).warning("%s", _PENDING_WARNINGS.pop(0))
+
+
+def discard_warnings():
+  _PENDING_WARNINGS.clear()
+
+
 def load_policy(spec: ModelSpec, path: str | None = None, *, mesh=None):
   """(CausalLM, params) with the spec's dtype and speed switches; with `mesh` (a MeshConfig),
   streamed straight into the shards the partition rules give them there (or a Mesh)."""
+  model, params = _load_policy(spec, path, mesh=mesh)
+  flush_warnings()
+  return model, params
+
+
+def _load_policy(spec: ModelSpec, path: str | None = None, *, mesh=None):
   overrides = {}
   if spec.remat_policy is not None:
     overrides["remat_policy"] = spec.remat_policy
@@ -285,6 +317,7 @@ def load_reward_model(path: str, spec: ModelSpec, num_heads: int = 1, seed: int 
         path, dtype=jnp.dtype(spec.dtype), mesh=_as_mesh(mesh))
     if rm.num_labels != num_heads:
       raise ValueError(f"{path} has {rm.num_labels} reward heads, expected {num_heads}")
+    flush_warnings()
     return rm, params
   model, params = load_policy(spec, path, mesh=mesh)
   return models.RewardModel.from_causal_lm(model, params, jax.random.key(seed),
