@@ -115,7 +115,6 @@ def test_a_choice_built_in_an_experiment_file_is_checked_with_the_whole_key():
     ("rlhf_jax.train.iterative:IterativeDPOConfig", "labels.kind", "'reward', 'judge'"),
 ])
 def test_the_trainers_choice_fields_name_the_key_and_the_choices(make, key, allowed):
-  import dataclasses as dc
   import importlib
   module, _, name = make.partition(":")
   cls = getattr(importlib.import_module(module), name)
@@ -128,8 +127,8 @@ def test_the_trainers_choice_fields_name_the_key_and_the_choices(make, key, allo
 
   def replaced(node, path):
     if not path:
-      return dc.replace(node, **{leaf: "bogus"})
-    return dc.replace(node, **{path[0]: replaced(getattr(node, path[0]), path[1:])})
+      return dataclasses.replace(node, **{leaf: "bogus"})
+    return dataclasses.replace(node, **{path[0]: replaced(getattr(node, path[0]), path[1:])})
 
   with pytest.raises(ConfigError) as error:
     replaced(cls(), parts).validate()
