@@ -40,9 +40,10 @@ from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer
 __all__ = ["GRPOLoss", "GRPOConfig", "sequence_advantages", "make_grpo_algorithm", "build_task",
            "run"]
 
+
 @dataclasses.dataclass(frozen=True)
 class GRPOLoss:
-  # "group" | "group_no_std" | "leave_one_out"; None: the trainer's ("rloo": leave_one_out)
+  # None: the trainer's ("rloo": leave_one_out; "grpo": group)
   advantage: Literal["group", "group_no_std", "leave_one_out"] | None = None
   clip_eps: float = 0.2
   clip_eps_high: float | None = None  # DAPO's clip-higher (e.g. 0.28)
