@@ -152,13 +152,20 @@ def _run(args) -> int:
   if args.print_config:
     print(json.dumps(config_lib.to_dict(config), indent=2))
     return 0
-  if (warning := toy_settings_warning(config, args.overrides)) is not None:
-    logging.getLogger(__name__).warning("%s", warning)
   _launch(args)
   from rlhf_jax import parallel  # noqa: PLC0415 — keeps --help and config errors instant
+  from rlhf_jax.train import common  # noqa: PLC0415
+  if (warning := toy_settings_warning(config, args.overrides)) is not None:
+    # Once the model has loaded: a run that fails a check before then prints its error alone.
+    common.warn_once_loaded(warning)
   if parallel.is_main_process():  # one copy of the config in a multi-process job's logs
     print(json.dumps(config_lib.to_dict(config), indent=2))
-  run_config(config)
+  try:
+    run_config(config)
+  except BaseException:
+    common.discard_warnings()  # never loaded: the error is the one line to read
+    raise
+  common.flush_warnings()  # a trainer that loaded no model through common
   return 0
 
 

@@ -25,6 +25,8 @@ from rlhf_jax.errors import UserError
 __all__ = [
     "ConfigError",
     "require",
+    "choices",
+    "check_choices",
     "apply_overrides",
     "config_keys",
     "load_experiment",
@@ -42,6 +44,39 @@ def require(ok: bool, key: str, expected: str, value):
   '<key>: expected <expected>, got <value>' unless `ok`."""
   if not ok:
     raise ConfigError(f"expected {expected}, got {value!r}", where=key)
+
+
+def choices(hint) -> tuple | None:
+  """The values a `Literal[...]` field (or `Literal[...] | None`, None included) allows; None
+  for a field of any other type."""
+  if typing.get_origin(hint) is typing.Literal:
+    return typing.get_args(hint)
+  if typing.get_origin(hint) in (typing.Union, types.UnionType):
+    args = typing.get_args(hint)
+    literals = [a for a in args if typing.get_origin(a) is typing.Literal]
+    if literals and all(a is type(None) or a in literals for a in args):
+      allowed = tuple(v for a in literals for v in typing.get_args(a))
+      return allowed + ((None,) if type(None) in args else ())
+  return None
+
+
+def _choice_error(key: str, allowed: tuple, value) -> ConfigError:
+  return ConfigError(f"expected one of {', '.join(map(repr, allowed))}, got {value!r}",
+                     where=key)
+
+
+def check_choices(config, prefix: str = ""):
+  """Every `Literal[...]` field of the config tree holds one of its values: a ConfigError
+  '<prefix><key>: expected one of 'a', 'b', got 'c'' for the first that does not. The one
+  check of choice fields, for `validate()` methods (`prefix` names the section, e.g. "loss.")
+  and for a config built in an experiment file (apply_overrides checks the whole tree)."""
+  hints = _field_types(type(config))
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if dataclasses.is_dataclass(value):
+      check_choices(value, f"{prefix}{field.name}.")
+    elif (allowed := choices(hints[field.name])) is not None and value not in allowed:
+      raise _choice_error(f"{prefix}{field.name}", allowed, value)
 
 
 def config_keys(config) -> list[str]:
@@ -64,6 +99,17 @@ def _coerce(raw: str, hint, key: str):
   """Parses the string `raw` as a value of type `hint`; ConfigError naming `key` otherwise."""
   origin = typing.get_origin(hint)
   args = typing.get_args(hint)
+  if (allowed := choices(hint)) is not None:
+    for option in (a for a in allowed if a is not None):  # a value "none" is the value
+      try:
+        value = _coerce(raw, type(option), key)
+      except ConfigError:
+        continue
+      if value == option:
+        return value
+    if None in allowed and raw.strip().lower() in ("none", "null"):
+      return None
+    raise _choice_error(key, allowed, raw)
   if origin in (typing.Union, types.UnionType):
     if type(None) in args and raw.strip().lower() in ("none", "null"):
       return None
@@ -74,15 +120,6 @@ def _coerce(raw: str, hint, key: str):
       except ConfigError as err:
         errors.append(str(err))
     raise ConfigError(f"{key}: cannot parse {raw!r} as {hint}: " + "; ".join(errors))
-  if origin is typing.Literal:
-    for option in args:
-      try:
-        value = _coerce(raw, type(option), key)
-      except ConfigError:
-        continue
-      if value == option:
-        return value
-    raise ConfigError(f"{key}: {raw!r} is not one of {list(args)}")
   if hint is bool:
     lowered = raw.strip().lower()
     if lowered in ("true", "1", "yes", "on"):
@@ -187,7 +224,8 @@ def _set(config, parts: list[str], raw: str, full_key: str, root):
 
 def apply_overrides(config, overrides: typing.Iterable[str], *, check=None):
   """Returns `config` with each "dotted.key=value" applied (parsed by the field's type), then
-  `check(config)` if given (the CLI's trainer check) and the config's own `validate()`."""
+  `check(config)` if given (the CLI's trainer check), `check_choices` and the config's own
+  `validate()`."""
   for override in list(overrides):
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
@@ -196,6 +234,7 @@ def apply_overrides(config, overrides: typing.Iterable[str], *, check=None):
     config = _set(config, key.split("."), raw, key, config)
   if check is not None:
     check(config)
+  check_choices(config)
   if callable(validate := getattr(config, "validate", None)):
     try:
       validate()

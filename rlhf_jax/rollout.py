@@ -196,8 +196,8 @@ class RewardSpec:
   missing_eos_penalty: float | None = None  # subtracted from responses that never stop
 
   def validate(self):
-    if self.kind not in ("model", "function"):
-      raise ValueError(f"reward.kind must be 'model' or 'function', got {self.kind!r}")
+    from rlhf_jax.config import check_choices  # noqa: PLC0415
+    check_choices(self, "reward.")
     if self.kind == "model" and not self.path:
       raise ValueError("reward.kind='model' needs reward.path (a reward-model checkpoint)")
     if self.kind == "function" and not self.functions:

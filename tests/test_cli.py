@@ -105,6 +105,12 @@ def test_an_unknown_config_key_is_one_line():
   assert line == "error: unknown config key 'optimizer.lrr'; did you mean 'optimizer.lr'?"
 
 
+def test_a_wrong_choice_is_one_line_naming_the_key_and_the_choices():
+  line = _one_error_line(_cli("run", str(EXPERIMENTS / "ppo.py"), "--set",
+                              "loss.kl_estimator=k4", "--print-config"))
+  assert line == "error: loss.kl_estimator: expected one of 'k1', 'k2', 'k3', got 'k4'"
+
+
 def test_experiment_file_faults_name_the_file_and_line(tmp_path):
   (tmp_path / "no_function.py").write_text('"""An experiment without get_config."""\nX = 1\n')
   (tmp_path / "syntax.py").write_text("import dataclasses\n\ndef get_config(:\n  pass\n")
@@ -245,3 +251,49 @@ def test_a_tiny_model_built_by_embedded_gets_no_toy_settings_warning(tmp_path):
   overrides = [f"model.path={model_dir}"]
   config = apply_overrides(preference.PreferenceConfig(), overrides)
   assert cli.toy_settings_warning(config, overrides) is None
+
+
+def _weightless_checkpoint(path):
+  """A directory that looks like a real checkpoint (a tokenizer and a config.json, not built by
+  embedded) but holds no weights."""
+  from rlhf_jax.data import synthetic
+  synthetic.build_tokenizer().save_pretrained(path)
+  (path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 128}))
+  return path
+
+
+def test_a_real_checkpoint_run_that_fails_prints_its_error_alone(tmp_path):
+  """The toy-settings warning waits until the model has loaded: a run that fails a check
+  before then (the data file) prints one line, the error; so does one whose loading fails
+  (after the data's summary, an INFO line)."""
+  model_dir = _weightless_checkpoint(tmp_path / "model")
+  run = ["--set", f"model.path={model_dir}", "--set", f"run.output_dir={tmp_path / 'run'}"]
+  result = _cli("run", str(EXPERIMENTS / "sft.py"), *run, "--set", "data.train=missing.jsonl",
+                cwd=tmp_path)
+  assert _one_error_line(result) == "error: missing.jsonl: the data file does not exist"
+  result = _cli("run", str(EXPERIMENTS / "sft.py"), *run, cwd=tmp_path)
+  assert result.returncode == 2 and "real checkpoint" not in result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert [line.split(": ")[0].split(" ")[-1] for line in lines[:-1]] == ["rlhf_jax.data.loading"]
+  assert lines[-1] == (f"error: no model.safetensors or model.safetensors.index.json in "
+                       f"'{model_dir}' (only safetensors checkpoints are supported)")
+
+
+def test_the_toy_settings_warning_is_logged_once_the_model_has_loaded(tiny_cli_model, caplog):
+  from rlhf_jax.train import common
+  common.warn_once_loaded("toy settings")
+  common.resolve_model_path(str(tiny_cli_model))
+  assert "toy settings" not in caplog.text  # held
+  common.load_policy(common.ModelSpec(path=str(tiny_cli_model)))
+  assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == ["toy settings"]
+  common.load_policy(common.ModelSpec(path=str(tiny_cli_model)))  # once
+  assert caplog.text.count("toy settings") == 1
+  common.warn_once_loaded("dropped")
+  common.discard_warnings()
+  common.flush_warnings()
+  assert "dropped" not in caplog.text
+
+
+@pytest.fixture
+def tiny_cli_model(tmp_path):
+  return embedded.ensure_assets(tmp_path / "tiny", **TINY)

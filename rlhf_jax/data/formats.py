@@ -65,11 +65,7 @@ class DataError(UserError):
 
   def __init__(self, source: str, row: int | None, field: str | None, message: str, *,
                line: int | None = None):
-    where = source
-    if line is not None:
-      where += f", line {line}"
-    elif row is not None:
-      where += f", row {row}"
+    where = row_where(source, row, line)
     where += f", field {field!r}" if field else ""
     super().__init__(message, where=where)
     self.source, self.row, self.field, self.line = source, row, field, line
@@ -77,6 +73,18 @@ class DataError(UserError):
   def at_line(self, line: int) -> "DataError":
     """The same error, located by the file's line number instead of the row index."""
     return DataError(self.source, self.row, self.field, self.what, line=line)
+
+
+def row_where(source: str | None, row: int | None, line: int | None = None) -> str:
+  """The one way a message names a row: "<source>, line <N>" (the 1-based line of a line-based
+  file where the row starts) when the line is known, else "<source>, row <N>" (the 0-based
+  index of the row in its dataset); without a source, just the line or row."""
+  parts = [source] if source else []
+  if line is not None:
+    parts.append(f"line {line}")
+  elif row is not None:
+    parts.append(f"row {row}")
+  return ", ".join(parts)
 
 
 @dataclasses.dataclass(frozen=True)

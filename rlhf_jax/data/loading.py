@@ -8,7 +8,9 @@ by line so the error names the row and field instead of Arrow's column.
 
 CSV cells hold only scalars: plain-text rows load from CSV, but message lists (conversational
 rows) and the lists of ranked rows do not. Such a cell arrives as the list's text, and is a bad
-row (naming the row and field) rather than text to train on.
+row (naming the row and field) rather than text to train on. An empty cell of a number column
+(a pair's margin) is a missing value; one holding "nan", "inf" or "-inf" (any case) is a bad
+row, as a non-finite number in JSON Lines is, though the CSV reader would read it as missing.
 
 Checked before rows are used: a text file must be UTF-8 (the first bad byte is named by offset
 and line) and not empty; each message role must be one the tokenizer's chat template handles
@@ -26,6 +28,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import pathlib
 import re
 from typing import Any
@@ -88,6 +91,15 @@ def _csv_lines(text: str) -> list[int]:
   return starts[1:]  # the first is the header
 
 
+def _csv_cells(text: str) -> list[dict[str, str]]:
+  """The cells of each CSV row as written, by column name, rows aligned with `_csv_lines`."""
+  records = [record for record in csv.reader(io.StringIO(text)) if record]
+  if not records:
+    return []
+  header = records[0]
+  return [dict(zip(header, record)) for record in records[1:]]
+
+
 def _row_lines(name: str) -> list[int] | None:
   """For a local line-based file (JSON Lines, CSV), the line number of each row; None for any
   other source."""
@@ -141,12 +153,29 @@ def _locate_json_error(path: pathlib.Path, original: Exception):
 _MESSAGES_AS_TEXT = re.compile(r"""^\s*\[\s*\{\s*['"](role|content)['"]\s*:""")
 
 
-def _check_csv_row(row, source: str, index: int):
+def _non_finite(cell: str) -> float | None:
+  """The number a CSV cell spells when it is "nan", "inf", "-inf", ... (any case); else None."""
+  try:
+    value = float(cell)
+  except ValueError:
+    return None
+  return None if math.isfinite(value) else value
+
+
+def _check_csv_row(row, source: str, index: int, number_columns=(), cells=None):
+  """A CSV row's cells: no message list written as text; no "nan"/"inf" in a number column
+  (`number_columns`), which the reader turned into a missing value. `cells()` gives the rows'
+  cells as written (read only when a number column is missing a value)."""
   for field, value in (row.items() if isinstance(row, dict) else ()):
     if isinstance(value, str) and _MESSAGES_AS_TEXT.match(value):
       raise formats.DataError(source, index, field,
                               "holds a message list written as text: CSV cannot hold lists; "
                               "write conversational rows as JSON Lines or Parquet")
+    if value is None and field in number_columns and cells is not None:
+      written = cells()
+      cell = written[index].get(field, "") if index < len(written) else ""
+      if (number := _non_finite(cell.strip())) is not None:
+        raise formats.DataError(source, index, field, f"expected a finite number, got {number!r}")
 
 
 def load_rows(source: Any, *, split: str = "train", kind: str | None = None, num_rows=None,
@@ -285,6 +314,17 @@ def prepare(kind: str, source: Any, tokenizer, config: tokenize.TokenizeConfig, 
   stats = DatasetStats(source=name, duplicates_dropped=duplicates == "drop")
   normalize = KINDS[kind]
   is_csv = name.lower().endswith(".csv")
+  features = getattr(rows, "features", None) or {}
+  number_columns = {column for column, feature in features.items()
+                    if str(getattr(feature, "dtype", "")).startswith("float")}
+  cells_read = []
+
+  def cells():  # the CSV file's cells as written, read once at the first missing number
+    if not cells_read:
+      path = pathlib.Path(name)
+      cells_read.append(_csv_cells(path.read_text()) if path.is_file() else [])
+    return cells_read[0]
+
   records = []
   lines = None  # the file's line of each row, read at the first bad row of a line-based file
   for index, row in enumerate(rows):
@@ -297,7 +337,7 @@ def prepare(kind: str, source: Any, tokenizer, config: tokenize.TokenizeConfig, 
     stats.row_keys.add(key)
     try:
       if is_csv:
-        _check_csv_row(row, name, index)
+        _check_csv_row(row, name, index, number_columns, cells)
       example = normalize(row, name, index, **(options or {}))
       _check_roles(example, row, tokenizer, name, index)
       record = tokenize.tokenize_example(example, tokenizer, config, name, index)
@@ -319,6 +359,11 @@ def prepare(kind: str, source: Any, tokenizer, config: tokenize.TokenizeConfig, 
       continue
     stats.truncated += int(record.truncated)
     records.append(record)
+  if records and isinstance(records[0], tokenize.TokenizedPrompt):
+    lines = _row_lines(name) if lines is None else lines  # for reward functions' messages
+    if lines:
+      records = [dataclasses.replace(r, line=lines[r.row]) if r.row < len(lines) else r
+                 for r in records]
   stats.kept = len(records)
   if stats.rows == 0:
     raise formats.DataError(name, None, None, "holds no rows")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Literal
 
 import numpy as np
 
@@ -49,12 +50,11 @@ __all__ = [
 class TokenizeConfig:
   max_length: int = 512  # prompt + completion tokens
   max_prompt_length: int | None = None  # None: prompts are never cut (too long -> bad row)
-  on_overflow: str = "truncate"  # completion over budget: "truncate" | "skip" | "error"
+  on_overflow: Literal["truncate", "skip", "error"] = "truncate"  # completion over budget
 
   def __post_init__(self):
-    if self.on_overflow not in ("truncate", "skip", "error"):
-      raise ValueError(f"on_overflow must be 'truncate', 'skip' or 'error', got "
-                       f"{self.on_overflow!r}")
+    from rlhf_jax.config import check_choices  # noqa: PLC0415 — config imports nothing of data
+    check_choices(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +97,13 @@ class TokenizedPrompt:
   truncated: bool = False
   columns: dict = dataclasses.field(default_factory=dict)  # the row's other columns
   row: int | None = None  # the row's index in its source, for error messages
+  source: str | None = None  # the source's name, for error messages (a reward function's)
+  line: int | None = None  # the file's line where the row starts, in a line-based file
+
+  def where(self) -> str:
+    """The row as data errors name it: "<source>, line <N>" or "<source>, row <N>"."""
+    from rlhf_jax.data.formats import row_where  # noqa: PLC0415
+    return row_where(self.source, self.row, self.line)
 
 
 class SkipRow(Exception):
@@ -281,7 +288,8 @@ def tokenize_example(example, tokenizer, config: TokenizeConfig, source="<rows>"
         raise SkipRow("prompt over max_prompt_length")
       prompt_ids, _, _ = _truncate(prompt_ids, [prompt_ids[:1]], dataclasses.replace(
           config, max_length=limit + 1), where, bos)
-    return TokenizedPrompt(prompt_ids, example.prompt, truncated, example.columns, row)
+    return TokenizedPrompt(prompt_ids, example.prompt, truncated, example.columns, row,
+                           None if source == "<rows>" else source)
   if isinstance(example, RankedExample):
     prompt, completions, truncated = encode_and_truncate(
         example.prompt, list(example.completions))

@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Literal
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.config import ConfigError
+from rlhf_jax.config import ConfigError, check_choices
 
 __all__ = ["LoraConfig", "Adapted", "parts", "split", "trainable", "detach_bases",
            "attach_bases", "adapt", "init_adapters", "quantize_base", "decoder_module",
@@ -57,15 +57,16 @@ class LoraConfig:
   alpha: float = 16.0  # the update is scaled by alpha / rank (PEFT's lora_alpha)
   dropout: float = 0.0  # only 0.0: the decoder's forward takes no dropout key
   targets: tuple[str, ...] = ("all",)  # "all" projections, or names: q k v o gate up down
-  quantize: str = "none"  # the frozen base: none | int8 | int4 | nf4
+  quantize: Literal["none", "int8", "int4", "nf4"] = "none"  # the frozen base (QUANTIZATIONS)
   group_size: int = 64  # 4-bit: one scale per this many input rows of each output column
-  dtype: str = "float32"  # the adapters' parameter dtype: float32 | bfloat16
+  dtype: Literal["float32", "bfloat16"] = "float32"  # the adapters' parameter dtype
 
   @property
   def enabled(self) -> bool:
     return self.rank > 0
 
   def validate(self, prefix: str = "model.lora") -> None:
+    check_choices(self, f"{prefix}.")
     if self.rank < 0:
       raise ConfigError(f"{prefix}.rank: expected an integer >= 0 (0 = off), got {self.rank}")
     if not self.enabled:
@@ -78,13 +79,8 @@ class LoraConfig:
     if self.dropout != 0.0:
       raise ConfigError(f"{prefix}.dropout: only 0.0 is supported (the forward pass takes no "
                         f"dropout key), got {self.dropout}")
-    if self.quantize not in QUANTIZATIONS:
-      raise ConfigError(f"{prefix}.quantize: expected one of {', '.join(QUANTIZATIONS)}, got "
-                        f"{self.quantize!r}")
     if self.group_size < 1:
       raise ConfigError(f"{prefix}.group_size: expected an integer >= 1, got {self.group_size}")
-    if self.dtype not in ("float32", "bfloat16"):
-      raise ConfigError(f"{prefix}.dtype: expected float32 or bfloat16, got {self.dtype!r}")
     self.target_names()
 
   def target_names(self) -> tuple[str, ...]:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from rlhf_jax.errors import UserError
+from rlhf_jax.errors import UserError, one_line
 
 __all__ = ["RewardError", "RewardFunction", "load_function"]
 
@@ -116,7 +116,8 @@ class RewardFunction:
   ids (the `completion_ids` column; None when there are none, as for a judge's texts), and
   returns a float64 array with NaN where the function said None. A function that raises,
   returns the wrong number of values, a non-number or a non-finite number is a RewardError
-  naming the function and the dataset row.
+  naming the function and the prompt's row as data errors do: "<file>, line <N>" in a
+  line-based file, else "<source>, row <N>" (counting from 0).
   """
 
   def __init__(self, fn: Callable, name: str):
@@ -163,8 +164,8 @@ class RewardFunction:
         self.fn(prompts[i:i + 1], texts[i:i + 1], **{k: v[i:i + 1] for k, v in columns.items()})
       except Exception as row_err:  # noqa: BLE001
         return RewardError(f"reward function {self.name!r} raised {type(row_err).__name__}: "
-                           f"{row_err} on dataset row {records[i].row} (completion "
-                           f"{texts[i]!r:.200})")
+                           f"{one_line(row_err)} (completion {texts[i]!r:.200})",
+                           where=_where(records[i]))
     return RewardError(f"reward function {self.name!r} raised {type(err).__name__}: {err} on "
                        f"a batch of {len(prompts)} completions (no single row raises alone)")
 
@@ -183,12 +184,20 @@ class RewardFunction:
       try:
         out[i] = float(value)
       except (TypeError, ValueError):
-        raise RewardError(f"reward function {self.name!r} returned {value!r} for dataset row "
-                          f"{records[i].row}; expected a float or None") from None
+        raise RewardError(f"reward function {self.name!r} returned {value!r}; expected a float "
+                          f"or None", where=_where(records[i])) from None
       if not math.isfinite(out[i]):
-        raise RewardError(f"reward function {self.name!r} returned {value!r} for dataset row "
-                          f"{records[i].row}; expected a finite float (None: not applicable)")
+        raise RewardError(f"reward function {self.name!r} returned {value!r}; expected a finite "
+                          f"float (None: not applicable)", where=_where(records[i]))
     return out
+
+
+def _where(record) -> str:
+  """The prompt record's row, named as data errors name it (see `TokenizedPrompt.where`)."""
+  if callable(where := getattr(record, "where", None)):
+    return where()
+  from rlhf_jax.data.formats import row_where  # noqa: PLC0415
+  return row_where(getattr(record, "source", None), getattr(record, "row", None))
 
 
 def _defaults(fn) -> set[str]:

@@ -80,6 +80,7 @@ def build_task(config: RejectionSamplingConfig) -> loop.Task:
   # The round's prompts are the batch placed on the mesh.
   common.check_run(run, batch_size=rc.prompts_per_round, key="rounds.prompts_per_round")
   tokenizer = common.load_tokenizer(spec)
+  common.check_reward_vocabulary(config.reward, tokenizer, spec)
   records, prompt_length, prompts = common.round_prompts(config.data, tokenizer,
                                                         rc.prompts_per_round, run.seed)
   model, params = common.load_trained_policy(spec, run.seed, mesh=run.mesh)

@@ -7,6 +7,7 @@ each trainer module adds its own loss section and top-level config.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pathlib
 from typing import Any, Callable, Literal
@@ -26,7 +27,11 @@ __all__ = [
     "resolve_model_path",
     "load_tokenizer",
     "check_vocabulary",
+    "check_reward_vocabulary",
     "check_run",
+    "warn_once_loaded",
+    "flush_warnings",
+    "discard_warnings",
     "load_policy",
     "load_trained_policy",
     "adapt_reward_model",
@@ -51,14 +56,18 @@ class ModelSpec:
   path: str = "synthetic:tiny"
   tokenizer: str | None = None  # None: the model's path
   reference_path: str | None = None  # the frozen reference; None: the initial policy
-  dtype: str = "float32"  # parameter and compute dtype: float32 | bfloat16
-  remat_policy: str | None = None  # gradient checkpointing per block (see ModelConfig)
-  attention_impl: str | None = None  # None: automatic (cuDNN flash attention on GPU when possible)
+  dtype: Literal["float32", "bfloat16"] = "float32"  # parameter and compute dtype
+  # Gradient checkpointing per block (see ModelConfig); None: the model's ("none").
+  remat_policy: Literal["none", "full", "dots", "dots_no_batch"] | None = None
+  # None: automatic (cuDNN flash attention on GPU when possible)
+  attention_impl: Literal["xla", "cudnn"] | None = None
   logps_chunk_size: int = 512  # tokens per block of the chunked log-prob op
   # LoRA / QLoRA adapters on the trained model (rank 0: full fine-tuning); see models/lora.py.
   lora: models.LoraConfig = models.LoraConfig()
 
   def validate(self):
+    from rlhf_jax.config import check_choices  # noqa: PLC0415 — config imports nothing of train
+    check_choices(self, "model.")
     self.lora.validate()
 
 
@@ -73,8 +82,8 @@ class DataSpec:
   max_length: int = 512
   buckets: tuple[int, ...] = ()  # batch lengths (one compilation each); () = max_length / 2^k
   max_prompt_length: int | None = None
-  on_overflow: str = "truncate"  # "truncate" | "skip" | "error"
-  on_bad_row: str = "raise"  # "raise" | "skip" (counted in the logs)
+  on_overflow: Literal["truncate", "skip", "error"] = "truncate"
+  on_bad_row: Literal["raise", "skip"] = "raise"  # skipped rows are counted in the logs
   packing: bool = False  # SFT only: several examples per row (attention stays within each)
   subset: str | None = None  # a hub dataset's configuration, e.g. "main" for openai/gsm8k
   # RL prompts: the column holding the prompt when it is neither "prompt" nor "messages" (e.g.
@@ -91,7 +100,8 @@ class DataSpec:
 
   def validate(self):
     """Ranges, and buckets against max_length, before anything is loaded."""
-    from rlhf_jax.config import require  # noqa: PLC0415 — config imports nothing of train
+    from rlhf_jax.config import check_choices, require  # noqa: PLC0415 — see ModelSpec
+    check_choices(self, "data.")
     require(self.max_length >= 1, "data.max_length", "an integer >= 1", self.max_length)
     require(0 <= self.eval_fraction < 1, "data.eval_fraction",
             "a fraction in [0, 1) (0: no held-out evaluation)", self.eval_fraction)
@@ -101,8 +111,6 @@ class DataSpec:
               "data.buckets", f"increasing lengths ending at data.max_length={self.max_length} "
               "(rows are cut to max_length, and each batch is padded to the first bucket that "
               "holds its longest row)", self.buckets)
-    require(self.duplicates in ("keep", "drop"), "data.duplicates", "'keep' or 'drop'",
-            self.duplicates)
     require(self.max_prompt_length is None or 1 <= self.max_prompt_length <= self.max_length,
             "data.max_prompt_length", f"None or a length in [1, data.max_length="
             f"{self.max_length}]", self.max_prompt_length)
@@ -151,14 +159,18 @@ def load_tokenizer(spec: ModelSpec):
   return tokenizer
 
 
-def check_vocabulary(tokenizer, tokenizer_path: str, model_path: str):
+def check_vocabulary(tokenizer, tokenizer_path: str, model_path: str, *,
+                     reward_key: str | None = None):
   """Every token id of the tokenizer must index a row of the model's embedding: checked from
   the model's config.json, before any weight is read (a larger embedding, padded to a multiple
   of 64 or 128 as many are, is fine). A hub id's config.json is fetched alone (the weights
-  would be next); when it cannot be, the check is left to loading."""
+  would be next); when it cannot be, the check is left to loading. `reward_key`: the model is
+  the reward model that config key names, which scores the policy's token ids."""
   import json
   config_file = pathlib.Path(model_path).expanduser() / "config.json"
   where = str(config_file)  # for a hub id: "org/name/config.json", not the cache's path
+  if reward_key is not None:
+    where += f" ({reward_key})"
   if not config_file.is_file():
     if pathlib.Path(model_path).expanduser().exists() or model_path.count("/") != 1:
       return  # a directory without a config: loading reports it
@@ -173,12 +185,27 @@ def check_vocabulary(tokenizer, tokenizer_path: str, model_path: str):
   if not isinstance(vocab_size, int):
     return
   largest = max(tokenizer.get_vocab().values())
+  if largest >= vocab_size and reward_key is not None:
+    raise CheckpointError(
+        f"expected a vocab_size above every token id of the policy's tokenizer at "
+        f"{tokenizer_path} (its largest is {largest}: {len(tokenizer)} tokens), got "
+        f"vocab_size={vocab_size} (the reward model scores the policy's token ids: set "
+        f"{reward_key} to a reward model trained with the policy's tokenizer)", where=where)
   if largest >= vocab_size:
     raise CheckpointError(
         f"expected a vocab_size above every token id of the tokenizer at {tokenizer_path} (its "
         f"largest is {largest}: {len(tokenizer)} tokens), got vocab_size={vocab_size} (set "
         "model.tokenizer to the model's own tokenizer, or resize the model's embedding)",
         where=where)
+
+
+def check_reward_vocabulary(reward, tokenizer, spec: ModelSpec):
+  """`check_vocabulary` of the reward model a RewardSpec names (kind="model": reward.path)
+  against the policy's tokenizer, before any weight is read; nothing for reward functions."""
+  if getattr(reward, "kind", None) != "model" or not reward.path:
+    return
+  check_vocabulary(tokenizer, resolve_model_path(spec.tokenizer or spec.path),
+                   resolve_model_path(reward.path), reward_key="reward.path")
 
 
 def check_run(run, num_devices: int | None = None, *, batch_size: int | None = None,
@@ -200,9 +227,37 @@ def check_run(run, num_devices: int | None = None, *, batch_size: int | None = N
           f"tensor={mesh.tensor} on {num_devices} devices)", batch_size)
 
 
+# Warnings held until a model's weights have loaded (`warn_once_loaded`).
+_PENDING_WARNINGS: list[str] = []
+
+
+def warn_once_loaded(message: str):
+  """Logs `message` as a warning once the first model's weights have loaded (`load_policy`,
+  `load_reward_model`): after every check that runs before loading (config, devices, tokenizer
+  and vocabulary, data) and the loading itself have passed. A run that fails before then
+  prints its one error line alone, not a warning and an error (the CLI's toy-settings
+  warning). `flush_warnings()` logs what is still held; `discard_warnings()` drops it."""
+  _PENDING_WARNINGS.append(message)
+
+
+def flush_warnings():
+  while _PENDING_WARNINGS:
+    logging.getLogger(__name__).warning("%s", _PENDING_WARNINGS.pop(0))
+
+
+def discard_warnings():
+  _PENDING_WARNINGS.clear()
+
+
 def load_policy(spec: ModelSpec, path: str | None = None, *, mesh=None):
   """(CausalLM, params) with the spec's dtype and speed switches; with `mesh` (a MeshConfig),
   streamed straight into the shards the partition rules give them there (or a Mesh)."""
+  model, params = _load_policy(spec, path, mesh=mesh)
+  flush_warnings()
+  return model, params
+
+
+def _load_policy(spec: ModelSpec, path: str | None = None, *, mesh=None):
   overrides = {}
   if spec.remat_policy is not None:
     overrides["remat_policy"] = spec.remat_policy
@@ -262,6 +317,7 @@ def load_reward_model(path: str, spec: ModelSpec, num_heads: int = 1, seed: int 
         path, dtype=jnp.dtype(spec.dtype), mesh=_as_mesh(mesh))
     if rm.num_labels != num_heads:
       raise ValueError(f"{path} has {rm.num_labels} reward heads, expected {num_heads}")
+    flush_warnings()
     return rm, params
   model, params = load_policy(spec, path, mesh=mesh)
   return models.RewardModel.from_causal_lm(model, params, jax.random.key(seed),
@@ -434,6 +490,7 @@ def load_online(config) -> OnlineSetup:
   run, spec = config.run, config.model
   check_run(run)
   tokenizer = load_tokenizer(spec)
+  check_reward_vocabulary(getattr(config, "reward", None), tokenizer, spec)
   records, eval_records, _ = load_data("prompt", config.data, tokenizer, run.seed)
   model, params = load_trained_policy(spec, run.seed, mesh=run.mesh)
   stream = make_stream(records, config.data, run.batch_size, tokenizer.pad_token_id, run.seed)

@@ -26,42 +26,36 @@ the minibatches (the loss's term when `kl_in="loss"`).
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import losses, ops, rollout as rollout_lib
-from rlhf_jax.config import require, to_dict
+from rlhf_jax.config import check_choices, require, to_dict
 from rlhf_jax.train import common, loop, online
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer
 
 __all__ = ["GRPOLoss", "GRPOConfig", "sequence_advantages", "make_grpo_algorithm", "build_task",
            "run"]
 
-_ADVANTAGES = ("group", "group_no_std", "leave_one_out")
-
 
 @dataclasses.dataclass(frozen=True)
 class GRPOLoss:
-  # "group" | "group_no_std" | "leave_one_out"; None: the trainer's ("rloo": leave_one_out)
-  advantage: str | None = None
+  # None: the trainer's ("rloo": leave_one_out; "grpo": group)
+  advantage: Literal["group", "group_no_std", "leave_one_out"] | None = None
   clip_eps: float = 0.2
   clip_eps_high: float | None = None  # DAPO's clip-higher (e.g. 0.28)
   kl_coef: float = 0.04
-  kl_in: str = "loss"  # "loss": β·k3 per token (GRPO) | "reward": r - β·Σ k1 (RLOO)
-  aggregation: str = "grpo"  # "grpo" | "dr_grpo" | "dapo"
+  # "loss": β·k3 per token (GRPO) | "reward": r - β·Σ k1 (RLOO)
+  kl_in: Literal["loss", "reward"] = "loss"
+  aggregation: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
   epochs: int = 1
   minibatches: int = 1
 
   def validate(self):
-    if self.advantage is not None and self.advantage not in _ADVANTAGES:
-      raise ValueError(f"loss.advantage must be one of {_ADVANTAGES}, got {self.advantage!r}")
-    if self.kl_in not in ("loss", "reward"):
-      raise ValueError(f"loss.kl_in must be 'loss' or 'reward', got {self.kl_in!r}")
-    if self.aggregation not in ("grpo", "dr_grpo", "dapo"):
-      raise ValueError(f"loss.aggregation must be grpo, dr_grpo or dapo, got "
-                       f"{self.aggregation!r}")
+    check_choices(self, "loss.")
     require(self.clip_eps > 0, "loss.clip_eps", "a clip range > 0", self.clip_eps)
     require(self.clip_eps_high is None or self.clip_eps_high > 0, "loss.clip_eps_high",
             "a clip range > 0 (or None: loss.clip_eps)", self.clip_eps_high)

@@ -20,13 +20,14 @@ with `reset_reference`, from the policy at the start of the round (the reference
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import feedback, parallel, rewards, rollout as rollout_lib
-from rlhf_jax.config import to_dict
+from rlhf_jax.config import check_choices, to_dict
 from rlhf_jax.train import best_of_n, common, loop, preference, rounds
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer, make_schedule
 
@@ -36,7 +37,7 @@ __all__ = ["LabelConfig", "IterativeDPOConfig", "build_task", "run", "make_label
 
 @dataclasses.dataclass(frozen=True)
 class LabelConfig:
-  kind: str = "reward"  # "reward" | "judge"
+  kind: Literal["reward", "judge"] = "reward"
   # "rule": reward.gold_function as a rule | a causal-LM checkpoint (its own tokenizer is loaded
   # from it): the constitutional judge
   judge: str = "rule"
@@ -44,8 +45,7 @@ class LabelConfig:
   answers: tuple[str, str] = ("A", "B")  # the letters the constitutional judge answers with
 
   def validate(self):
-    if self.kind not in ("reward", "judge"):
-      raise ValueError(f"labels.kind must be 'reward' or 'judge', got {self.kind!r}")
+    check_choices(self, "labels.")
     if not self.constitution:
       raise ValueError("labels.constitution needs at least one principle")
 
@@ -160,6 +160,8 @@ def build_task(config: IterativeDPOConfig) -> loop.Task:
   # The round's prompts are the batch placed on the mesh.
   common.check_run(run, batch_size=rc.prompts_per_round, key="rounds.prompts_per_round")
   tokenizer = common.load_tokenizer(spec)
+  if config.labels.kind == "reward":
+    common.check_reward_vocabulary(config.reward, tokenizer, spec)
   records, prompt_length, prompts = common.round_prompts(config.data, tokenizer,
                                                         rc.prompts_per_round, run.seed)
   model, params = common.load_trained_policy(spec, run.seed, mesh=run.mesh)

@@ -149,9 +149,11 @@ class MetricsWriter:
       return
     if resume_step is not None and path.exists():  # drop lines the resumed run will rewrite
       # (training past the checkpoint, and its evaluations: the one at the checkpoint's own step
-      # runs after the save, so a resume redoes it)
-      kept = [line for line in path.read_text().splitlines() if line.strip() and _kept(
-          json.loads(line), resume_step)]
+      # runs after the save, so a resume redoes it); a last line without its newline is one a
+      # kill cut short while it was written: never whole, so dropped too.
+      text = path.read_text()
+      lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+      kept = [line for line in lines if line.strip() and _kept(json.loads(line), resume_step)]
       path.write_text("".join(line + "\n" for line in kept))
     self.file = path.open("a")
     if tensorboard_dir is not None:

@@ -23,13 +23,14 @@ stopped, and the sampler-vs-trainer log-prob gap (0 unless top-k/top-p truncate 
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import losses, models, ops, rollout as rollout_lib
-from rlhf_jax.config import require, to_dict
+from rlhf_jax.config import check_choices, require, to_dict
 from rlhf_jax.train import common, loop, online
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer
 
@@ -44,7 +45,7 @@ class PPOLoss:
   vf_coef: float = 0.1
   entropy_coef: float = 0.0
   kl_coef: float = 0.05  # the initial coefficient when adaptive
-  kl_estimator: str = "k1"  # per-token KL in the reward: "k1" | "k3"
+  kl_estimator: Literal["k1", "k2", "k3"] = "k1"  # the per-token KL in the reward
   kl_target: float | None = None  # set: the adaptive controller of Ziegler et al. 2019
   kl_horizon: int = 10000
   gamma: float = 1.0
@@ -52,14 +53,13 @@ class PPOLoss:
   whiten_advantages: bool = True
   epochs: int = 4
   minibatches: int = 2
-  aggregation: str = "token_mean"  # see rlhf_jax.losses.aggregate
-  value_head: str = "shared"  # "shared": a head on the policy | "separate": a critic from the RM
+  aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm", "grpo",
+                       "dapo", "dr_grpo"] = "token_mean"  # see rlhf_jax.losses.aggregate
+  # "shared": a head on the policy | "separate": a critic from the RM
+  value_head: Literal["shared", "separate"] = "shared"
 
   def validate(self):
-    if self.value_head not in ("shared", "separate"):
-      raise ValueError(f"loss.value_head must be 'shared' or 'separate', got {self.value_head!r}")
-    if self.kl_estimator not in ("k1", "k2", "k3"):
-      raise ValueError(f"loss.kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
+    check_choices(self, "loss.")
     if self.epochs < 1 or self.minibatches < 1:
       raise ValueError("loss.epochs and loss.minibatches must be >= 1")
     for name in ("clip_eps", "value_clip_eps"):

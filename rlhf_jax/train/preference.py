@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import losses, ops, parallel
-from rlhf_jax.config import require, to_dict
+from rlhf_jax.config import check_choices, require, to_dict
 from rlhf_jax.data import BatchStream
 from rlhf_jax.train import common, loop, steps
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer, make_schedule
@@ -43,10 +44,11 @@ class PreferenceLossConfig:
   name: str = "dpo"  # any key of rlhf_jax.losses.PREFERENCE_LOSSES
   beta: float = 0.1
   hparams: dict = dataclasses.field(default_factory=dict)  # the loss's other hyper-parameters
-  logp_reduction: str | None = None  # "sum" | "mean" | None: the loss's paper default
+  logp_reduction: Literal["sum", "mean"] | None = None  # None: the loss's paper default
   weight: float = 1.0  # scale of the pairwise term (ORPO's λ)
   nll_weight: float = 0.0  # NLL on the chosen completion (RPO's α; 1 for ORPO)
-  reference: str = "model"  # "model": frozen reference in the step | "precompute": once
+  # "model": frozen reference in the step | "precompute": once
+  reference: Literal["model", "precompute"] = "model"
 
   def entry(self) -> losses.PreferenceLoss:
     if self.name not in losses.PREFERENCE_LOSSES:
@@ -72,12 +74,9 @@ class PreferenceLossConfig:
     return self.logp_reduction or self.entry().logp_reduction
 
   def validate(self):
+    check_choices(self, "loss.")
     require(self.beta > 0, "loss.beta", "a value > 0", self.beta)
     self.loss_hparams()
-    if self.reduction() not in ("sum", "mean"):
-      raise ValueError(f"loss.logp_reduction must be sum or mean, got {self.logp_reduction!r}")
-    if self.reference not in ("model", "precompute"):
-      raise ValueError(f"loss.reference must be 'model' or 'precompute', got {self.reference!r}")
 
 
 @dataclasses.dataclass(frozen=True)

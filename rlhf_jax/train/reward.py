@@ -18,12 +18,13 @@ Ranked rows carry no objective, so the ranking objective trains a single head.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
 from rlhf_jax import losses, models, parallel
-from rlhf_jax.config import to_dict
+from rlhf_jax.config import check_choices, to_dict
 from rlhf_jax.train import common, loop, steps
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer, make_schedule
 
@@ -32,14 +33,13 @@ __all__ = ["RewardLoss", "RewardConfig", "load_reward_model", "build_task", "run
 
 @dataclasses.dataclass(frozen=True)
 class RewardLoss:
-  objective: str = "bradley_terry"  # "bradley_terry" (pair data) | "ranking" (ranked data)
+  objective: Literal["bradley_terry", "ranking"] = "bradley_terry"  # pair | ranked data
   use_margin: bool = False
   center_coef: float = 0.0  # reward centering; 0 disables (TRL uses 1e-2 when on)
   num_heads: int = 1
 
   def validate(self):
-    if self.objective not in ("bradley_terry", "ranking"):
-      raise ValueError(f"loss.objective must be bradley_terry or ranking, got {self.objective!r}")
+    check_choices(self, "loss.")
     if self.num_heads < 1:
       raise ValueError(f"loss.num_heads must be >= 1, got {self.num_heads}")
     if self.objective == "ranking" and self.num_heads != 1:

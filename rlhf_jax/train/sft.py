@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
 from rlhf_jax import ops
-from rlhf_jax.config import to_dict
+from rlhf_jax.config import check_choices, to_dict
 from rlhf_jax.data.batching import pack_sft
 from rlhf_jax.train import common, loop, steps
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer, make_schedule
@@ -28,12 +29,10 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class SFTLoss:
-  aggregation: str = "token_mean"  # "token_mean" | "sequence_mean"
+  aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
 
   def validate(self):
-    if self.aggregation not in ("token_mean", "sequence_mean"):
-      raise ValueError(f"loss.aggregation must be token_mean or sequence_mean, got "
-                       f"{self.aggregation!r}")
+    check_choices(self, "loss.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Literal
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax.config import require
+from rlhf_jax.config import check_choices, require
 from rlhf_jax.models import lora
 
 __all__ = ["TrainState", "OptimizerConfig", "make_optimizer", "make_schedule",
@@ -84,9 +84,9 @@ def donating_step(fn):
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  name: str = "adamw"  # "adamw" | "adam" | "sgd"
+  name: Literal["adamw", "adam", "sgd"] = "adamw"
   lr: float = 1e-5
-  schedule: str = "cosine"  # "constant" | "cosine" | "linear": after the warmup
+  schedule: Literal["constant", "cosine", "linear"] = "cosine"  # after the warmup
   warmup_steps: int = 0
   min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
   weight_decay: float = 0.0
@@ -97,11 +97,7 @@ class OptimizerConfig:
   grad_accumulation: int = 1  # micro-batches per optimiser update (optax.MultiSteps)
 
   def validate(self):
-    if self.name not in ("adamw", "adam", "sgd"):
-      raise ValueError(f"optimizer.name must be adamw, adam or sgd, got {self.name!r}")
-    if self.schedule not in ("constant", "cosine", "linear"):
-      raise ValueError(f"optimizer.schedule must be constant, cosine or linear, got "
-                       f"{self.schedule!r}")
+    check_choices(self, "optimizer.")
     if self.grad_accumulation < 1:
       raise ValueError(f"optimizer.grad_accumulation must be >= 1, got {self.grad_accumulation}")
     require(self.lr > 0, "optimizer.lr", "a learning rate > 0", self.lr)

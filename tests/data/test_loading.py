@@ -296,6 +296,29 @@ def test_a_margin_that_is_not_finite_in_parquet_names_the_row(tmp_path, word_tok
   assert error == f"{path}, row 1, field 'margin': expected a finite number, got nan"
 
 
+@pytest.mark.parametrize("cell, value", [("nan", "nan"), ("NaN", "nan"), ("inf", "inf"),
+                                         ("-inf", "-inf"), ("-Inf", "-inf")])
+def test_a_csv_margin_that_is_not_finite_names_the_line_and_column(tmp_path, word_tokenizer,
+                                                                   cell, value):
+  """The CSV reader reads "nan" as a missing value; it is a bad cell, as it is in JSON Lines."""
+  path = tmp_path / "prefs.csv"
+  path.write_text("prompt,chosen,rejected,margin\n"
+                  "review the phone,the screen is good .,the screen is bad .,0.5\n"
+                  "\n"  # an empty line holds no row: the line count still names the right line
+                  f"review the cafe,the food is great .,the food is ok .,{cell}\n")
+  error = _prepare_error("pair", str(path), word_tokenizer)
+  assert error == f"{path}, line 4, field 'margin': expected a finite number, got {value}"
+
+
+def test_an_empty_csv_margin_is_a_missing_margin(tmp_path, word_tokenizer):
+  path = tmp_path / "prefs.csv"
+  path.write_text("prompt,chosen,rejected,margin\n"
+                  "review the phone,the screen is good .,the screen is bad .,0.5\n"
+                  "review the cafe,the food is great .,the food is ok .,\n")
+  records, stats = prepare("pair", str(path), word_tokenizer, CONFIG)
+  assert stats.kept == 2 and [r.margin for r in records] == [0.5, 0.0]  # 0: no margin
+
+
 TOOL_CHAT = {"messages": [{"role": "user", "content": "review the phone"},
                           {"role": "tool", "content": "the screen"},
                           {"role": "assistant", "content": "the screen is good ."}]}

@@ -5,7 +5,12 @@ orbax traceback, never a silent start from step 0."""
 import dataclasses
 import json
 import logging
+import os
+import pathlib
 import shutil
+import signal
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -135,3 +140,75 @@ def test_restoring_a_named_damaged_step_is_a_checkpoint_error(tmp_path):
       checkpointer.restore({"w": jnp.zeros(2, jnp.float32)}, 4)
   finally:
     checkpointer.close()
+
+
+KILL_SCRIPT = pathlib.Path(__file__).with_name("kill_during_save.py")
+# moment of the save of step 4 -> what a resume finds: the step it resumes from, and what the
+# kill left on disk for step 4 (orbax ignores a temporary directory: no step, no damage).
+KILL_MOMENTS = {"tmp_created": (2, "4.orbax-checkpoint-tmp"),
+                "items_written": (2, "4.orbax-checkpoint-tmp"),
+                "committed": (2, "4.orbax-checkpoint-tmp"),
+                "renamed": (4, "4")}
+
+
+@pytest.fixture(scope="module")
+def killed_runs(tmp_path_factory):
+  """One run per moment, each SIGKILLed at that moment of its async save of step 4 (the
+  processes run at once: each is mostly jax's import)."""
+  root = tmp_path_factory.mktemp("killed")
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+      [str(pathlib.Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
+      "--xla_force_host_platform_device_count=8", "")  # one device, as the run's mesh
+  children = {moment: subprocess.Popen(
+      [sys.executable, str(KILL_SCRIPT), str(root / moment), moment], env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for moment in KILL_MOMENTS}
+  for moment, child in children.items():
+    out, _ = child.communicate(timeout=300)
+    assert child.returncode == -signal.SIGKILL, f"{moment}: {child.returncode}: {out[-3000:]}"
+  return root
+
+
+@pytest.mark.parametrize("moment", list(KILL_MOMENTS))
+def test_a_kill_during_an_async_save_resumes_from_the_newest_intact_step(
+    killed_runs, tmp_path, moment, caplog):
+  """kill -9 at each moment of the save of step 4 (see kill_during_save.py), then the same
+  command again: it resumes from step 4 once the save had completed (the rename), else from
+  step 2, and the run equals one that never broke, bit for bit."""
+  resumes_at, left = KILL_MOMENTS[moment]
+  run_dir = tmp_path / "run"
+  shutil.copytree(killed_runs / moment / "run", run_dir)
+  checkpoints = run_dir / "checkpoints"
+  assert sorted(p.name for p in checkpoints.iterdir()) == ["2", left]
+  straight = loop.run_loop(_task(6), _run(tmp_path, "straight", async_checkpoint=True))
+  calls = []
+  with caplog.at_level(logging.INFO, logger="rlhf_jax.train.loop"):
+    resumed = loop.run_loop(_task(6, calls), _run(tmp_path, "run", async_checkpoint=True))
+  assert f"resumed from {checkpoints} at step {resumes_at}" in caplog.text
+  assert "damaged" not in caplog.text  # an unfinished save is not a damaged step
+  assert calls == list(range(resumes_at + 1, 7))
+  assert _metrics(run_dir) == _metrics(tmp_path / "straight")
+  np.testing.assert_array_equal(np.asarray(resumed["state"]["w"]),
+                                np.asarray(straight["state"]["w"]))
+  # Step 4 is on disk again, whole; orbax removed its stale temporary directory.
+  assert sorted(p.name for p in checkpoints.iterdir()) == ["2", "4", "6"]
+  checkpointer = Checkpointer(checkpoints)
+  try:
+    state, meta = checkpointer.restore({"w": jnp.zeros(2, jnp.float32)}, 4)
+  finally:
+    checkpointer.close()
+  assert meta["step"] == 4
+  np.testing.assert_array_equal(np.asarray(state["w"]), [10.0, 10.0])  # 1 + 2 + 3 + 4
+
+
+def test_a_metrics_line_cut_by_a_kill_is_dropped_on_resume(tmp_path):
+  run = _run(tmp_path, "run", steps=4)
+  loop.run_loop(_task(4), run)
+  metrics = tmp_path / "run" / "metrics.jsonl"
+  whole = _metrics(tmp_path / "run")
+  lines = metrics.read_text().splitlines()
+  # The run killed while it wrote step 3's line; its last checkpoint is step 2.
+  metrics.write_text("".join(line + "\n" for line in lines[:2]) + lines[2][:9])
+  shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")
+  loop.run_loop(_task(4), run)
+  assert _metrics(tmp_path / "run") == whole

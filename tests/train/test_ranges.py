@@ -164,6 +164,39 @@ def test_a_bad_data_file_fails_before_the_weights_load(tmp_path, experiment, tra
     module.build_task(config)  # the model directory holds no weights: they were never read
 
 
+@pytest.mark.parametrize("experiment, trainer", [
+    ("ppo.py", "ppo"), ("grpo.py", "grpo"), ("rloo.py", "grpo"),
+    ("rejection_sampling.py", "best_of_n"), ("iterative_dpo.py", "iterative")])
+def test_a_reward_model_that_cannot_embed_the_policys_tokens_fails_before_the_weights_load(
+    tmp_path, experiment, trainer):
+  import importlib
+
+  from rlhf_jax.data import synthetic
+  from rlhf_jax.errors import CheckpointError
+  size = len(synthetic.build_tokenizer())
+  policy = _model_dir(tmp_path / "policy", size)  # no weights: loading them would fail
+  small = _model_dir(tmp_path / "small_rm", size - 1)
+  padded = _model_dir(tmp_path / "padded_rm", 128)
+  module = importlib.import_module(f"rlhf_jax.train.{trainer}")
+
+  def build(reward_path):
+    config = config_lib.apply_overrides(config_lib.load_experiment(EXPERIMENTS / experiment), [
+        f"model.path={policy}", "reward.kind=model", f"reward.path={reward_path}"])
+    return module.build_task(config)
+
+  with pytest.raises(CheckpointError) as info:
+    build(small)
+  assert str(info.value) == (
+      f"{small}/config.json (reward.path): expected a vocab_size above every token id of the "
+      f"policy's tokenizer at {policy} (its largest is {size - 1}: {size} tokens), got "
+      f"vocab_size={size - 1} (the reward model scores the policy's token ids: set reward.path "
+      "to a reward model trained with the policy's tokenizer)")
+  # A larger embedding passes the check: the next error is the policy's missing weights.
+  with pytest.raises(CheckpointError, match=r"^no model\.safetensors or model\.safetensors"
+                                            r"\.index\.json in '.*policy'"):
+    build(padded)
+
+
 def test_a_hub_models_vocabulary_is_checked_from_its_config_alone(tmp_path, monkeypatch):
   import huggingface_hub
 
