@@ -125,10 +125,12 @@ def make_sampler(model, config: GenerationConfig, eos_ids, pad_id: int):
   g = config.num_samples
 
   def sample(params, prompt_ids, prompt_mask, key):
+    # Each prompt is prefilled once; its KV cache is copied to its G rows b·G + g.
+    out = sampling.generate(model, params, prompt_ids, prompt_mask, key,
+                            max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                            top_k=config.top_k, top_p=config.top_p, eos_token_id=stops,
+                            num_samples=g)
     ids, mask = _repeat_rows(prompt_ids, prompt_mask, g)
-    out = sampling.generate(model, params, ids, mask, key, max_new_tokens=config.max_new_tokens,
-                            temperature=config.temperature, top_k=config.top_k,
-                            top_p=config.top_p, eos_token_id=stops)
     return _assemble(ids, mask, out, stops, g)
 
   return sample

@@ -657,3 +657,167 @@ def test_batch_sharded_over_devices_gives_the_same_samples(toy_setup):
   np.testing.assert_array_equal(got.tokens, want.tokens)
   np.testing.assert_array_equal(got.mask, want.mask)
   np.testing.assert_allclose(got.logps, want.logps, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Top-p alone: the top-k prefilter and its exact fallback.
+
+
+def _peaked_logits(rows, vocab, seed):
+  """Logits whose top-0.9 nucleus is a few dozen tokens (inside the prefilter)."""
+  z = np.random.default_rng(seed).normal(size=(rows, vocab)).astype(np.float32)
+  z[:, :40] += 9.0
+  return z
+
+
+def _flat_logits(rows, vocab, seed):
+  """Logits whose top-0.9 nucleus is most of the vocabulary (past the prefilter)."""
+  return np.random.default_rng(seed).normal(size=(rows, vocab)).astype(np.float32) * 0.3
+
+
+def _tied_logits(rows, vocab):
+  """The nucleus ends inside the prefilter on a value shared past it: ties must all be kept."""
+  z = np.full((rows, vocab), -5.0, np.float32)
+  z[:, :10] = 6.0
+  z[:, 10:400] = 3.0  # 390 tokens tied, straddling the 256-candidate boundary
+  return z
+
+
+@pytest.mark.parametrize("case,hits", [("peaked", True), ("flat", False), ("mixed", False),
+                                       ("tied", False)])
+def test_top_p_prefilter_gives_the_full_sort_threshold(case, hits):
+  vocab, top_p = 2000, 0.9
+  logits = {"peaked": _peaked_logits(4, vocab, 0), "flat": _flat_logits(4, vocab, 1),
+            "mixed": np.concatenate([_peaked_logits(3, vocab, 2), _flat_logits(1, vocab, 3)]),
+            "tied": _tied_logits(2, vocab)}[case]
+  z = jnp.asarray(logits)
+  lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
+  hit = jax.jit(lambda z: sampling._prefilter(z, lse, top_p, sampling.TOP_P_CANDIDATES)[3])(z)
+  assert bool(hit) == hits
+  filtered = functools.partial(sampling._candidates, temperature=1.0, top_p=top_p, top_k=0,
+                               use_top_p=True)
+  fast = np.asarray(jax.jit(lambda z: filtered(z)[0])(z))
+  exact = np.asarray(jax.jit(lambda z: filtered(z, prefilter=0)[0])(z))
+  np.testing.assert_array_equal(fast, exact)
+  np.testing.assert_array_equal(np.asarray(sampling.filter_logits(z, top_p=top_p)), exact)
+  want = _np_filter(logits, 1.0, 0, top_p)
+  if case == "tied":  # the reference cuts inside the tie; the sampler keeps all tied tokens
+    assert np.all(np.isfinite(exact[:, :400])) and not np.any(np.isfinite(exact[:, 400:]))
+  else:
+    np.testing.assert_array_equal(np.isfinite(exact), np.isfinite(want))
+  if case == "peaked":
+    assert np.all(np.isfinite(exact).sum(-1) < sampling.TOP_P_CANDIDATES)
+
+
+@pytest.mark.parametrize("case", ["peaked", "flat"])
+def test_top_p_prefilter_draw_frequencies_match_the_truncated_softmax(case):
+  # One distribution over 600 tokens, 20k draws: the prefilter path (peaked: the nucleus is
+  # inside the candidates) and the fallback (flat) both draw from the exact truncated softmax.
+  draws, vocab, top_p = 20_000, 600, 0.9
+  logits = (_peaked_logits if case == "peaked" else _flat_logits)(1, vocab, 5)
+  tokens, logps = jax.jit(functools.partial(sampling.sample_from_logits, top_p=top_p))(
+      jnp.broadcast_to(jnp.asarray(logits), (draws, vocab)), jax.random.key(7))
+  probs = np.exp(_np_log_softmax(_np_filter(logits, 1.0, 0, top_p)))[0]
+  kept = probs > 0
+  counts = np.bincount(np.asarray(tokens), minlength=vocab)
+  assert counts[~kept].sum() == 0
+  if case == "flat":  # ~500 kept tokens: pool them into 20 bins of equal expected mass
+    order = np.argsort(-probs[kept])
+    bins = np.minimum((np.cumsum(probs[kept][order]) / probs[kept].sum() * 20).astype(int), 19)
+    counts_k = np.bincount(bins, weights=counts[kept][order], minlength=20)
+    probs_k = np.bincount(bins, weights=probs[kept][order], minlength=20)
+  else:
+    counts_k, probs_k = counts[kept], probs[kept]
+  assert _chi2_pvalue(counts_k, probs_k / probs_k.sum()) > 1e-4
+  np.testing.assert_allclose(np.exp(np.asarray(logps)), probs[np.asarray(tokens)], rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Group sampling: num_samples = G prefills each prompt once and copies its cache to G rows.
+
+
+def test_num_samples_equals_generate_on_repeated_prompts(toy_setup):
+  params, ids, mask = toy_setup
+  g = 3
+  rep_ids, rep_mask = jnp.repeat(ids, g, axis=0), jnp.repeat(mask, g, axis=0)
+  for temperature in (0.0, 1.0):
+    grouped = sampling.generate(TOY, params, ids, mask, jax.random.key(4), max_new_tokens=N,
+                                temperature=temperature, num_samples=g)
+    repeated = sampling.generate(TOY, params, rep_ids, rep_mask, jax.random.key(4),
+                                 max_new_tokens=N, temperature=temperature)
+    assert grouped.tokens.shape == (len(PROMPT_LENS) * g, N)
+    # Same key, same [B·G, V] draws: the grouped rows are exactly the repeated prompts' rows.
+    np.testing.assert_array_equal(grouped.tokens, repeated.tokens)
+    np.testing.assert_allclose(grouped.logps, repeated.logps, atol=1e-6)
+    want, _ = _full_forward_logps(TOY, params, rep_ids, rep_mask, grouped, temperature, 0, 1.0)
+    np.testing.assert_allclose(grouped.logps, want, atol=2e-5)
+  tokens = np.asarray(grouped.tokens).reshape(len(PROMPT_LENS), g, N)
+  for b in range(len(PROMPT_LENS)):  # sampled copies of one prompt differ
+    assert not np.all(tokens[b] == tokens[b, :1])
+
+
+def test_num_samples_on_a_causal_lm(hf_pair):
+  _, model, params, ids, mask, token_logps = hf_pair
+  g = 2
+  rep_ids, rep_mask = np.repeat(ids, g, axis=0), np.repeat(mask, g, axis=0)
+  greedy = sampling.generate(model, params, ids, mask, jax.random.key(0), max_new_tokens=HF_N,
+                             temperature=0.0, num_samples=g)
+  want = sampling.generate(model, params, rep_ids, rep_mask, jax.random.key(0),
+                           max_new_tokens=HF_N, temperature=0.0)
+  np.testing.assert_array_equal(greedy.tokens, want.tokens)
+  np.testing.assert_allclose(greedy.logps, want.logps, atol=2e-5)
+  sampled = sampling.generate(model, params, ids, mask, jax.random.key(1), max_new_tokens=HF_N,
+                              temperature=1.0, num_samples=g)
+  full_ids = jnp.concatenate([jnp.asarray(rep_ids), sampled.tokens], axis=1)
+  full_mask = jnp.concatenate([jnp.asarray(rep_mask), sampled.mask], axis=1)
+  np.testing.assert_allclose(sampled.logps, token_logps(params, full_ids, full_mask)[:, HF_P:],
+                             atol=2e-5)
+  tokens = np.asarray(sampled.tokens).reshape(len(HF_LENS), g, HF_N)
+  assert np.mean(tokens[:, 0] != tokens[:, 1]) > 0.2
+
+
+def test_num_samples_is_validated(toy_setup):
+  params, ids, mask = toy_setup
+  with pytest.raises(ValueError, match="num_samples"):
+    sampling.generate(TOY, params, ids, mask, jax.random.key(0), max_new_tokens=2, num_samples=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The decode step reads each weight once (no per-layer slice copies of stacked arrays).
+
+
+def _bytes_accessed(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0]
+  return float(cost["bytes accessed"])
+
+
+def test_decode_step_reads_each_weight_once():
+  from rlhf_jax import models
+
+  # Weights dominate (2 layers of width 256, MLP 1024; a small vocabulary, whose embedding the
+  # cost model counts twice: the token gather reads the table, so does the tied unembedding).
+  config = models.ModelConfig(
+      model_type="qwen2", vocab_size=512, hidden_size=256, num_layers=2, num_heads=4,
+      num_kv_heads=2, head_dim=64, intermediate_size=1024, norm="rmsnorm", positions="rope",
+      max_position_embeddings=512, mlp="gated", activation="silu", qkv_bias=True,
+      tie_embeddings=True)
+  model = models.CausalLM(config)
+  params = model.init(jax.random.key(0))
+  batch, slots = 2, 48
+  step = jax.jit(functools.partial(sampling._decode_step, model), donate_argnums=(1,))
+  args = (jnp.zeros((batch,), jnp.int32), jnp.ones((batch, slots), jnp.int32),
+          jnp.zeros((batch,), jnp.int32), jnp.int32(20))
+
+  def ratio(decode_params, cache):
+    read = sum(x.nbytes for x in jax.tree.leaves(params)) + sum(
+        x.nbytes for x in jax.tree.leaves(cache))
+    return _bytes_accessed(step.lower(decode_params, cache, *args).compile()) / read
+
+  # What generate's loop runs: the layout from _decode_layout (per-layer weights and cache).
+  layout_params, layout_cache = sampling._decode_layout(model, params, batch, slots, jnp.float32)
+  assert ratio(layout_params, layout_cache) <= 1.2
+  # The same step on the stacked [L, ...] params and cache copies each layer's slices first:
+  # the measure can tell.
+  assert ratio(params, model.init_cache(batch, slots)) > 1.4

@@ -146,11 +146,13 @@ def _attend_softcapped(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, cap: flo
 class Attention(nn.Module):
   """Multi-head / grouped-query attention through `jax.nn.dot_product_attention`.
 
-  GQA is native there (K < N heads, no repeated K/V). The KV cache, when given, is the whole
-  stacked [L, B, S, K, H] pair; this layer writes its T new keys/values at
-  [layer, :, cache_index:cache_index+T] with `lax.dynamic_update_slice` and attends over the
-  layer's S slots. q/k norms (config.qk_norm) run before RoPE: "full" over the N·H (K·H)
-  projection (OLMo 2), "head" over each head's H (Qwen3, Gemma 3).
+  GQA is native there (K < N heads, no repeated K/V). The KV cache, when given, is either the
+  whole stacked [L, B, S, K, H] pair (scanned decoder, `layer` a traced index): this layer writes
+  its T new keys/values at [layer, :, cache_index:cache_index+T] with `lax.dynamic_update_slice`
+  and attends over the layer's S slots; or this layer's own [B, S, K, H] pair (unrolled decoder,
+  `layer` None): written at [:, cache_index:cache_index+T] and read whole, with no slice.
+  q/k norms (config.qk_norm) run before RoPE: "full" over the N·H (K·H) projection (OLMo 2),
+  "head" over each head's H (Qwen3, Gemma 3).
   """
 
   config: ModelConfig
@@ -179,7 +181,14 @@ class Attention(nn.Module):
       q_BTNH = apply_rope(q_BTNH, *rope)
       k_BTKH = apply_rope(k_BTKH, *rope)
     has_cache = cache is not None
-    if has_cache:
+    if has_cache and layer is None:  # this layer's own [B, S, K, H] arrays
+      cache_k, cache_v = cache
+      start = (0, cache_index, 0, 0)
+      cache_k = jax.lax.dynamic_update_slice(cache_k, k_BTKH.astype(cache_k.dtype), start)
+      cache_v = jax.lax.dynamic_update_slice(cache_v, v_BTKH.astype(cache_v.dtype), start)
+      k_BSKH, v_BSKH = cache_k.astype(self.dtype), cache_v.astype(self.dtype)
+      cache = (cache_k, cache_v)
+    elif has_cache:  # the stacked [L, B, S, K, H] arrays
       cache_k, cache_v = cache
       start = (layer, 0, cache_index, 0, 0)
       cache_k = jax.lax.dynamic_update_slice(cache_k, k_BTKH.astype(cache_k.dtype)[None], start)
@@ -233,7 +242,9 @@ class Block(nn.Module):
   """Decoder block, scanned over layers: per sublayer f (attention, then MLP),
   "pre" x + f(norm(x)); "pre_post" x + post_norm(f(norm(x))); "post" x + post_norm(f(x)).
 
-  carry = (x_BTD, cache or None); per-layer inputs (layer index, uses-sliding-window flag).
+  carry = (x_BTD, cache or None); per-layer inputs (layer index, uses-sliding-window flag):
+  traced under `nn.scan`, or (None, a Python bool) when the decoder is unrolled (the cache is
+  then this layer's own pair and the mask and rope table are picked at trace time).
   rope = (sin, cos), or ((sin, cos) global, (sin, cos) local) when the sliding-window layers
   have their own table (Gemma 3): the flag picks one.
   """
@@ -247,12 +258,21 @@ class Block(nn.Module):
     x_BTD, cache = carry
     layer, is_sliding = layer_inputs
     full_mask, window_mask = masks
-    mask = full_mask if window_mask is None else jnp.where(is_sliding, window_mask, full_mask)
+    static = isinstance(is_sliding, bool)
+    if window_mask is None:
+      mask = full_mask
+    elif static:
+      mask = window_mask if is_sliding else full_mask
+    else:
+      mask = jnp.where(is_sliding, window_mask, full_mask)
     cfg, dt, pdt = self.config, self.dtype, self.param_dtype
     if rope is not None and isinstance(rope[0], tuple):
       (sin_global, cos_global), (sin_local, cos_local) = rope
-      rope = (jnp.where(is_sliding, sin_local, sin_global),
-              jnp.where(is_sliding, cos_local, cos_global))
+      if static:
+        rope = (sin_local, cos_local) if is_sliding else (sin_global, cos_global)
+      else:
+        rope = (jnp.where(is_sliding, sin_local, sin_global),
+                jnp.where(is_sliding, cos_local, cos_global))
     pre = cfg.norm_placement in ("pre", "pre_post")
     post = cfg.norm_placement in ("pre_post", "post")
     norm = lambda name: make_norm(cfg, dt, pdt, name)

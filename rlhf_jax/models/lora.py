@@ -21,8 +21,10 @@ training checkpoints: resume reloads them from the model path).
 
 Why qwix fits here: it intercepts the `dot_general` inside each targeted `nn.Dense` by module
 path ("layers/attn/q", ...), so the scanned Linen decoder needs no change; inside `nn.scan` its
-LoRA params take the stacked [L, ...] layout of the kernels. Its `quantize_params` assumes unstacked
-kernels, so the base is quantised here per layer (vmap over L) with qwix's own quantiser.
+LoRA params take the stacked [L, ...] layout of the kernels (`CausalLM.unstack_layers` splits
+both for the sampler's unrolled decoder, whose module paths are "layers_0/attn/q", ...). Its
+`quantize_params` assumes unstacked kernels, so the base is quantised here per layer (vmap over
+L) with qwix's own quantiser.
 """
 
 from __future__ import annotations
@@ -162,7 +164,8 @@ def _target_regex(names) -> str:
   mlp = [n for n in names if PROJECTIONS[n] == "mlp"]
   alternatives = ([f"attn/(?:{'|'.join(attn)})"] if attn else []) + (
       [f"mlp/(?:{'|'.join(mlp)})"] if mlp else [])
-  return f"layers/(?:{'|'.join(alternatives)})"
+  # "layers": the scanned decoder; "layers_0", ...: the unrolled one (CausalLM.unstack_layers).
+  return f"layers(?:_[0-9]+)?/(?:{'|'.join(alternatives)})"
 
 
 def _qtype_rule(lora: LoraConfig) -> dict:

@@ -7,6 +7,11 @@ with one), D model width, V vocabulary, K key/value heads, H head dim, L layers.
   {"embed": {"embedding": [V, D]}, "pos_embed": {"embedding": [P, D]} (learned positions only),
    "layers": {... every leaf with a leading [L] axis ...}, "final_norm": {...},
    "lm_head": {"kernel": [D, V]} (untied models only)}.
+`unstack_layers(params)` rewrites "layers" as "layers_0" ... "layers_{L-1}" (each layer's own
+arrays, no [L] axis); `apply` on such params runs the layers as a Python loop (the unrolled
+decoder) instead of `nn.scan`, with a per-layer KV cache (`init_cache(..., per_layer=True)`).
+The sampler decodes that way so that no step slices a layer's weights or cache out of a stacked
+array (on CPU such a slice is a copy of every weight per generated token).
 Logits are computed outside the Linen module from `unembedding(params)`, so the reward model
 reuses the same decoder without an lm_head; `logits_from_hidden` is that product plus the
 final-logit soft-cap (Gemma 2), the one place logits are made: `apply`, `score_tokens` (through
@@ -52,7 +57,8 @@ _REMAT_POLICIES = {
 
 @flax.struct.dataclass
 class KVCache:
-  """Preallocated keys and values, each [L, B, S, K, H] in the cache dtype.
+  """Preallocated keys and values, each [L, B, S, K, H] in the cache dtype (scanned decoder), or
+  each a tuple of L arrays [B, S, K, H] (per-layer cache of the unrolled decoder).
 
   Holds no index or mask: the caller passes `attention_mask` [B, S] (1 = slot holds, or will
   hold, a real token) and `cache_index` (slot of the first new token) to every `apply`.
@@ -166,7 +172,10 @@ def predictor_slots(segment_ids_BT: jax.Array, branch_ids_BT=None) -> jax.Array:
 
 
 class Decoder(nn.Module):
-  """Embeddings (times embed_scale) -> L scanned blocks -> final norm. Returns (hidden_BTD, cache).
+  """Embeddings (times embed_scale) -> L blocks -> final norm. Returns (hidden_BTD, cache).
+
+  The blocks are one `nn.scan` over stacked [L, ...] params ("layers"), or, with unrolled=True,
+  a Python loop of L blocks with their own params ("layers_0", ...) and per-layer cache arrays.
 
   Gemma's sqrt(D) embedding scale is cast to the compute dtype before the product, as
   transformers casts it to the weights' dtype (in bf16, sqrt(3072) becomes 55.5).
@@ -175,6 +184,7 @@ class Decoder(nn.Module):
   config: ModelConfig
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32  # only used by init
+  unrolled: bool = False
 
   @nn.compact
   def __call__(self, input_ids_BT, positions_BT, key_mask_BS, cache=None, cache_index=None,
@@ -222,6 +232,25 @@ class Decoder(nn.Module):
     else:
       masks = (full, window)
 
+    cache_index = None if cache is None else jnp.asarray(cache_index, jnp.int32)
+    if self.unrolled:
+      new_k, new_v = [], []
+      for i in range(cfg.num_layers):
+        layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+        # Layer boundaries as in the scan, whose carry is stored in the compute dtype: without
+        # the barrier XLA's excess precision may skip rounding the residual stream there (a
+        # bf16 -> f32 round trip inside one fusion), and bf16 results would drift from the
+        # scanned decoder's (the trainer's) by ~0.05 in log-prob.
+        x_BTD = jax.lax.optimization_barrier(x_BTD)
+        (x_BTD, layer_cache), _ = Block(cfg, self.dtype, self.param_dtype, name=f"layers_{i}")(
+            (x_BTD, layer_cache), rope, masks, cache_index, (None, bool(sliding[i])))
+        if cache is not None:
+          new_k.append(layer_cache[0])
+          new_v.append(layer_cache[1])
+      x_BTD = jax.lax.optimization_barrier(x_BTD)
+      hidden_BTD = make_norm(cfg, self.dtype, self.param_dtype, "final_norm")(x_BTD)
+      return hidden_BTD, None if cache is None else KVCache(tuple(new_k), tuple(new_v))
+
     block = Block
     if cfg.remat_policy != "none":
       block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
@@ -230,7 +259,6 @@ class Decoder(nn.Module):
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers)
     layer_inputs = (jnp.arange(cfg.num_layers, dtype=jnp.int32), jnp.asarray(sliding))
     cache_kv = None if cache is None else (cache.k, cache.v)
-    cache_index = None if cache is None else jnp.asarray(cache_index, jnp.int32)
     (x_BTD, cache_kv), _ = blocks(cfg, self.dtype, self.param_dtype, name="layers")(
         (x_BTD, cache_kv), rope, masks, cache_index, layer_inputs)
     hidden_BTD = make_norm(cfg, self.dtype, self.param_dtype, "final_norm")(x_BTD)
@@ -257,8 +285,24 @@ class CausalLM:
       return dtype_from_name(self.config.compute_dtype)
     return lora_lib.parts(params)[0]["embed"]["embedding"].dtype
 
-  def _decoder(self, dtype, param_dtype=jnp.float32) -> Decoder:
-    return Decoder(self.config, dtype=dtype, param_dtype=param_dtype)
+  def _decoder(self, dtype, param_dtype=jnp.float32, unrolled: bool = False) -> Decoder:
+    return Decoder(self.config, dtype=dtype, param_dtype=param_dtype, unrolled=unrolled)
+
+  def unstack_layers(self, params):
+    """params (plain or lora.Adapted) with "layers" [L, ...] split into "layers_0" ...
+    "layers_{L-1}" (in the base and in the adapters): the layout `apply` runs unrolled. Each
+    leaf is sliced once here; inside a jitted function that is one copy of the layer weights."""
+    def split(tree):
+      if tree is None or "layers" not in tree:
+        return tree
+      out = {k: v for k, v in tree.items() if k != "layers"}
+      for i in range(self.config.num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], tree["layers"])
+      return out
+    base, adapters = lora_lib.parts(params)
+    if isinstance(params, lora_lib.Adapted):
+      return lora_lib.Adapted(split(base), split(adapters))
+    return split(base)
 
   def init(self, key: jax.Array, dtype=jnp.float32) -> dict:
     """Random params (normal(initializer_range) weights, unit norms, zero biases) in `dtype`."""
@@ -291,12 +335,18 @@ class CausalLM:
                         preferred_element_type=jnp.float32)
     return ops.softcap(logits, self.config.final_logit_softcap)
 
-  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
-    """Zeros [L, B, S, K, H] for k and v; dtype None = compute_dtype if set, else float32."""
+  def init_cache(self, batch_size: int, max_length: int, dtype=None,
+                 per_layer: bool = False) -> KVCache:
+    """Zeros [L, B, S, K, H] for k and v (per_layer: tuples of L zeros [B, S, K, H], the cache
+    of `unstack_layers` params); dtype None = compute_dtype if set, else float32."""
     cfg = self.config
     if dtype is None:
       dtype = dtype_from_name(cfg.compute_dtype) if cfg.compute_dtype else jnp.float32
-    shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+    if per_layer:
+      zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+      return KVCache(k=zeros(), v=zeros())
+    shape = (cfg.num_layers, *shape)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
   def apply(self, params, input_ids_BT, attention_mask=None, *, positions=None, cache=None,
@@ -321,7 +371,8 @@ class CausalLM:
     """
     chex.assert_rank(input_ids_BT, 2)
     batch, length = input_ids_BT.shape
-    self._check_position_range(length if cache is None else cache.k.shape[2])
+    slots = None if cache is None else jax.tree.leaves(cache.k)[0].shape[-3]
+    self._check_position_range(length if cache is None else slots)
     if segment_ids is not None:
       if cache is not None:
         raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
@@ -340,7 +391,6 @@ class CausalLM:
     else:
       if cache_index is None:
         raise ValueError("apply with a cache needs cache_index (slot of input_ids[:, 0])")
-      slots = cache.k.shape[2]
       key_mask = (jnp.ones((batch, slots), jnp.int32) if attention_mask is None
                   else attention_mask)
       chex.assert_shape(key_mask, (batch, slots))
@@ -351,7 +401,7 @@ class CausalLM:
     dtype = self.compute_dtype(params)
     base, adapters = lora_lib.parts(params)
     decoder_params = {k: v for k, v in base.items() if k != "lm_head"}
-    decoder = self._decoder(dtype)
+    decoder = self._decoder(dtype, unrolled="layers" not in decoder_params)
     if self.lora is not None:
       decoder = lora_lib.decoder_module(decoder, self.lora, adapters is not None)
       if adapters is not None:
