@@ -160,6 +160,11 @@ class Decoder(nn.Module):
       masks = (full, None)
     else:
       masks = (full, window)
+    # The same mask as the attention kernels (splash, cuDNN's window) take it: segment ids of the
+    # no-cache path, where the mask is exactly causal ∧ same segment (∧ window over slots).
+    if cache is None:
+      masks = masks + ((key_mask_BS > 0).astype(jnp.int32) if segment_ids_BS is None
+                       else segment_ids_BS,)
 
     block = Block
     if cfg.remat_policy != "none":
