@@ -66,32 +66,42 @@ def dpo_loss_fn_precomputed(model, chunk: int):
   return loss_fn
 
 
-def time_jax(args, config, batch, precomputed_reference: bool = False):
-  """(median seconds per step, peak bytes). precomputed_reference: the step takes the
-  reference's [2B] sequence log-probs instead of running the reference forward."""
+def make_jax_step(args, config, batch, precomputed_reference: bool = False):
+  """(run, memory): run() does one DPO step and waits for it; memory is XLA's compiled footprint
+  of the step. precomputed_reference: the step takes the reference's [2B] sequence log-probs
+  instead of running the reference forward."""
   model = CausalLM(config)
   dtype = jnp.dtype(args.dtype)
   params = model.init(jax.random.key(0), dtype=dtype)
   tx = make_optimizer(OptimizerConfig(lr=1e-6), 1000)
   batch = jax.device_put(batch)
   if precomputed_reference:
-    ref_params = jax.jit(lambda p, b: preference._sequence_logps(model, p, b, "sum",
-                                                                 args.chunk)[0])(params, batch)
+    ref = jax.jit(lambda p, b: preference._sequence_logps(model, p, b, "sum", args.chunk)[0])(
+        params, batch)
     step = steps.make_train_step(dpo_loss_fn_precomputed(model, args.chunk))
   else:
-    ref_params = jax.tree.map(jnp.copy, params)
+    ref = jax.tree.map(jnp.copy, params)
     step = steps.make_train_step(dpo_loss_fn(model, args.chunk))
-  state = TrainState.create(params, tx, jax.random.key(1))
-  stats = step.lower(state, batch, ref_params).compile().memory_analysis()
+  holder = [TrainState.create(params, tx, jax.random.key(1))]
+  stats = step.lower(holder[0], batch, ref).compile().memory_analysis()
   memory = (stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
             - stats.alias_size_in_bytes)  # the donated state is updated in place
-  state, _ = step(state, batch, ref_params)  # compile
-  jax.block_until_ready(state)
+
+  def run():
+    holder[0], metrics = step(holder[0], batch, ref)
+    jax.block_until_ready(metrics)
+
+  return run, memory
+
+
+def time_jax(args, config, batch, precomputed_reference: bool = False):
+  """(median seconds per step, peak bytes: the device's, else the compiled footprint)."""
+  run, memory = make_jax_step(args, config, batch, precomputed_reference)
+  run()  # compile
   times = []
   for _ in range(args.steps):
     start = time.perf_counter()
-    state, metrics = step(state, batch, ref_params)
-    jax.block_until_ready(metrics)
+    run()
     times.append(time.perf_counter() - start)
   device_stats = jax.devices()[0].memory_stats() or {}  # None on CPU
   return statistics.median(times), device_stats.get("peak_bytes_in_use", memory)
