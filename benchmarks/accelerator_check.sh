@@ -10,10 +10,11 @@
 # benchmarks/accelerator_results.md.
 #
 # The GPU machine has jax[cuda], flax, optax, orbax, chex, transformers, peft and torch, but not
-# datasets, qwix or pytest. Carry their wheels in benchmarks/wheels/ (not committed), made
-# beforehand on a machine with internet and the GPU machine's Python version, e.g.:
+# datasets, qwix or pytest (pytest-xdist is optional: 4 test workers). Carry their wheels in
+# benchmarks/wheels/ (not committed), made beforehand on a machine with internet and the GPU
+# machine's Python version, e.g.:
 #
-#   pip download datasets qwix pytest -d benchmarks/wheels \
+#   pip download datasets qwix pytest pytest-xdist -d benchmarks/wheels \
 #     --only-binary=:all: --python-version 3.11 --platform manylinux2014_x86_64
 #
 # Only what is missing is installed, from that folder alone (--no-index).
@@ -45,6 +46,10 @@ if ((${#missing[@]})); then
   fi
   "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" "${missing[@]}" \
     || { echo "accelerator_check: installing ${missing[*]} from $WHEELS failed" >&2; exit 2; }
+fi
+
+if [[ -d "$WHEELS" ]] && ! "$PYTHON" -c "import xdist" 2>/dev/null; then
+  "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" pytest-xdist 2>/dev/null || true
 fi
 
 exec "$PYTHON" benchmarks/accelerator_check.py "$@"
