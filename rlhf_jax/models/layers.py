@@ -150,7 +150,7 @@ def _attend(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, impl: str, has_cache: bool, auto:
                        "one has more structure (e.g. branch ids): use 'xla'")
   if impl == "cudnn":
     if window is not None and segment_ids_BT is not None:
-      kwargs["local_window_size"] = (window - 1, 0)
+      kwargs["local_window_size"] = _local_window_size(window)
     try:
       return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=not has_cache,
                                           implementation="cudnn", **kwargs)
@@ -161,6 +161,12 @@ def _attend(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, impl: str, has_cache: bool, auto:
   return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, implementation="xla", **kwargs)
 
 
+def _local_window_size(window: int) -> tuple[int, int]:
+  """dot_product_attention's (left, right) window for "a query sees its `window` latest slots,
+  itself included" (i - j < window): left = window - 1 (cuDNN then gets window_length = window)."""
+  return (window - 1, 0)
+
+
 def _splash_kernel(length: int, heads: int, window: int | None, interpret: bool):
   """A splash attention kernel (one example: q [N, T, H], k/v [K, T, H]) for a causal, or
   causal sliding-window (a query sees its `window` latest slots), mask. Built per trace, not
@@ -169,7 +175,7 @@ def _splash_kernel(length: int, heads: int, window: int | None, interpret: bool)
 
   shape = (length, length)
   base = (splash.CausalMask(shape) if window is None
-          else splash.LocalMask(shape, window_size=(window - 1, 0), offset=0))
+          else splash.LocalMask(shape, window_size=_local_window_size(window), offset=0))
   block = min(512, length)
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                             block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from rlhf_jax.models import CausalLM, ModelConfig
-from rlhf_jax.models.layers import _attend, attention_implementation
-from rlhf_jax.models.transformer import attention_mask_B1TS, positions_from_segments
+from rlhf_jax.models.layers import _attend, _local_window_size, attention_implementation
+from rlhf_jax.models.transformer import attention_mask_B1TS
 
 T = 128
 
@@ -91,3 +91,33 @@ def test_kernel_choice_and_fallbacks():
   np.testing.assert_allclose(
       _attend(q, k, v, mask, "cudnn", False, auto=True,
               segment_ids_BT=jnp.ones((1, T), jnp.int32), window=T), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [1, 5, 24])
+def test_the_window_given_to_the_kernels_is_the_dense_masks_window(window):
+  """cuDNN's local_window_size (and splash's LocalMask) from _local_window_size: the causal
+  attention it defines equals the dense sliding-window mask's (XLA implements both)."""
+  q, k, v = _qkv(1)
+  dense = attention_mask_B1TS(jnp.ones((1, T)), jnp.arange(T), window)
+  want = jax.nn.dot_product_attention(q, k, v, mask=dense, implementation="xla")
+  got = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla",
+                                     local_window_size=_local_window_size(window))
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  off_by_one = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla",
+                                            local_window_size=(window, 0))
+  assert np.abs(np.asarray(off_by_one) - np.asarray(want)).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_splash_model_matches_xla_on_left_padded_unpacked_rows():
+  """Without segment ids the decoder hands the kernels the key mask as segment ids."""
+  config = _config(model_type="llama", num_layers=1)
+  mask_BT = jnp.asarray(np.stack([np.arange(T) >= 30, np.ones(T, bool)]), jnp.int32)
+  ids = jax.random.randint(jax.random.key(3), mask_BT.shape, 1, 64) * mask_BT
+  xla = CausalLM(config)
+  params = xla.init(jax.random.key(4))
+  splash = CausalLM(dataclasses.replace(config, attention_impl="splash"))
+  real_BT = np.asarray(mask_BT > 0)
+  np.testing.assert_allclose(np.asarray(splash.apply(params, ids, mask_BT).logits)[real_BT],
+                             np.asarray(xla.apply(params, ids, mask_BT).logits)[real_BT],
+                             atol=1e-5)
