@@ -26,8 +26,10 @@ WHEELS="${WHEELS:-benchmarks/wheels}"
 # The dry run leaves the Python environment alone (it may be a shared development venv): it only
 # checks that the imports resolve (run it with PYTHONPATH at the checkout).
 if [[ " $* " != *" --dry-run "* ]]; then
-  "$PYTHON" -m pip install --no-deps --no-build-isolation -q -e . \
-    || { echo "accelerator_check: 'pip install --no-deps -e .' failed" >&2; exit 2; }
+  if ! "$PYTHON" -m pip install --no-deps --no-build-isolation -q -e .; then
+    echo "accelerator_check: 'pip install --no-deps -e .' failed; using PYTHONPATH=$PWD" >&2
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  fi
 fi
 
 missing=()

@@ -176,7 +176,7 @@ def _splash_kernel(length: int, heads: int, window: int | None, interpret: bool)
   shape = (length, length)
   base = (splash.CausalMask(shape) if window is None
           else splash.LocalMask(shape, window_size=_local_window_size(window), offset=0))
-  block = min(512, length)
+  block = next((b for b in (512, 256, 128) if length % b == 0), length)  # tiles divide T
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                             block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                             block_q_dq=block, block_kv_dq=block)
