@@ -76,7 +76,7 @@ FULL = dict(budget_s=420, layers=24, vocab=151936, pairs=8, seq=1024, prompt=256
 # no table entry, uses nominal peaks (labelled) so the MFU and roofline arithmetic still runs.
 DRY = dict(budget_s=600, width=dict(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
                       intermediate_size=128), nominal_peak_tflops=1.0, nominal_peak_tbps=0.1,
-           layers=2, vocab=512, pairs=1, seq=64, prompt=16, dpo_steps=1,
+           layers=1, vocab=256, pairs=1, seq=64, prompt=16, dpo_steps=1,
            batch=4, prompt_len=8, new_tokens=8, sample_repeats=1, copy_mib=16,
            attn_batch=1, attn_seqs=(64, 128), attn_steps=2, dtype="float32")
 
