@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from forward import flops_per_token, peak_tflops, qwen25_05b_config
-from rlhf_jax.models import CausalLM
+from rlhf_jax.models import CausalLM, lora
 from rlhf_jax.train import preference, steps
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer
 
@@ -53,25 +53,60 @@ def dpo_loss_fn(model, chunk: int):
   return loss_fn
 
 
-def time_jax(args, config, batch):
+def dpo_loss_fn_precomputed(model, chunk: int):
+  """loss_fn(params, batch, ref_logps [2B]): DPO (beta 0.1) against precomputed reference
+  log-probs (what a trainer does when the reference is scored once before training)."""
+  per_example = preference.make_pair_losses(
+      model, preference.PreferenceLossConfig(name="dpo", beta=0.1), chunk)
+
+  def loss_fn(params, batch, ref_logps):
+    values, _ = per_example(params, batch, ref_logps)
+    return jnp.mean(values), {}
+
+  return loss_fn
+
+
+def make_jax_step(args, config, batch, precomputed_reference: bool = False):
+  """(run, memory), compiled here: run() does one DPO step and waits for it; memory is XLA's
+  compiled footprint of the step. precomputed_reference: the step takes the reference's [2B] sequence log-probs
+  instead of running the reference forward."""
   model = CausalLM(config)
   dtype = jnp.dtype(args.dtype)
   params = model.init(jax.random.key(0), dtype=dtype)
-  ref_params = jax.tree.map(jnp.copy, params)
   tx = make_optimizer(OptimizerConfig(lr=1e-6), 1000)
-  state = TrainState.create(params, tx, jax.random.key(1))
-  step = steps.make_train_step(dpo_loss_fn(model, args.chunk))
   batch = jax.device_put(batch)
-  stats = step.lower(state, batch, ref_params).compile().memory_analysis()
+  if precomputed_reference:
+    ref = jax.jit(lambda p, b: preference._sequence_logps(model, p, b, "sum", args.chunk)[0])(
+        params, batch)
+    step = steps.make_train_step(dpo_loss_fn_precomputed(model, args.chunk))
+  else:
+    ref = jax.tree.map(jnp.copy, params)
+    step = steps.make_train_step(dpo_loss_fn(model, args.chunk))
+  holder = [TrainState.create(params, tx, jax.random.key(1))]
+  # Run the AOT-compiled step: lower().compile() does not fill jit's cache, so calling `step`
+  # would compile the same program a second time.
+  compiled = step.lower(holder[0], batch, ref).compile()
+  stats = compiled.memory_analysis()
   memory = (stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
             - stats.alias_size_in_bytes)  # the donated state is updated in place
-  state, _ = step(state, batch, ref_params)  # compile
-  jax.block_until_ready(state)
+
+  def run():
+    detached, bases = lora.detach_bases(holder[0])  # what the jitted step does around `inner`
+    new_state, metrics = compiled(detached, bases, batch, ref)
+    holder[0] = lora.attach_bases(new_state, bases)
+    jax.block_until_ready(metrics)
+
+  return run, memory
+
+
+def time_jax(args, config, batch, precomputed_reference: bool = False):
+  """(median seconds per step, peak bytes: the device's, else the compiled footprint)."""
+  run, memory = make_jax_step(args, config, batch, precomputed_reference)
+  run()  # warm-up
   times = []
   for _ in range(args.steps):
     start = time.perf_counter()
-    state, metrics = step(state, batch, ref_params)
-    jax.block_until_ready(metrics)
+    run()
     times.append(time.perf_counter() - start)
   device_stats = jax.devices()[0].memory_stats() or {}  # None on CPU
   return statistics.median(times), device_stats.get("peak_bytes_in_use", memory)

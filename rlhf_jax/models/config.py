@@ -39,7 +39,7 @@ ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 NORM_PLACEMENTS = ("pre", "pre_post", "post")
 QK_NORMS = ("none", "head", "full")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = (None, "xla", "cudnn")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "splash")
 
 
 class UnsupportedModelError(UserError):
@@ -63,7 +63,8 @@ class ModelConfig:
     remat_policy: "none" | "full" (recompute the whole block) | "dots" (save matmul outputs) |
       "dots_no_batch" (save only matmuls without batch dims, i.e. the weight matmuls).
     attention_impl: None = auto (cuDNN flash attention on GPU for bf16/fp16 without a cache,
-      XLA otherwise) | "xla" | "cudnn".
+      splash attention on TPU without a cache, XLA otherwise) | "xla" | "cudnn" | "splash"
+      (off a TPU, splash runs in Pallas interpret mode: for tests only).
   """
 
   model_type: str  # one of SUPPORTED_MODEL_TYPES: the transformers config family

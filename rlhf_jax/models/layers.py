@@ -91,15 +91,23 @@ def apply_rope(x_BTNH, sin_BTh, cos_BTh):
   return rotated.astype(x_BTNH.dtype)
 
 
+SPLASH_BLOCK = 128  # auto picks splash when the sequence is a multiple of this (its min tile)
+
+
 def attention_implementation(config: ModelConfig, dtype, head_dim: int, has_cache: bool,
                              num_queries: int) -> str:
-  """'xla' or 'cudnn' for `jax.nn.dot_product_attention` (auto: cuDNN where it is supported)."""
+  """'xla', 'cudnn' or 'splash' (auto: cuDNN where it is supported on a GPU, splash on a TPU
+  without a cache when T is a multiple of SPLASH_BLOCK, XLA otherwise and on a CPU)."""
   if config.attention_impl is not None:
     return config.attention_impl
-  on_gpu = jax.default_backend() == "gpu"
+  backend = jax.default_backend()
   cudnn_ok = (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
               and head_dim % 8 == 0 and head_dim <= 128 and num_queries % 2 == 0)
-  return "cudnn" if on_gpu and cudnn_ok and not has_cache else "xla"
+  if backend == "gpu" and cudnn_ok and not has_cache:
+    return "cudnn"
+  if backend == "tpu" and not has_cache and num_queries % SPLASH_BLOCK == 0:
+    return "splash"
+  return "xla"
 
 
 def _dense(features: int, use_bias: bool, config: ModelConfig, dtype, param_dtype, name: str):
@@ -108,22 +116,92 @@ def _dense(features: int, use_bias: bool, config: ModelConfig, dtype, param_dtyp
 
 
 def _attend(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, impl: str, has_cache: bool, auto: bool,
-            scale: float | None = None):
-  """softmax(q·kᵀ·scale masked)·v via jax.nn.dot_product_attention (float32 softmax).
+            scale: float | None = None, segment_ids_BT=None, window: int | None = None):
+  """softmax(q·kᵀ·scale masked)·v via jax.nn.dot_product_attention (float32 softmax), or the
+  TPU splash kernel.
 
-  scale: None = 1/sqrt(H). The mask already holds causality; is_causal (no cache only, where
-  query slot t is key slot t) just lets cuDNN skip masked-out blocks. In auto mode a shape or
-  dtype cuDNN rejects while tracing falls back to XLA.
+  scale: None = 1/sqrt(H). The dense mask holds everything (causality, padding, segments,
+  branches, window) and is what XLA uses. The kernels take a structured description instead,
+  valid only when the mask is exactly causal ∧ same-segment ∧ (window over slots):
+  segment_ids_BT (no cache: the packed rows' segment ids, or the key mask for unpacked rows;
+  None when the mask is anything else, e.g. branch ids or a cache) and window (the sliding
+  window in slots on this layer, else None).
+  - cudnn: the dense mask (cuDNN adds it as a bias), is_causal (no cache: query slot t is key
+    slot t) so it skips blocks above the diagonal, and local_window_size=(window - 1, 0) on a
+    sliding layer so it skips blocks left of the window too (only with segment_ids_BT, whose
+    presence says the window counts slots). cuDNN's own packed layout (q/kv offsets) is not
+    reachable through jax.nn.dot_product_attention, so segments ride in the dense mask.
+  - splash: no dense mask; causal (or local, for the window) static mask and the segment ids.
+    Needs segment_ids_BT; without it (a cache, branch ids) it falls back to XLA in auto mode and
+    raises otherwise. Off a TPU the kernel runs in Pallas interpret mode (slow; for tests).
+  In auto mode a shape or dtype a kernel rejects while tracing falls back to XLA.
   """
-  kwargs = dict(mask=mask_B1TS, scale=q_BTNH.shape[-1] ** -0.5 if scale is None else scale)
+  scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
+  kwargs = dict(mask=mask_B1TS, scale=scale)
+  if impl == "splash":
+    if segment_ids_BT is not None and not has_cache:
+      try:
+        return _splash_attend(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window, scale)
+      except (NotImplementedError, ValueError):
+        if not auto:
+          raise
+    elif not auto and not has_cache:
+      raise ValueError("attention_impl='splash' needs a causal + segment (+ window) mask; this "
+                       "one has more structure (e.g. branch ids): use 'xla'")
   if impl == "cudnn":
+    if window is not None and segment_ids_BT is not None:
+      kwargs["local_window_size"] = _local_window_size(window)
     try:
       return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=not has_cache,
                                           implementation="cudnn", **kwargs)
     except (NotImplementedError, ValueError, RuntimeError):
       if not auto:
         raise
+    kwargs.pop("local_window_size", None)
   return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, implementation="xla", **kwargs)
+
+
+def _local_window_size(window: int) -> tuple[int, int]:
+  """dot_product_attention's (left, right) window for "a query sees its `window` latest slots,
+  itself included" (i - j < window): left = window - 1 (cuDNN then gets window_length = window)."""
+  return (window - 1, 0)
+
+
+def _splash_kernel(length: int, heads: int, window: int | None, interpret: bool):
+  """A splash attention kernel (one example: q [N, T, H], k/v [K, T, H]) for a causal, or
+  causal sliding-window (a query sees its `window` latest slots), mask. Built per trace, not
+  cached: it holds arrays, which would leak from one trace (a scan) into another."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+  shape = (length, length)
+  base = (splash.CausalMask(shape) if window is None
+          else splash.LocalMask(shape, window_size=_local_window_size(window), offset=0))
+  block = next((b for b in (512, 256, 128) if length % b == 0), length)  # tiles divide T
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                            block_q_dq=block, block_kv_dq=block)
+  return splash.make_splash_mha(splash.MultiHeadMask([base] * heads), block_sizes=sizes,
+                                head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash_attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, window: int | None, scale: float):
+  """Splash attention (jax.experimental.pallas.ops.tpu.splash_attention) over a batch: q is
+  pre-scaled (the kernel has no scale), GQA native (N % K == 0), segment ids mask across
+  segments. Padding (segment 0) queries see earlier padding keys instead of only themselves as
+  in the dense mask: their outputs differ, and nothing real reads them."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+  length, heads = q_BTNH.shape[1], q_BTNH.shape[2]
+  kernel = _splash_kernel(length, heads, window, jax.default_backend() != "tpu")
+  q_BNTH = (q_BTNH * jnp.asarray(scale, q_BTNH.dtype)).transpose(0, 2, 1, 3)
+  k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
+  segments_BT = segment_ids_BT.astype(jnp.int32)
+
+  def one(q_NTH, k_KTH, v_KTH, segments_T):
+    return kernel(q_NTH, k_KTH, v_KTH, segment_ids=splash.SegmentIds(q=segments_T,
+                                                                     kv=segments_T))
+
+  return jax.vmap(one)(q_BNTH, k_BKTH, v_BKTH, segments_BT).transpose(0, 2, 1, 3)
 
 
 def _attend_softcapped(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, cap: float):
@@ -160,7 +238,8 @@ class Attention(nn.Module):
   param_dtype: Dtype
 
   @nn.compact
-  def __call__(self, x_BTD, rope, mask_B1TS, cache, cache_index, layer):
+  def __call__(self, x_BTD, rope, mask_B1TS, cache, cache_index, layer, segment_ids_BT=None,
+               is_sliding=False):
     cfg = self.config
     batch, length, _ = x_BTD.shape
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -204,8 +283,16 @@ class Attention(nn.Module):
                                     cfg.attn_logit_softcap)
     else:
       impl = attention_implementation(cfg, self.dtype, h, has_cache, length)
-      out_BTNH = _attend(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, impl, has_cache,
-                         auto=cfg.attention_impl is None, scale=scale)
+      attend = lambda window: _attend(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, impl, has_cache,
+                                      auto=cfg.attention_impl is None, scale=scale,
+                                      segment_ids_BT=segment_ids_BT, window=window)
+      if impl == "xla" or segment_ids_BT is None or cfg.sliding_window is None:
+        out_BTNH = attend(None)  # the dense mask alone
+      elif isinstance(is_sliding, bool):
+        out_BTNH = attend(cfg.sliding_window if is_sliding else None)
+      else:  # a traced per-layer flag (scanned layers of a mixed model): both kernels, one runs
+        out_BTNH = jax.lax.cond(is_sliding, lambda: attend(cfg.sliding_window),
+                                lambda: attend(None))
     out_BTD = dense(cfg.hidden_size, cfg.out_bias, "o")(out_BTNH.reshape(batch, length, n * h))
     return out_BTD, cache
 
@@ -257,14 +344,16 @@ class Block(nn.Module):
   def __call__(self, carry, rope, masks, cache_index, layer_inputs):
     x_BTD, cache = carry
     layer, is_sliding = layer_inputs
-    full_mask, window_mask = masks
-    static = isinstance(is_sliding, bool)
-    if window_mask is None:
-      mask = full_mask
+    full_mask, window_mask, *kernel_ids = masks  # kernel_ids: [segment ids for the kernels]
+    segment_ids_BT = kernel_ids[0] if kernel_ids else None
+    static = isinstance(is_sliding, bool)  # unrolled decoder: the flag is known at trace time
+    if window_mask is None:  # every layer alike: whether they slide is static
+      mask, layer_slides = full_mask, all(self.config.layer_is_sliding)
     elif static:
-      mask = window_mask if is_sliding else full_mask
+      mask, layer_slides = (window_mask if is_sliding else full_mask), is_sliding
     else:
       mask = jnp.where(is_sliding, window_mask, full_mask)
+      layer_slides = is_sliding
     cfg, dt, pdt = self.config, self.dtype, self.param_dtype
     if rope is not None and isinstance(rope[0], tuple):
       (sin_global, cos_global), (sin_local, cos_local) = rope
@@ -278,7 +367,7 @@ class Block(nn.Module):
     norm = lambda name: make_norm(cfg, dt, pdt, name)
     h_BTD = norm("attn_norm")(x_BTD) if pre else x_BTD
     attn_BTD, cache = Attention(cfg, dt, pdt, name="attn")(h_BTD, rope, mask, cache, cache_index,
-                                                           layer)
+                                                           layer, segment_ids_BT, layer_slides)
     x_BTD = x_BTD + (norm("post_attn_norm")(attn_BTD) if post else attn_BTD)
     h_BTD = norm("mlp_norm")(x_BTD) if pre else x_BTD
     mlp_BTD = MLP(cfg, dt, pdt, name="mlp")(h_BTD)

@@ -231,6 +231,13 @@ class Decoder(nn.Module):
       masks = (full, None)
     else:
       masks = (full, window)
+    # The same mask as the attention kernels (splash, cuDNN's window) take it: segment ids of the
+    # no-cache path, where the mask is exactly causal ∧ same segment (∧ window over slots; within
+    # a segment without branches, positions and slots differ by a constant). Branches (a prefix
+    # shared by siblings) are beyond those kernels: the dense mask alone then.
+    if cache is None and branch_ids_BS is None:
+      masks = masks + ((key_mask_BS > 0).astype(jnp.int32) if segment_ids_BS is None
+                       else segment_ids_BS,)
 
     cache_index = None if cache is None else jnp.asarray(cache_index, jnp.int32)
     if self.unrolled:
