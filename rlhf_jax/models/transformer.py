@@ -99,20 +99,21 @@ def attention_mask_B1TS(key_mask_BS, query_slots_T, window: int | None,
   with segment ids (packed rows, no cache), only keys of the query's own segment; with branch
   ids too, only keys of the segment's shared prefix (branch 0) or of the query's own branch.
 
-  The window counts slots, or, for packed rows, positions (positions_BS), which differ from
-  slots once a branch follows a sibling: its prefix is further away in slots than in positions.
+  The window counts slots, or, with branches, positions (positions_BS, required then), which
+  differ from slots once a branch follows a sibling: its prefix is further in slots than in
+  positions. (Inside one segment without branches the two differ by a constant.)
   """
   key_slots_S = jnp.arange(key_mask_BS.shape[-1], dtype=jnp.int32)
   q, k = query_slots_T[:, None], key_slots_S[None, :]
   allowed_TS = k <= q
-  if window is not None and segment_ids_BS is None:
+  if window is not None and branch_ids_BS is None:
     allowed_TS = allowed_TS & (q - k < window)
   allowed_BTS = allowed_TS[None] & (key_mask_BS[:, None, :] > 0)
   if segment_ids_BS is not None:
     allowed_BTS = allowed_BTS & (segment_ids_BS[:, :, None] == segment_ids_BS[:, None, :])
+  if branch_ids_BS is not None:
     if window is not None:
       allowed_BTS = allowed_BTS & (positions_BS[:, :, None] - positions_BS[:, None, :] < window)
-  if branch_ids_BS is not None:
     key_branch_B1S = branch_ids_BS[:, None, :]
     allowed_BTS = allowed_BTS & ((key_branch_B1S == 0)
                                  | (key_branch_B1S == branch_ids_BS[:, :, None]))
