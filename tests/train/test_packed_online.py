@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec
 from transformers import LlamaConfig
 
 from rlhf_jax import losses, models, rollout as rollout_lib
@@ -203,3 +204,37 @@ def test_ppo_packed_update_equals_the_padded_one(model, rollout, params):
   assert abs(metrics["loss/value"]) > 0
   np.testing.assert_allclose(packed[0].extra["kl"].kl_coef, padded[0].extra["kl"].kl_coef,
                              rtol=1e-6)
+
+
+def test_the_online_configs_default_to_packed_and_parse_the_padded_layout():
+  from rlhf_jax import config as config_lib  # noqa: PLC0415
+
+  for cls in (grpo.GRPOConfig, ppo.PPOConfig):
+    assert cls().layout == "packed" and cls().packed_row_length is None
+    changed = config_lib.apply_overrides(cls(), ["layout=padded", "packed_row_length=64"])
+    assert (changed.layout, changed.packed_row_length) == ("padded", 64)
+    with pytest.raises(config_lib.ConfigError, match="not one of"):
+      config_lib.apply_overrides(cls(), ["layout=pad"])
+    with pytest.raises(ValueError, match="packed_row_length"):
+      config_lib.apply_overrides(cls(), ["packed_row_length=0"]).validate()
+
+
+def test_layouts_shard_their_rows_over_the_batch_axes_of_the_rollouts_mesh(rollout):
+  from rlhf_jax import parallel  # noqa: PLC0415
+  from rlhf_jax.parallel import MeshConfig  # noqa: PLC0415
+
+  mesh = parallel.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  sharded = jax.tree.map(lambda x: jax.device_put(x, parallel.batch_sharding(mesh, x.ndim)),
+                         rollout)
+  layouts = packed_rollouts.layout_rollout(sharded, _order(rollout, 2, 1), 24)
+  plain = packed_rollouts.layout_rollout(rollout, _order(rollout, 2, 1), 24)
+  for got, single, leading in ((layouts.full, plain.full, 0),
+                               (layouts.minibatches, plain.minibatches, 1)):
+    assert got.source.shape[leading] % 4 == 0  # rows: a multiple of data x fsdp
+    assert got.source.sharding.spec == PartitionSpec(*[None] * leading, parallel.BATCH_AXES,
+                                                     None)
+    # The same packing, in a different row budget (empty rows after the plan's).
+    rows = min(single.source.shape[leading], got.source.shape[leading])
+    first = (slice(None),) * leading + (slice(0, rows),)
+    np.testing.assert_array_equal(np.asarray(got.sequence_ids)[first],
+                                  np.asarray(single.sequence_ids)[first])
