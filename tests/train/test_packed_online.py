@@ -139,15 +139,15 @@ def test_aggregate_packed_equals_aggregate_of_the_padded_rows(rollout, mode):
 
 
 def _updates(algorithm, state_of, ref, rollout, *, epochs, minibatches, row_length):
-  """(padded, packed) update results from the same state, rollout, scores and key."""
-  key = jax.random.key(4)
-  scores = jnp.asarray(SCORES)
-  padded = online.make_update(algorithm, epochs=epochs, minibatches=minibatches)
-  packed = online.make_update(algorithm, epochs=epochs, minibatches=minibatches, packed=True)
-  layouts = packed_rollouts.layout_rollout(
-      rollout, _order(rollout, minibatches, epochs), row_length)
-  return (padded(state_of(), ref, rollout, scores, key),
-          packed(state_of(), ref, rollout, scores, key, layouts))
+  """(padded, packed) results of one online step (`online.make_online_step`) from the same
+  state, with a sampler that returns the fixed rollout: the packed step plans its layouts for
+  the minibatch order that its update draws."""
+  steps = {layout: online.make_online_step(
+      algorithm, sample=lambda *_: rollout, score=lambda *_: (jnp.asarray(SCORES), {}),
+      epochs=epochs, minibatches=minibatches, layout=layout, row_length=row_length)
+      for layout in ("padded", "packed")}
+  batch = {"prompt_ids": None, "prompt_mask": None}
+  return steps["padded"](state_of(), batch, ref), steps["packed"](state_of(), batch, ref)
 
 
 def _assert_same(padded, packed):
