@@ -13,9 +13,10 @@ Steps 3 and 4 are one jitted function with the old state donated, so the update 
 of the train state. With layout="packed" (the trainers' default) steps 3 and 4 run on
 padding-free rows planned on the host between 2 and 3 (`packed_rollouts`: each prompt computed
 once for the completions sharing its row, the same minibatches as the padded layout, a few fixed
-row budgets); layout="padded" runs them on the rollout's [prompt | response] rows. An algorithm is an `OnlineAlgorithm`: its `prepare`, its per-minibatch
-`loss`, optionally `finish`, and where the policy's parameters sit in the state's params (PPO
-keeps a value head beside them). Nothing here reads files or holds a model checkpoint: a step is
+row budgets); layout="padded" runs them on the rollout's [prompt | response] rows.
+An algorithm is an `OnlineAlgorithm`: its `prepare`, its per-minibatch `loss`, optionally
+`finish`, and where the policy's parameters sit in the state's params (PPO keeps a value head
+beside them). Nothing here reads files or holds a model checkpoint: a step is
 built from functions and tested on a model made in memory.
 
 Also here, the pieces every online trainer shares: `policy_scores` (the one log-prob function at
