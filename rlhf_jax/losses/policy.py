@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses.kl import LINEAR_BEYOND, kl
-from rlhf_jax.ops import masked_mean, masked_sum
+from rlhf_jax.ops import masked_mean, masked_sum, packed_sequence_sums
 
 __all__ = [
     "ppo_policy",
@@ -41,6 +41,7 @@ __all__ = [
     "AGGREGATION_MODES",
     "AGGREGATION_ALIASES",
     "aggregate",
+    "aggregate_packed",
 ]
 
 _sg = jax.lax.stop_gradient
@@ -394,3 +395,49 @@ def aggregate(
     norm = per_token.shape[-1] if normalizer is None else normalizer
     per_row_B = masked_sum(values_BT, mask_BT, axis=-1) / norm
   return masked_mean(per_row_B, jnp.any(valid_BT, axis=-1).astype(jnp.float32))
+
+
+def aggregate_packed(
+    per_token_RL: chex.Array,
+    mask_RL: chex.Array,
+    sequence_ids_RL: chex.Array,
+    num_sequences: int,
+    *,
+    mode: str,
+    normalizer: float | None = None,
+) -> chex.Array:
+  """`aggregate` of packed rows (`rlhf_jax.data.packing`): the same modes and values, with the
+  sequences given by sequence_ids_RL (0..num_sequences - 1, -1 for none) instead of rows.
+
+  "token_mean" is the mean over valid tokens; the per-sequence modes reduce each sequence with
+  `ops.packed_sequence_sums`, then average over the sequences with at least one valid token.
+  "seq_mean_token_sum_norm" needs `normalizer` (a packed row's length is no sequence's padded
+  length). Shapes [R, L]; returns a float32 scalar, 0 when no token is valid.
+  """
+  chex.assert_rank([per_token_RL, mask_RL, sequence_ids_RL], 2)
+  chex.assert_equal_shape([per_token_RL, mask_RL, sequence_ids_RL])
+  mode = AGGREGATION_ALIASES.get(mode, mode)
+  if mode not in AGGREGATION_MODES:
+    raise ValueError(
+        f"unknown aggregation mode {mode!r}; expected one of {AGGREGATION_MODES} or an alias "
+        f"in {tuple(AGGREGATION_ALIASES)}")
+  if normalizer is not None and mode != "seq_mean_token_sum_norm":
+    raise ValueError(f"normalizer is only used by 'seq_mean_token_sum_norm', not {mode!r}")
+  if mode == "seq_mean_token_sum_norm" and normalizer is None:
+    raise ValueError("'seq_mean_token_sum_norm' of packed rows needs the normalizer (e.g. the "
+                     "generation budget max_new_tokens)")
+  if isinstance(normalizer, (int, float)) and normalizer <= 0:
+    raise ValueError(f"normalizer must be positive, got {normalizer}")
+  valid_RL = (mask_RL > 0) & (sequence_ids_RL >= 0)
+  mask_f_RL = valid_RL.astype(jnp.float32)
+  values_RL = jnp.where(valid_RL, per_token_RL.astype(jnp.float32), 0.0)
+  if mode == "token_mean":
+    return masked_mean(values_RL, mask_f_RL)
+  counts_N = packed_sequence_sums(mask_f_RL, mask_f_RL, sequence_ids_RL, num_sequences)
+  if mode == "seq_mean_token_mean":
+    per_sequence_N = packed_sequence_sums(values_RL, mask_f_RL, sequence_ids_RL, num_sequences,
+                                          reduction="mean")
+  else:
+    per_sequence_N = packed_sequence_sums(values_RL, mask_f_RL, sequence_ids_RL,
+                                          num_sequences) / normalizer
+  return masked_mean(per_sequence_N, (counts_N > 0).astype(jnp.float32))

@@ -34,7 +34,7 @@ import numpy as np
 
 from rlhf_jax import losses, ops, rollout as rollout_lib
 from rlhf_jax.config import check_choices, require, to_dict
-from rlhf_jax.train import common, loop, online
+from rlhf_jax.train import common, loop, online, packed_rollouts
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer
 
 __all__ = ["GRPOLoss", "GRPOConfig", "sequence_advantages", "make_grpo_algorithm", "build_task",
@@ -75,6 +75,13 @@ class GRPOConfig:
   loss: GRPOLoss = GRPOLoss()
   optimizer: OptimizerConfig = OptimizerConfig(lr=1e-5)
   run: loop.RunConfig = loop.RunConfig(output_dir="runs/grpo", batch_size=16)
+  # The scoring and update passes' rows. "packed" (default): padding-free rows of
+  # packed_row_length tokens (None: the rollout's width, prompt + max_new_tokens), each prompt
+  # computed once for the completions that share a row with it, row counts from 8 budgets up to
+  # the padded token count (rounded to the data-parallel size), so the update compiles once per
+  # budget (`train/packed_rollouts.py`); "padded": the rollout's [prompt | response] rows.
+  layout: Literal["packed", "padded"] = "packed"
+  packed_row_length: int | None = None
 
   def advantage(self) -> str:
     """The advantage kind: loss.advantage, or the trainer's default when it is None."""
@@ -91,6 +98,9 @@ class GRPOConfig:
 
   def validate(self):
     self.loss.validate()
+    check_choices(self)
+    require(self.packed_row_length is None or self.packed_row_length >= 1, "packed_row_length",
+            "a row length >= 1 (or None: the rollout's width)", self.packed_row_length)
     self.generation.validate()
     self.reward.validate()
     self.optimizer.validate()
@@ -126,35 +136,59 @@ def make_grpo_algorithm(model, loss: GRPOLoss, *, advantage: str, group_size: in
   per-minibatch loss, for `online.make_online_step`. Params are the policy's."""
   scores_of = lambda params, rollout: online.policy_scores(model, params, rollout, temperature,
                                                            chunk_size)
+  packed_scores_of = lambda params, rollout, layout: packed_rollouts.packed_scores(
+      model, params, rollout, layout, temperature, chunk_size)
+  # dr_grpo's constant, the same in both layouts (packed rows have no response width)
   normalizer = {"normalizer": max_new_tokens} if loss.aggregation == "dr_grpo" else {}
 
-  def prepare(state, ref_params, rollout, scores):
+  def prepare(state, ref_params, rollout, scores, layout=None):
     mask = rollout.response_mask
-    old_logps, _, _ = scores_of(state.params, rollout)
-    ref_logps, _, _ = scores_of(ref_params, rollout)
+    num_sequences, width = mask.shape
+    if layout is None:
+      old_tokens, _, _ = scores_of(state.params, rollout)
+      ref_tokens, _, _ = scores_of(ref_params, rollout)
+      old_logps, ref_logps = old_tokens, ref_tokens
+      sequence_sum = lambda x: jnp.sum(x * mask, axis=1)
+    else:  # packed slots; kept for the minibatches in the per-sequence view [S, N]
+      old_tokens, _, _ = packed_scores_of(state.params, rollout, layout)
+      ref_tokens, _, _ = packed_scores_of(ref_params, rollout, layout)
+      old_logps, ref_logps = (layout.unpack(x, num_sequences, width)
+                              for x in (old_tokens, ref_tokens))
+      sequence_sum = lambda x: layout.sequence_sums(x, num_sequences)
     rewards = scores
-    kl_k1 = jnp.sum((old_logps - ref_logps) * mask, axis=1)
+    kl_k1 = sequence_sum(old_tokens - ref_tokens)
     if loss.kl_in == "reward":
       rewards = scores - loss.kl_coef * kl_k1
       trained_kl = kl_k1
     else:
-      trained_kl = jnp.sum(losses.kl(old_logps, ref_logps, estimator="k3") * mask, axis=1)
+      trained_kl = sequence_sum(losses.kl(old_tokens, ref_tokens, estimator="k3"))
     advantages = sequence_advantages(rewards, group_size, advantage)
     metrics = online.rollout_metrics(rollout, scores, old_logps, trained_kl, loss.kl_coef)
     metrics["kl_k1"] = jnp.mean(kl_k1)
     return (old_logps, ref_logps, advantages), metrics
 
-  def minibatch_loss(params, rollout, prepared):
+  def minibatch_loss(params, rollout, prepared, layout=None):
     old_logps, ref_logps, advantages = prepared
-    mask = rollout.response_mask
-    logps, entropy, _ = scores_of(params, rollout)
-    token_advantages = advantages[:, None] * jnp.ones_like(logps)
+    if layout is None:
+      mask = rollout.response_mask
+      logps, entropy, _ = scores_of(params, rollout)
+      token_advantages = advantages[:, None] * jnp.ones_like(logps)
+      reduce = lambda per_token: losses.aggregate(per_token, mask, mode=loss.aggregation,
+                                                  **normalizer)
+    else:  # packed slots: the minibatch's per-sequence view laid into its rows
+      mask = layout.loss_mask
+      logps, entropy, _ = packed_scores_of(params, rollout, layout)
+      old_logps, ref_logps = layout.pack(old_logps), layout.pack(ref_logps)
+      token_advantages = layout.pack_sequences(advantages)
+      reduce = lambda per_token: losses.aggregate_packed(
+          per_token, mask, layout.sequence_ids, advantages.shape[0], mode=loss.aggregation,
+          **normalizer)
     per_token = losses.ppo_policy(logps, old_logps, token_advantages, clip_eps=loss.clip_eps,
                                   clip_eps_high=loss.clip_eps_high)
     kl_k3 = losses.kl(logps, ref_logps, estimator="k3")
     if loss.kl_in == "loss":
       per_token = per_token + loss.kl_coef * kl_k3
-    return losses.aggregate(per_token, mask, mode=loss.aggregation, **normalizer), {
+    return reduce(per_token), {
         "entropy": ops.masked_mean(entropy, mask), "kl_k3": ops.masked_mean(kl_k3, mask),
         "clip_fraction": losses.ppo_clip_fraction(
             logps, old_logps, token_advantages, mask, clip_eps=loss.clip_eps,
@@ -180,7 +214,8 @@ def build_task(config: GRPOConfig) -> loop.Task:
       sample=rollout_lib.make_sampler(model, gen, rollout_lib.stop_ids(tokenizer, model),
                                       tokenizer.pad_token_id),
       score=lambda rollout, batch: scorer(rollout, [records[i] for i in batch["index"]]),
-      epochs=loss.epochs, minibatches=loss.minibatches)
+      epochs=loss.epochs, minibatches=loss.minibatches, layout=config.layout,
+      row_length=config.packed_row_length)
   task = loop.Task(
       init_state=lambda: setup.placement.state(make_state, setup.params,
                                                jax.random.key(run.seed)),

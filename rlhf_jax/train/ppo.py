@@ -31,7 +31,7 @@ import numpy as np
 
 from rlhf_jax import losses, models, ops, rollout as rollout_lib
 from rlhf_jax.config import check_choices, require, to_dict
-from rlhf_jax.train import common, loop, online
+from rlhf_jax.train import common, loop, online, packed_rollouts
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer
 
 __all__ = ["PPOLoss", "PPOConfig", "ValueFunction", "make_ppo_algorithm", "init_params",
@@ -82,9 +82,19 @@ class PPOConfig:
   loss: PPOLoss = PPOLoss()
   optimizer: OptimizerConfig = OptimizerConfig(lr=1e-5, max_grad_norm=1.0)
   run: loop.RunConfig = loop.RunConfig(output_dir="runs/ppo", batch_size=32)
+  # The scoring and update passes' rows. "packed" (default): padding-free rows of
+  # packed_row_length tokens (None: the rollout's width, prompt + max_new_tokens), each prompt
+  # computed once for the completions that share a row with it, row counts from 8 budgets up to
+  # the padded token count (rounded to the data-parallel size), so the update compiles once per
+  # budget (`train/packed_rollouts.py`); "padded": the rollout's [prompt | response] rows.
+  layout: Literal["packed", "padded"] = "packed"
+  packed_row_length: int | None = None
 
   def validate(self):
     self.loss.validate()
+    check_choices(self)
+    require(self.packed_row_length is None or self.packed_row_length >= 1, "packed_row_length",
+            "a row length >= 1 (or None: the rollout's width)", self.packed_row_length)
     self.generation.validate()
     self.reward.validate()
     self.optimizer.validate()
@@ -130,6 +140,15 @@ class ValueFunction:
     # Token t of the response is chosen in the state ending at position P + t - 1.
     return values[:, p - 1:p + n - 1]
 
+  def packed(self, params, hidden_RLD, rollout, layout):
+    """[R, L] values in packed slots: V of the state each response token is chosen in. The
+    shared head reads the packed hidden states at each token's predictor slot; the separate
+    critic runs on the padded rows (it is not packed) and its values are laid into the slots."""
+    if self.kind == "shared":
+      values_RL = models.apply_value_head(params["value_head"], hidden_RLD)
+      return packed_rollouts.packed_predictor_values(values_RL, layout)
+    return layout.pack(self(params, None, rollout))
+
 
 def make_ppo_algorithm(model, loss: PPOLoss, value_fn: ValueFunction, *, temperature: float,
                        chunk_size: int = 512) -> online.OnlineAlgorithm:
@@ -140,11 +159,21 @@ def make_ppo_algorithm(model, loss: PPOLoss, value_fn: ValueFunction, *, tempera
   scores_of = lambda params, rollout: online.policy_scores(model, params, rollout, temperature,
                                                            chunk_size)
 
-  def prepare(state, ref_params, rollout, scores):
+  packed_scores_of = lambda params, rollout, layout: packed_rollouts.packed_scores(
+      model, params, rollout, layout, temperature, chunk_size)
+
+  def prepare(state, ref_params, rollout, scores, layout=None):
     mask, kl_coef = rollout.response_mask, state.extra["kl"].kl_coef
-    old_logps, _, hidden = scores_of(state.params["policy"], rollout)
-    values = value_fn(state.params, hidden, rollout) * mask
-    ref_logps, _, _ = scores_of(ref_params, rollout)
+    if layout is None:
+      old_logps, _, hidden = scores_of(state.params["policy"], rollout)
+      values = value_fn(state.params, hidden, rollout) * mask
+      ref_logps, _, _ = scores_of(ref_params, rollout)
+    else:  # packed passes; GAE runs on the per-sequence view [S, N], as the padded layout's
+      unpack = lambda x: layout.unpack(x, *mask.shape)
+      old_RL, _, hidden_RLD = packed_scores_of(state.params["policy"], rollout, layout)
+      values = unpack(value_fn.packed(state.params, hidden_RLD, rollout, layout))
+      old_logps = unpack(old_RL)
+      ref_logps = unpack(packed_scores_of(ref_params, rollout, layout)[0])
     rewards, kl = losses.kl_penalized_rewards(scores, old_logps, ref_logps, mask,
                                               kl_coef=kl_coef, estimator=loss.kl_estimator)
     advantages, returns = losses.gae(rewards, values, mask, gamma=loss.gamma, lam=loss.lam)
@@ -154,17 +183,28 @@ def make_ppo_algorithm(model, loss: PPOLoss, value_fn: ValueFunction, *, tempera
     metrics["value_explained_variance"] = explained_variance(values, returns, mask)
     return (old_logps, values, advantages, returns), metrics
 
-  def minibatch_loss(params, rollout, prepared):
+  def minibatch_loss(params, rollout, prepared, layout=None):
     old_logps, old_values, advantages, returns = prepared
-    mask = rollout.response_mask
-    logps, entropy, hidden = scores_of(params["policy"], rollout)
-    values = value_fn(params, hidden, rollout)
-    policy_loss = losses.aggregate(
-        losses.ppo_policy(logps, old_logps, advantages, clip_eps=loss.clip_eps), mask,
-        mode=loss.aggregation)
-    value_loss = losses.aggregate(
-        losses.ppo_value(values, old_values, returns, clip_eps=loss.value_clip_eps), mask,
-        mode=loss.aggregation)
+    if layout is None:
+      mask = rollout.response_mask
+      logps, entropy, hidden = scores_of(params["policy"], rollout)
+      values = value_fn(params, hidden, rollout)
+      reduce = lambda per_token: losses.aggregate(per_token, mask, mode=loss.aggregation)
+    else:  # packed slots: the minibatch's per-sequence view laid into its rows
+      mask = layout.loss_mask
+      logps, entropy, hidden_RLD = packed_scores_of(params["policy"], rollout, layout)
+      values = value_fn.packed(params, hidden_RLD, rollout, layout)
+      old_logps, old_values, advantages, returns = (
+          layout.pack(x) for x in (old_logps, old_values, advantages, returns))
+      num_sequences, width = rollout.response_mask.shape
+      # the padded default constant of seq_mean_token_sum_norm: the response width
+      norm = ({"normalizer": width} if losses.AGGREGATION_ALIASES.get(
+          loss.aggregation, loss.aggregation) == "seq_mean_token_sum_norm" else {})
+      reduce = lambda per_token: losses.aggregate_packed(
+          per_token, mask, layout.sequence_ids, num_sequences, mode=loss.aggregation, **norm)
+    policy_loss = reduce(losses.ppo_policy(logps, old_logps, advantages, clip_eps=loss.clip_eps))
+    value_loss = reduce(losses.ppo_value(values, old_values, returns,
+                                         clip_eps=loss.value_clip_eps))
     mean_entropy = ops.masked_mean(entropy, mask)
     total = policy_loss + loss.vf_coef * value_loss - loss.entropy_coef * mean_entropy
     return total, {
@@ -217,7 +257,8 @@ def build_task(config: PPOConfig) -> loop.Task:
       sample=rollout_lib.make_sampler(model, gen, rollout_lib.stop_ids(tokenizer, model),
                                       tokenizer.pad_token_id),
       score=lambda rollout, batch: scorer(rollout, [records[i] for i in batch["index"]]),
-      epochs=loss.epochs, minibatches=loss.minibatches)
+      epochs=loss.epochs, minibatches=loss.minibatches, layout=config.layout,
+      row_length=config.packed_row_length)
   task = loop.Task(
       init_state=lambda: setup.placement.state(make_state, params, key),
       train_step=lambda state, batch: step(state, batch, setup.ref_params),

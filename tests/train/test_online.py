@@ -288,7 +288,7 @@ def test_ppo_with_a_separate_critic_and_the_k3_estimator(random_dir, tmp_path, m
 def test_critic_free_options_reach_the_trainer(random_dir, tmp_path, monkeypatch, trainer):
   from rlhf_jax import losses
   policy_calls = _spy(monkeypatch, losses, "ppo_policy")
-  aggregate_calls = _spy(monkeypatch, losses, "aggregate")
+  aggregate_calls = _spy(monkeypatch, losses, "aggregate_packed")  # the default packed layout
   loo_calls = _spy(monkeypatch, losses, "leave_one_out_advantages")
   group_calls = _spy(monkeypatch, losses, "group_advantages")
   # "grpo": DAPO's clip-higher and token-mean; "rloo": its baseline from the trainer name alone.
