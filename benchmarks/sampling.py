@@ -10,7 +10,11 @@ intermediate 4864, vocab 151936, tied embeddings, qkv bias), bf16, batch 32, 128
 
 Prints one line per system: first_call_extra_s (first call minus the best warm call: compile
 time for JAX, warm-up for PyTorch), seconds per call (best of --repeats),
-new tokens per second (batch · new tokens / seconds) and milliseconds per decode step.
+new tokens per second (batch · new tokens / seconds) and milliseconds per decode step; for
+rlhf_jax also prefill_ms (best call making one new token) and decode_ms_per_token
+((call - prefill) / (N - 1)). --num-samples G draws G completions per prompt (rows B·G; the
+prompt is prefilled once, `generate(num_samples=G)`; --repeat-prompts instead feeds the prompts
+repeated G times, the old way). benchmarks/sampling_tunix.py compares against Tunix.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def prompts(args):
 
 
 def report(name, first_call_extra_s, seconds, args, extra=None):
-  tokens = args.batch * args.new_tokens
+  tokens = args.batch * args.num_samples * args.new_tokens
   row = dict(system=name, first_call_extra_s=round(first_call_extra_s, 2), s_per_call=round(seconds, 4),
              tokens_per_s=round(tokens / seconds, 1),
              ms_per_step=round(1000 * seconds / args.new_tokens, 2), **(extra or {}))
@@ -59,11 +63,14 @@ def bench_jax(args, config, ids, mask):
   model = CausalLM(config)
   dtype = jnp.dtype(args.dtype)
   params = jax.jit(model.init, static_argnums=1)(jax.random.key(0), dtype)
-  kw = dict(max_new_tokens=args.new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, eos_token_id=None)
+  kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=None)
+  g = args.num_samples
+  if args.repeat_prompts:
+    ids, mask, g = np.repeat(ids, g, axis=0), np.repeat(mask, g, axis=0), 1
 
-  def run(seed):
-    out = sampling.generate(model, params, ids, mask, jax.random.key(seed), **kw)
+  def run(seed, new_tokens=args.new_tokens):
+    out = sampling.generate(model, params, ids, mask, jax.random.key(seed),
+                            max_new_tokens=new_tokens, num_samples=g, **kw)
     return jax.block_until_ready(out)
 
   start = time.perf_counter()
@@ -75,9 +82,20 @@ def bench_jax(args, config, ids, mask):
     out = run(i + 1)
     times.append(time.perf_counter() - start)
   seconds = min(times)
-  assert int(np.asarray(out.mask).sum()) == args.batch * args.new_tokens
-  report("rlhf_jax", first - seconds, seconds, args,
-         dict(device=str(jax.devices()[0].device_kind), dtype=args.dtype))
+  assert int(np.asarray(out.mask).sum()) == args.batch * args.num_samples * args.new_tokens
+  run(0, 1)
+  prefill = []
+  for i in range(args.repeats):
+    start = time.perf_counter()
+    run(i + 1, 1)
+    prefill.append(time.perf_counter() - start)
+  extra = dict(device=str(jax.devices()[0].device_kind), dtype=args.dtype,
+               prefill_ms=round(1000 * min(prefill), 1))
+  if args.new_tokens > 1:
+    extra["decode_ms_per_token"] = round(1000 * (seconds - min(prefill)) / (args.new_tokens - 1),
+                                         2)
+  report("rlhf_jax" + ("_repeated_prompts" if args.repeat_prompts else ""), first - seconds,
+         seconds, args, extra)
 
 
 def bench_torch(args, config, ids, mask):
@@ -90,8 +108,9 @@ def bench_torch(args, config, ids, mask):
   hf_model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype).eval()
   device = "cuda" if torch.cuda.is_available() else "cpu"
   hf_model.to(device)
-  ids_t = torch.tensor(ids, dtype=torch.long, device=device)
-  mask_t = torch.tensor(mask, dtype=torch.long, device=device)
+  ids_t = torch.tensor(np.repeat(ids, args.num_samples, axis=0), dtype=torch.long, device=device)
+  mask_t = torch.tensor(np.repeat(mask, args.num_samples, axis=0), dtype=torch.long,
+                        device=device)
   sample = args.temperature > 0
   kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=sample,
             pad_token_id=0)
@@ -135,6 +154,9 @@ def main():
   parser.add_argument("--top-k", type=int, default=0)
   parser.add_argument("--top-p", type=float, default=1.0)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--num-samples", type=int, default=1, help="completions per prompt (G)")
+  parser.add_argument("--repeat-prompts", action="store_true",
+                      help="rlhf_jax: repeat the prompts G times instead of num_samples=G")
   parser.add_argument("--torch", action="store_true", help="also time transformers' generate")
   parser.add_argument("--no-jax", action="store_true", help="skip rlhf_jax (with --torch)")
   args = parser.parse_args()
@@ -143,7 +165,8 @@ def main():
                                if k in ("vocab_size", "hidden_size", "num_layers", "num_heads",
                                         "num_kv_heads", "intermediate_size")},
                     "batch": args.batch, "prompt_len": args.prompt_len,
-                    "new_tokens": args.new_tokens, "dtype": args.dtype,
+                    "new_tokens": args.new_tokens, "num_samples": args.num_samples,
+                    "dtype": args.dtype,
                     "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}))
   ids, mask = prompts(args)
   if not args.no_jax:

@@ -47,10 +47,10 @@ The sampling distribution at each step, in the standard order (as in Hugging Fac
      arXiv:1904.09751), always at least one token; tokens tied with the last kept one are kept
      too, so the result does not depend on how a sort orders ties. With top-k on, the sort is
      `lax.top_k`'s own (K candidates). With top-p alone, no [B, V] sort runs when the nucleus
-     is small: `lax.top_k` takes the TOP_P_CANDIDATES (256) + 1 best tokens, and if in every
-     row their first 256 hold mass >= p (under the full-vocabulary softmax) and the 257th is
-     below the cut (no tie spills past them), the threshold and the draw come from those 256;
-     else (`lax.cond`) the full sort runs. Both branches compute the same threshold, so the
+     is small: `lax.top_k` takes the TOP_P_CANDIDATES (256) best tokens, and if in every row
+     they hold mass >= p (under the full-vocabulary softmax) and no token past them reaches
+     the cut (no tie spills), the threshold and the draw come from those 256; else
+     (`lax.cond`) the full sort runs. Both branches compute the same threshold, so the
      distribution (and `filter_logits`) is the same either way;
   4. renormalise and draw. `logps` is the log-prob of the drawn token under this truncated,
      renormalised distribution. NOTE: with top-k/top-p the trainer's untruncated
@@ -127,14 +127,19 @@ def _prefilter(z_BV, lse_B1, top_p, size: int):
   """Top-p from the `size` best tokens: (threshold [B, 1], top z [B, size], their ids,
   hit: scalar bool, True iff every row's nucleus lies inside them and no token past them ties
   its threshold; then the kept tokens are exactly the top ones >= threshold)."""
-  top_BC, ids_BC = jax.lax.top_k(z_BV, size + 1)  # sorted descending
-  threshold_B1, inside_B = _top_p_cut(top_BC[:, :size], lse_B1, top_p)
-  hit = jnp.all(inside_B & (top_BC[:, size] < threshold_B1[:, 0]))
-  return threshold_B1, top_BC[:, :size], ids_BC[:, :size], hit
+  # Only whole top_k outputs are used: XLA CPU then runs its partial top-k, while a slice at a
+  # nonzero offset of them (e.g. the size+1-th value) turns it back into a full sort.
+  top_BC, ids_BC = jax.lax.top_k(z_BV, size)  # sorted descending
+  threshold_B1, inside_B = _top_p_cut(top_BC, lse_B1, top_p)
+  # No spill: every token >= the threshold is among the top ones (one pass over V, no sort).
+  kept_B = jnp.sum(z_BV >= threshold_B1, axis=-1)
+  kept_top_B = jnp.sum(top_BC >= threshold_B1, axis=-1)
+  hit = jnp.all(inside_B & (kept_B == kept_top_B))
+  return threshold_B1, top_BC, ids_BC, hit
 
 
 def _uses_prefilter(vocab: int, top_k: int, use_top_p: bool, size: int) -> bool:
-  return use_top_p and not 0 < top_k < vocab and 0 < size and size + 1 < vocab
+  return use_top_p and not 0 < top_k < vocab and 0 < size < vocab
 
 
 def _candidates(logits_BV, temperature, top_p, *, top_k: int, use_top_p: bool,

@@ -709,6 +709,19 @@ def test_top_p_prefilter_gives_the_full_sort_threshold(case, hits):
     assert np.all(np.isfinite(exact).sum(-1) < sampling.TOP_P_CANDIDATES)
 
 
+def test_top_p_alone_sorts_the_vocabulary_only_in_the_fallback_branch():
+  # The compiled program (not just the lowering): XLA CPU turns a top_k whose outputs are sliced
+  # at an offset back into a full [B, V] sort with an index payload, which cost ~1 s per step
+  # at 152k entries. The only [B, V] sort left must sit in the lax.cond fallback branch.
+  shape = (2, 5000)
+  for fn in (functools.partial(sampling.sample_from_logits, key=jax.random.key(0), top_p=0.5),
+             functools.partial(sampling.filter_logits, top_p=0.5)):
+    text = jax.jit(fn).lower(jnp.zeros(shape)).compile().as_text()
+    sorts = [line for line in text.splitlines() if " sort(" in line and "2,5000]" in line]
+    assert sorts, "expected the fallback sort"
+    assert all("cond/branch" in line and "s32[2,5000]" not in line for line in sorts), sorts
+
+
 @pytest.mark.parametrize("case", ["peaked", "flat"])
 def test_top_p_prefilter_draw_frequencies_match_the_truncated_softmax(case):
   # One distribution over 600 tokens, 20k draws: the prefilter path (peaked: the nucleus is
