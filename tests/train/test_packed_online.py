@@ -213,7 +213,8 @@ def test_the_online_configs_default_to_packed_and_parse_the_padded_layout():
     assert cls().layout == "packed" and cls().packed_row_length is None
     changed = config_lib.apply_overrides(cls(), ["layout=padded", "packed_row_length=64"])
     assert (changed.layout, changed.packed_row_length) == ("padded", 64)
-    with pytest.raises(config_lib.ConfigError, match="not one of"):
+    with pytest.raises(config_lib.ConfigError,
+                       match="layout: expected one of 'packed', 'padded', got 'pad'"):
       config_lib.apply_overrides(cls(), ["layout=pad"])
     with pytest.raises(ValueError, match="packed_row_length"):
       config_lib.apply_overrides(cls(), ["packed_row_length=0"]).validate()
