@@ -15,14 +15,16 @@ the records it holds (precomputed reference log-probs are looked up by it).
 Pairwise batches put the B chosen rows first and the B rejected rows after them ([2B, L]): the
 policy and the reference each score both in one forward pass.
 
-Packed layout (`layout="packed"`, for pairs and KTO's unpaired rows): each example is one item
-[prompt | chosen | rejected] (KTO: [prompt | completion | mismatched completion]) of
+Packed layout (`layout="packed"`, for pairs, KTO's unpaired rows and ranked rows): each example
+is one item [prompt | chosen | rejected] (KTO: [prompt | completion | mismatched completion];
+ranked: [prompt | completion 1 | ... | completion K], missing ones empty) of
 `rlhf_jax.data.packing`, several items per row, so the prompt is computed once and no slot is
 spent on padding between them. `sequence_ids` number the continuations in block order (first
-continuations 0..B-1, second ones B..2B-1), the order of the padded layout's rows, and
-`sequence_ends` [2B] gives each one's last slot. A batch's shape (R rows of L tokens) is one of
-a small set of budgets, so a step compiles once per budget: L is one of `row_lengths` (default:
-twice each bucket, the longest item a bucket's pairs make), R one of the row counts
+continuations 0..B-1, second ones B..2B-1, ...), the order of the padded layout's pair rows,
+and `sequence_ends` [K·B] gives each one's last slot. A batch's shape (R rows of L tokens) is
+one of a small set of budgets, so a step compiles once per budget: L is one of `row_lengths`
+(default: K = 2 (pairs, KTO) or num_completions (ranked) times each bucket, the longest item a
+bucket's rows make), R one of the row counts
 `row_counts(batch_size, row_multiple)` (1, 2, 3, 4, 6, 8, 12, ... times `row_multiple`, the
 data-parallel size, up to the batch size rounded up to it); of the budgets that hold the batch
 (first-fit decreasing), the one with the fewest slots R·L, then the shortest rows.
@@ -187,9 +189,17 @@ def row_counts(batch_size: int, multiple: int = 1) -> tuple[int, ...]:
   return tuple(c * multiple for c in sorted(counts | {cap}))
 
 
-def prefixed_items(records, max_length: int | None = None) -> list[Prefixed]:
+def prefixed_items(records, max_length: int | None = None,
+                   num_completions: int | None = None) -> list[Prefixed]:
   """The packed layout's items: a pair's prompt with (chosen, rejected); a KTO row's prompt with
-  (its completion, the mismatched completion of `mismatched_pairs`, cut to `max_length`)."""
+  (its completion, the mismatched completion of `mismatched_pairs`, cut to `max_length`); a
+  ranked row's prompt with its completions, then empty ones up to `num_completions` (K; masked
+  by rank_mask, as the padded layout's repeated slots are)."""
+  if isinstance(records[0], TokenizedRanked):
+    k = num_completions or max(len(r.completions) for r in records)
+    empty = np.zeros(0, np.int32)
+    return [Prefixed(r.prompt, tuple(r.completions) + (empty,) * (k - len(r.completions)))
+            for r in records]
   if isinstance(records[0], TokenizedPair):
     return [Prefixed(r.prompt, (r.chosen, r.rejected)) for r in records]
   if isinstance(records[0], TokenizedUnpaired):
@@ -212,8 +222,15 @@ def collate_prefixed_blocks(items, row_length: int, num_rows: int, pad_id: int =
   return batch
 
 
-def _packed_extras(records) -> dict:
+def _packed_extras(records, num_completions: int | None = None) -> dict:
   """The per-example arrays [B] a packed batch carries next to its rows (as the padded ones)."""
+  if isinstance(records[0], TokenizedRanked):
+    k = num_completions or max(len(r.completions) for r in records)
+    ranks, rank_mask = np.zeros((len(records), k), np.int32), np.zeros((len(records), k), np.int32)
+    for i, record in enumerate(records):
+      ranks[i, :len(record.ranks)] = record.ranks
+      rank_mask[i, :len(record.completions)] = 1
+    return {"ranks": ranks, "rank_mask": rank_mask}
   if isinstance(records[0], TokenizedPair):
     return {"margin": np.array([r.margin for r in records], np.float32),
             "objective": np.array([r.objective for r in records], np.int32)}
@@ -338,22 +355,24 @@ class BatchStream:
     self.lengths = np.array([record_length(r) for r in self.records])
     if self.layout not in LAYOUTS:
       raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-    self.packed = self.layout == "packed" and kind in (TokenizedPair, TokenizedUnpaired)
+    self.packed = self.layout == "packed" and kind in (TokenizedPair, TokenizedUnpaired,
+                                                       TokenizedRanked)
     if self.packed:
-      self.row_lengths = tuple(sorted(self.row_lengths or {2 * b for b in self.buckets}))
+      per_item = self.num_completions or 2  # completions per item: a bucket holds one each
+      self.row_lengths = tuple(sorted(self.row_lengths or {per_item * b for b in self.buckets}))
       self.row_counts = row_counts(self.batch_size, self.row_multiple)
       # Every record's item, checked against the longest row once, before any batch.
-      items = prefixed_items(self.records, self.max_length)
+      items = prefixed_items(self.records, self.max_length, self.num_completions)
       longest = max(range(len(items)), key=lambda i: item_length(items[i]))
       if item_length(items[longest]) > self.row_lengths[-1]:
         raise UserError(
             f"record {longest} makes a packed item of {item_length(items[longest])} tokens (its "
-            f"prompt and both completions), more than the longest row of "
+            f"prompt and every completion), more than the longest row of "
             f"{self.row_lengths[-1]}; raise data.row_length (or lower data.max_length, or set "
             "data.layout=padded)")
 
   def _packed_batch(self, records) -> dict:
-    items = prefixed_items(records, self.max_length)
+    items = prefixed_items(records, self.max_length, self.num_completions)
     lengths = [item_length(item) for item in items]
     best = None
     for row_length in self.row_lengths:
@@ -364,7 +383,7 @@ class BatchStream:
       if best is None or rows * row_length < best[0] * best[1]:
         best = (rows, row_length)
     batch = collate_prefixed_blocks(items, best[1], best[0], self.pad_id)
-    return {**batch, **_packed_extras(records)}
+    return {**batch, **_packed_extras(records, self.num_completions)}
 
   @property
   def batches_per_epoch(self) -> int:

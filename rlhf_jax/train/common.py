@@ -34,6 +34,7 @@ __all__ = [
     "load_reference",
     "load_reward_model",
     "make_stream",
+    "batch_shards",
     "round_prompts",
     "Placement",
     "make_placement",
@@ -88,6 +89,16 @@ class DataSpec:
   # also removes them (before the held-out split is drawn, and from the `eval` file those equal
   # to a training row), so no row is in both the training and the held-out rows.
   duplicates: Literal["keep", "drop"] = "keep"
+  # Preference pairs (DPO family, reward models) and KTO rows: "packed" lays each example out as
+  # one item [prompt | chosen | rejected] (KTO: [prompt | completion | mismatched completion]),
+  # several per row, so each prompt is computed once and rows carry no padding between items;
+  # "padded" gives each completion its own right-padded row [prompt | completion | pad], as
+  # before. Packed batches have R rows of L tokens from a small set of budgets (one compilation
+  # each): L is data.row_length, or (None) one of twice each bucket; R is 1, 2, 3, 4, 6, 8, 12,
+  # ... times the data-parallel size (up to the batch size); each batch takes the budget with
+  # the fewest slots that holds it (see rlhf_jax.data.batching). Other data ignores both.
+  layout: Literal["packed", "padded"] = "packed"
+  row_length: int | None = None
 
   def validate(self):
     """Ranges, and buckets against max_length, before anything is loaded."""
@@ -103,6 +114,10 @@ class DataSpec:
               "holds its longest row)", self.buckets)
     require(self.duplicates in ("keep", "drop"), "data.duplicates", "'keep' or 'drop'",
             self.duplicates)
+    require(self.layout in ("packed", "padded"), "data.layout", "'packed' or 'padded'",
+            self.layout)
+    require(self.row_length is None or self.row_length >= 1, "data.row_length",
+            "None or an integer >= 1", self.row_length)
     require(self.max_prompt_length is None or 1 <= self.max_prompt_length <= self.max_length,
             "data.max_prompt_length", f"None or a length in [1, data.max_length="
             f"{self.max_length}]", self.max_prompt_length)
@@ -314,9 +329,19 @@ _copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 
 def make_stream(records, spec: DataSpec, batch_size: int, pad_id: int, seed: int = 0, *,
-                shuffle: bool = True) -> data_lib.BatchStream:
+                shuffle: bool = True, row_multiple: int = 1) -> data_lib.BatchStream:
+  """Batches of `records` as `spec` lays them out; packed rows come in multiples of
+  `row_multiple` (`batch_shards(run)`: every leading dim of a batch splits over the mesh)."""
   return data_lib.BatchStream(records, batch_size, spec.max_length, pad_id, seed, shuffle=shuffle,
-                              buckets=spec.buckets or None)
+                              buckets=spec.buckets or None, layout=spec.layout,
+                              row_lengths=(spec.row_length,) if spec.row_length else None,
+                              row_multiple=row_multiple)
+
+
+def batch_shards(run) -> int:
+  """How many ways a batch's leading dim is split: the mesh's data x fsdp."""
+  data, fsdp, _ = parallel.mesh_shape(run.mesh, jax.device_count())
+  return data * fsdp
 
 
 def round_prompts(spec: DataSpec, tokenizer, prompts_per_round: int, seed: int):
