@@ -24,7 +24,7 @@ continuations 0..B-1, second ones B..2B-1, ...), the order of the padded layout'
 and `sequence_ends` [K·B] gives each one's last slot. A batch's shape (R rows of L tokens) is
 one of a small set of budgets, so a step compiles once per budget: L is one of `row_lengths`
 (default: K = 2 (pairs, KTO) or num_completions (ranked) times each bucket, the longest item a
-bucket's rows make), R one of the row counts
+bucket's rows make, and 2K x max_length, two of the longest items), R one of the row counts
 `row_counts(batch_size, row_multiple)` (1, 2, 3, 4, 6, 8, 12, ... times `row_multiple`, the
 data-parallel size, up to the batch size rounded up to it); of the budgets that hold the batch
 (first-fit decreasing), the one with the fewest slots R·L, then the shortest rows.
@@ -332,7 +332,7 @@ class BatchStream:
   num_completions: int | None = None
   # "packed" (pairs and unpaired rows only; see the module docstring) | "padded"
   layout: str = "padded"
-  row_lengths: tuple[int, ...] | None = None  # packed: row lengths; None: 2 x each bucket
+  row_lengths: tuple[int, ...] | None = None  # packed: row lengths; None: see the docstring
   row_multiple: int = 1  # packed: row counts are multiples of it (the data-parallel size)
 
   def __post_init__(self):
@@ -359,7 +359,9 @@ class BatchStream:
                                                        TokenizedRanked)
     if self.packed:
       per_item = self.num_completions or 2  # completions per item: a bucket holds one each
-      self.row_lengths = tuple(sorted(self.row_lengths or {per_item * b for b in self.buckets}))
+      # K x each bucket, and rows that hold two of the longest items (long items pack better).
+      self.row_lengths = tuple(sorted(self.row_lengths or (
+          {per_item * b for b in self.buckets} | {2 * per_item * self.max_length})))
       self.row_counts = row_counts(self.batch_size, self.row_multiple)
       # Every record's item, checked against the longest row once, before any batch.
       items = prefixed_items(self.records, self.max_length, self.num_completions)

@@ -65,6 +65,9 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
+  """Where the data is and how it is cut and batched. Preference pairs, KTO rows and rankings
+  are packed by default (`layout`; its comment says which row shapes a step compiles for)."""
+
   train: str = "synthetic:pair"  # a file, a saved Dataset dir, a hub id, or synthetic:<kind>
   eval: str | None = None  # None: hold out eval_fraction of the training rows
   eval_fraction: float = 0.1
@@ -89,14 +92,16 @@ class DataSpec:
   # also removes them (before the held-out split is drawn, and from the `eval` file those equal
   # to a training row), so no row is in both the training and the held-out rows.
   duplicates: Literal["keep", "drop"] = "keep"
-  # Preference pairs (DPO family, reward models) and KTO rows: "packed" lays each example out as
-  # one item [prompt | chosen | rejected] (KTO: [prompt | completion | mismatched completion]),
-  # several per row, so each prompt is computed once and rows carry no padding between items;
-  # "padded" gives each completion its own right-padded row [prompt | completion | pad], as
-  # before. Packed batches have R rows of L tokens from a small set of budgets (one compilation
-  # each): L is data.row_length, or (None) one of twice each bucket; R is 1, 2, 3, 4, 6, 8, 12,
-  # ... times the data-parallel size (up to the batch size); each batch takes the budget with
-  # the fewest slots that holds it (see rlhf_jax.data.batching). Other data ignores both.
+  # Preference pairs (DPO family, reward models), KTO rows and rankings: "packed" lays each
+  # example out as one item [prompt | chosen | rejected] (KTO: [prompt | completion | mismatched
+  # completion]; ranked: [prompt | completion 1 | ... | K]), several per row, so each prompt is
+  # computed once and rows carry no padding between items; "padded" gives each completion its
+  # own right-padded row [prompt | completion | pad], as before. Packed batches have R rows of L
+  # tokens from a small set of budgets (one compilation each): L is data.row_length, or (None)
+  # one of K times each bucket (K = 2 completions per item, or a ranking's K) and 2K times
+  # data.max_length (two of the longest items); R is 1, 2, 3, 4, 6, 8, 12, ... times the
+  # data-parallel size (up to the batch size); each batch takes the budget with the fewest
+  # slots that holds it (see rlhf_jax.data.batching). SFT and prompt data ignore both.
   layout: Literal["packed", "padded"] = "packed"
   row_length: int | None = None
 

@@ -69,7 +69,8 @@ def test_packed_budgets_are_few_and_rows_divide_by_the_multiple(pair_records):
   shapes = {stream.batch(i)["input_ids"].shape for i in range(stream.batches_per_epoch * 2)}
   assert all(rows % 4 == 0 for rows, _ in shapes)
   assert {rows for rows, _ in shapes} <= {4, 8}
-  assert {length for _, length in shapes} <= {2 * b for b in stream.buckets}
+  assert stream.row_lengths == tuple(sorted({2 * b for b in stream.buckets} | {4 * 48}))
+  assert {length for _, length in shapes} <= set(stream.row_lengths)
   # Each batch takes the budget with the fewest slots that holds it.
   batch = stream.batch(0)
   assert batch["input_ids"].size <= 8 * 2 * 48
