@@ -203,6 +203,8 @@ def prefixed_items(records, max_length: int | None = None,
   if isinstance(records[0], TokenizedPair):
     return [Prefixed(r.prompt, (r.chosen, r.rejected)) for r in records]
   if isinstance(records[0], TokenizedUnpaired):
+    if max_length is None:
+      raise ValueError("KTO items need max_length (the mismatched completions' cut)")
     mismatched = mismatched_pairs(records, max_length)
     return [Prefixed(r.prompt, (r.completion, m)) for r, (_, m) in zip(records, mismatched)]
   raise TypeError(f"no packed layout for {type(records[0]).__name__} records")
@@ -330,7 +332,7 @@ class BatchStream:
   group_by_length: bool = True  # sort within windows of 32 batches, then shuffle the batches
   # Ranked records: K slots per example in every batch; None: the most completions of any record.
   num_completions: int | None = None
-  # "packed" (pairs and unpaired rows only; see the module docstring) | "padded"
+  # "packed" (pairs, unpaired and ranked rows only; see the module docstring) | "padded"
   layout: str = "padded"
   row_lengths: tuple[int, ...] | None = None  # packed: row lengths; None: see the docstring
   row_multiple: int = 1  # packed: row counts are multiples of it (the data-parallel size)
@@ -367,11 +369,12 @@ class BatchStream:
       items = prefixed_items(self.records, self.max_length, self.num_completions)
       longest = max(range(len(items)), key=lambda i: item_length(items[i]))
       if item_length(items[longest]) > self.row_lengths[-1]:
-        raise UserError(
-            f"record {longest} makes a packed item of {item_length(items[longest])} tokens (its "
-            f"prompt and every completion), more than the longest row of "
-            f"{self.row_lengths[-1]}; raise data.row_length (or lower data.max_length, or set "
-            "data.layout=padded)")
+        raise self._too_long(f"record {longest}", item_length(items[longest]))
+
+  def _too_long(self, what: str, length: int) -> UserError:
+    return UserError(f"{what} makes a packed item of {length} tokens (its prompt and every "
+                     f"completion), more than the longest row of {self.row_lengths[-1]}; raise "
+                     "data.row_length (or lower data.max_length, or set data.layout=padded)")
 
   def _packed_batch(self, records) -> dict:
     items = prefixed_items(records, self.max_length, self.num_completions)
@@ -384,6 +387,8 @@ class BatchStream:
       rows = next(c for c in self.row_counts if c >= needed)
       if best is None or rows * row_length < best[0] * best[1]:
         best = (rows, row_length)
+    if best is None:  # KTO: a batch's mismatched completions can make a longer item
+      raise self._too_long("a batch", max(lengths))
     batch = collate_prefixed_blocks(items, best[1], best[0], self.pad_id)
     return {**batch, **_packed_extras(records, self.num_completions)}
 

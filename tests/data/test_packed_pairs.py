@@ -101,9 +101,22 @@ def test_packed_kto_rows_pair_each_prompt_with_its_mismatched_completion(word_to
   assert "kl_input_ids" not in batch
 
 
-def test_an_item_longer_than_the_row_budget_names_the_key(pair_records):
+def test_an_item_longer_than_the_row_budget_names_the_key(pair_records, word_tokenizer):
   with pytest.raises(UserError, match=r"more than the longest row of 16; raise data.row_length"):
     BatchStream(pair_records, batch_size=4, max_length=48, layout="packed", row_lengths=(16,))
+  # KTO: the check before batching sees the dataset's neighbours; a batch's mismatched
+  # completions may make a longer item, which is refused the same way.
+  long, short = "the plot is good . " * 3, "the end ."
+  rows = [{"prompt": "review the show", "completion": c, "label": True}
+          for c in (long, short, long, short)]
+  records, _ = prepare("unpaired", rows, word_tokenizer, TokenizeConfig(max_length=32))
+  # Dataset neighbours pair a long completion with a short one only; the first batch of three
+  # pairs prompt 2 (long completion) with completion 0 (long).
+  fits = len(records[0].prompt) + len(records[0].completion) + len(records[1].completion)
+  stream = BatchStream(records, batch_size=3, max_length=32, layout="packed", shuffle=False,
+                       row_lengths=(fits,))
+  with pytest.raises(UserError, match=r"a batch makes a packed item of \d+ tokens"):
+    list(stream.epoch())
 
 
 def test_other_records_ignore_the_packed_layout(word_tokenizer):
