@@ -1,6 +1,7 @@
 """The packed shared-prompt layout (data.layout=packed, the default) gives the padded layout's
-per-example losses, metrics and gradients, to float32 rounding: DPO (sums), IPO and SimPO with
-an NLL term (means), KTO, the reward model, the precomputed reference, and a short run."""
+per-example losses, metrics and gradients, to float32 rounding: DPO (sums), IPO with an NLL
+term (means), KTO, the reward model on pairs and on rankings, the precomputed reference, and a
+short DPO run (packed on the 8-device data mesh)."""
 
 import dataclasses
 
