@@ -14,6 +14,20 @@ the records it holds (precomputed reference log-probs are looked up by it).
 
 Pairwise batches put the B chosen rows first and the B rejected rows after them ([2B, L]): the
 policy and the reference each score both in one forward pass.
+
+Packed layout (`layout="packed"`, for pairs, KTO's unpaired rows and ranked rows): each example
+is one item [prompt | chosen | rejected] (KTO: [prompt | completion | mismatched completion];
+ranked: [prompt | completion 1 | ... | completion K], missing ones empty) of
+`rlhf_jax.data.packing`, several items per row, so the prompt is computed once and no slot is
+spent on padding between them. `sequence_ids` number the continuations in block order (first
+continuations 0..B-1, second ones B..2B-1, ...), the order of the padded layout's pair rows,
+and `sequence_ends` [K·B] gives each one's last slot. A batch's shape (R rows of L tokens) is
+one of a small set of budgets, so a step compiles once per budget: L is one of `row_lengths`
+(default: K = 2 (pairs, KTO) or num_completions (ranked) times each bucket, the longest item a
+bucket's rows make, and 2K x max_length, two of the longest items), R one of the row counts
+`row_counts(batch_size, row_multiple)` (1, 2, 3, 4, 6, 8, 12, ... times `row_multiple`, the
+data-parallel size, up to the batch size rounded up to it); of the budgets that hold the batch
+(first-fit decreasing), the one with the fewest slots R·L, then the shortest rows.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from rlhf_jax.data.packing import Prefixed, collate_prefixed, item_length, plan_rows
 from rlhf_jax.data.tokenize import (TokenizedPair, TokenizedPrompt, TokenizedRanked,
                                     TokenizedSFT, TokenizedUnpaired)
 from rlhf_jax.errors import UserError
@@ -37,6 +52,10 @@ __all__ = [
     "mismatched_pairs",
     "collate_unpaired",
     "collate_ranked",
+    "LAYOUTS",
+    "row_counts",
+    "prefixed_items",
+    "collate_prefixed_blocks",
     "collate_prompts",
     "PackedSFT",
     "pack_sft",
@@ -158,6 +177,68 @@ def collate_ranked(records, length: int, pad_id: int = 0, num_completions: int |
           "rank_mask": rank_mask}
 
 
+LAYOUTS = ("packed", "padded")
+
+
+def row_counts(batch_size: int, multiple: int = 1) -> tuple[int, ...]:
+  """The row counts a packed batch of `batch_size` items may have: c · multiple for c in 1, 2, 3,
+  4, 6, 8, 12, ... (steps of at most 1.5x), up to batch_size rounded up to a multiple (one item
+  per row is the most a batch needs)."""
+  cap = -(-batch_size // multiple)
+  counts = {c for j in range(cap.bit_length() + 1) for c in (2**j, 3 * 2**j) if c < cap}
+  return tuple(c * multiple for c in sorted(counts | {cap}))
+
+
+def prefixed_items(records, max_length: int | None = None,
+                   num_completions: int | None = None) -> list[Prefixed]:
+  """The packed layout's items: a pair's prompt with (chosen, rejected); a KTO row's prompt with
+  (its completion, the mismatched completion of `mismatched_pairs`, cut to `max_length`); a
+  ranked row's prompt with its completions, then empty ones up to `num_completions` (K; masked
+  by rank_mask, as the padded layout's repeated slots are)."""
+  if isinstance(records[0], TokenizedRanked):
+    k = num_completions or max(len(r.completions) for r in records)
+    empty = np.zeros(0, np.int32)
+    return [Prefixed(r.prompt, tuple(r.completions) + (empty,) * (k - len(r.completions)))
+            for r in records]
+  if isinstance(records[0], TokenizedPair):
+    return [Prefixed(r.prompt, (r.chosen, r.rejected)) for r in records]
+  if isinstance(records[0], TokenizedUnpaired):
+    if max_length is None:
+      raise ValueError("KTO items need max_length (the mismatched completions' cut)")
+    mismatched = mismatched_pairs(records, max_length)
+    return [Prefixed(r.prompt, (r.completion, m)) for r, (_, m) in zip(records, mismatched)]
+  raise TypeError(f"no packed layout for {type(records[0]).__name__} records")
+
+
+def collate_prefixed_blocks(items, row_length: int, num_rows: int, pad_id: int = 0) -> dict:
+  """`collate_prefixed` of items with K continuations each, renumbered in block order: item i's
+  continuation k is sequence k·B + i (sequence_ids [R, L], sequence_ends [K·B])."""
+  k = len(items[0].continuations)
+  if any(len(item.continuations) != k for item in items):
+    raise ValueError("block order needs the same number of continuations in every item")
+  batch = collate_prefixed(items, row_length, num_rows, pad_id, ends=True)
+  ids = batch["sequence_ids"]
+  item, branch = np.divmod(np.maximum(ids, 0), k)
+  batch["sequence_ids"] = np.where(ids >= 0, branch * len(items) + item, -1).astype(np.int32)
+  batch["sequence_ends"] = np.ascontiguousarray(batch["sequence_ends"].reshape(-1, k).T.ravel())
+  return batch
+
+
+def _packed_extras(records, num_completions: int | None = None) -> dict:
+  """The per-example arrays [B] a packed batch carries next to its rows (as the padded ones)."""
+  if isinstance(records[0], TokenizedRanked):
+    k = num_completions or max(len(r.completions) for r in records)
+    ranks, rank_mask = np.zeros((len(records), k), np.int32), np.zeros((len(records), k), np.int32)
+    for i, record in enumerate(records):
+      ranks[i, :len(record.ranks)] = record.ranks
+      rank_mask[i, :len(record.completions)] = 1
+    return {"ranks": ranks, "rank_mask": rank_mask}
+  if isinstance(records[0], TokenizedPair):
+    return {"margin": np.array([r.margin for r in records], np.float32),
+            "objective": np.array([r.objective for r in records], np.int32)}
+  return {"label": np.array([r.label for r in records], np.float32)}
+
+
 @dataclasses.dataclass(frozen=True)
 class PackedSFT:
   """Several SFT examples in one row: ids, segment ids (1, 2, ...), and the loss mask."""
@@ -251,6 +332,10 @@ class BatchStream:
   group_by_length: bool = True  # sort within windows of 32 batches, then shuffle the batches
   # Ranked records: K slots per example in every batch; None: the most completions of any record.
   num_completions: int | None = None
+  # "packed" (pairs, unpaired and ranked rows only; see the module docstring) | "padded"
+  layout: str = "padded"
+  row_lengths: tuple[int, ...] | None = None  # packed: row lengths; None: see the docstring
+  row_multiple: int = 1  # packed: row counts are multiples of it (the data-parallel size)
 
   def __post_init__(self):
     if not self.records:
@@ -270,6 +355,42 @@ class BatchStream:
       self.num_completions = self.num_completions or most
       self.collate = functools.partial(collate_ranked, num_completions=self.num_completions)
     self.lengths = np.array([record_length(r) for r in self.records])
+    if self.layout not in LAYOUTS:
+      raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+    self.packed = self.layout == "packed" and kind in (TokenizedPair, TokenizedUnpaired,
+                                                       TokenizedRanked)
+    if self.packed:
+      per_item = self.num_completions or 2  # completions per item: a bucket holds one each
+      # K x each bucket, and rows that hold two of the longest items (long items pack better).
+      self.row_lengths = tuple(sorted(self.row_lengths or (
+          {per_item * b for b in self.buckets} | {2 * per_item * self.max_length})))
+      self.row_counts = row_counts(self.batch_size, self.row_multiple)
+      # Every record's item, checked against the longest row once, before any batch.
+      items = prefixed_items(self.records, self.max_length, self.num_completions)
+      longest = max(range(len(items)), key=lambda i: item_length(items[i]))
+      if item_length(items[longest]) > self.row_lengths[-1]:
+        raise self._too_long(f"record {longest}", item_length(items[longest]))
+
+  def _too_long(self, what: str, length: int) -> UserError:
+    return UserError(f"{what} makes a packed item of {length} tokens (its prompt and every "
+                     f"completion), more than the longest row of {self.row_lengths[-1]}; raise "
+                     "data.row_length (or lower data.max_length, or set data.layout=padded)")
+
+  def _packed_batch(self, records) -> dict:
+    items = prefixed_items(records, self.max_length, self.num_completions)
+    lengths = [item_length(item) for item in items]
+    best = None
+    for row_length in self.row_lengths:
+      if row_length < max(lengths):
+        continue
+      needed = len(plan_rows(lengths, row_length))
+      rows = next(c for c in self.row_counts if c >= needed)
+      if best is None or rows * row_length < best[0] * best[1]:
+        best = (rows, row_length)
+    if best is None:  # KTO: a batch's mismatched completions can make a longer item
+      raise self._too_long("a batch", max(lengths))
+    batch = collate_prefixed_blocks(items, best[1], best[0], self.pad_id)
+    return {**batch, **_packed_extras(records, self.num_completions)}
 
   @property
   def batches_per_epoch(self) -> int:
@@ -296,6 +417,9 @@ class BatchStream:
 
   def _collate(self, indices, weight) -> dict:
     records = [self.records[i] for i in indices]
+    if self.packed:
+      return {**self._packed_batch(records), "weight": weight,
+              "index": np.asarray(indices, np.int32)}
     longest = int(self.lengths[indices].max())
     if isinstance(records[0], TokenizedUnpaired):  # the KL rows share the batch's one length
       longest = max(longest, *(len(p) + len(c) for p, c in mismatched_pairs(records,

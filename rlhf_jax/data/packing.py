@@ -66,13 +66,15 @@ def rows_for(lengths: Sequence[int], row_length: int) -> int:
 
 
 def collate_prefixed(items: Sequence[Prefixed], row_length: int, num_rows: int | None = None,
-                     pad_id: int = 0) -> dict:
+                     pad_id: int = 0, *, ends: bool = False) -> dict:
   """Packs items into [R, L] arrays (R = num_rows, or as many as the plan needs).
 
   Returns input_ids, attention_mask (1 on real tokens), segment_ids, branch_ids, loss_mask (1 on
   continuation tokens that a prefix or an earlier continuation token predicts) and
-  sequence_ids [R, L] int32 (N = the total number of continuations). Raises ValueError when the items need
-  more than num_rows rows.
+  sequence_ids [R, L] int32 (N = the total number of continuations). With ends=True also
+  sequence_ends [N] int32: the flat slot (row · L + column) of each continuation's last token (of
+  its prefix's last token when the continuation is empty), where a reward model reads its score.
+  Raises ValueError when the items need more than num_rows rows.
   """
   plan = plan_rows([item_length(item) for item in items], row_length)
   rows = len(plan) if num_rows is None else num_rows
@@ -84,6 +86,7 @@ def collate_prefixed(items: Sequence[Prefixed], row_length: int, num_rows: int |
          for name in ("input_ids", "attention_mask", "segment_ids", "branch_ids", "loss_mask")}
   out["input_ids"][:] = pad_id
   out["sequence_ids"] = np.full((rows, row_length), -1, np.int32)
+  ends_N = np.zeros(first_sequence[-1], np.int32)
   for r, members in enumerate(plan):
     at = 0
     for segment, i in enumerate(members, 1):
@@ -100,6 +103,10 @@ def collate_prefixed(items: Sequence[Prefixed], row_length: int, num_rows: int |
           out["loss_mask"][r, span] = 1
           if len(item.prefix) == 0 and len(tokens):  # nothing predicts the first token
             out["loss_mask"][r, at] = 0
+          last = at + len(tokens) - 1 if len(tokens) else start + len(item.prefix) - 1
+          ends_N[first_sequence[i] + branch - 1] = r * row_length + max(last, start)
         at += len(tokens)
       out["attention_mask"][r, start:at] = 1
+  if ends:
+    out["sequence_ends"] = ends_N
   return out

@@ -88,11 +88,21 @@ class RewardModel:
     return jnp.einsum("btd,dh->bth", hidden_BTD.astype(jnp.float32),
                       params["score"]["kernel"].astype(jnp.float32))
 
-  def apply(self, params, input_ids_BT, attention_mask_BT) -> jax.Array:
-    """[B, H] float32 scores read at each row's last real token (`last_token_index`)."""
+  def apply(self, params, input_ids_BT, attention_mask_BT, *, segment_ids=None, branch_ids=None,
+            sequence_ends=None) -> jax.Array:
+    """[B, H] float32 scores read at each row's last real token (`last_token_index`).
+
+    Packed rows (`rlhf_jax.data.packing`; segment_ids, branch_ids as in `CausalLM.apply`):
+    [N, H] scores read at sequence_ends [N], each sequence's last slot (row · T + column), the
+    score of [prefix | continuation] alone.
+    """
     chex.assert_equal_shape([input_ids_BT, attention_mask_BT])
     hidden_BTD = self.backbone.apply(params["backbone"], input_ids_BT, attention_mask_BT,
-                                     compute_logits=False).hidden
+                                     compute_logits=False, segment_ids=segment_ids,
+                                     branch_ids=branch_ids).hidden
+    if sequence_ends is not None:
+      hidden_ND = hidden_BTD.reshape(-1, hidden_BTD.shape[-1])[sequence_ends]
+      return hidden_ND.astype(jnp.float32) @ params["score"]["kernel"].astype(jnp.float32)
     last_B = last_token_index(attention_mask_BT)
     hidden_BD = jnp.take_along_axis(hidden_BTD, last_B[:, None, None], axis=1)[:, 0]
     return hidden_BD.astype(jnp.float32) @ params["score"]["kernel"].astype(jnp.float32)

@@ -39,6 +39,7 @@ __all__ = [
     "load_reference",
     "load_reward_model",
     "make_stream",
+    "batch_shards",
     "round_prompts",
     "Placement",
     "make_placement",
@@ -73,6 +74,9 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
+  """Where the data is and how it is cut and batched. Preference pairs, KTO rows and rankings
+  are packed by default (`layout`; its comment says which row shapes a step compiles for)."""
+
   train: str = "synthetic:pair"  # a file, a saved Dataset dir, a hub id, or synthetic:<kind>
   eval: str | None = None  # None: hold out eval_fraction of the training rows
   eval_fraction: float = 0.1
@@ -97,6 +101,18 @@ class DataSpec:
   # also removes them (before the held-out split is drawn, and from the `eval` file those equal
   # to a training row), so no row is in both the training and the held-out rows.
   duplicates: Literal["keep", "drop"] = "keep"
+  # Preference pairs (DPO family, reward models), KTO rows and rankings: "packed" lays each
+  # example out as one item [prompt | chosen | rejected] (KTO: [prompt | completion | mismatched
+  # completion]; ranked: [prompt | completion 1 | ... | K]), several per row, so each prompt is
+  # computed once and rows carry no padding between items; "padded" gives each completion its
+  # own right-padded row [prompt | completion | pad], as before. Packed batches have R rows of L
+  # tokens from a small set of budgets (one compilation each): L is data.row_length, or (None)
+  # one of K times each bucket (K = 2 completions per item, or a ranking's K) and 2K times
+  # data.max_length (two of the longest items); R is 1, 2, 3, 4, 6, 8, 12, ... times the
+  # data-parallel size (up to the batch size); each batch takes the budget with the fewest
+  # slots that holds it (see rlhf_jax.data.batching). SFT and prompt data ignore both.
+  layout: Literal["packed", "padded"] = "packed"
+  row_length: int | None = None
 
   def validate(self):
     """Ranges, and buckets against max_length, before anything is loaded."""
@@ -111,6 +127,8 @@ class DataSpec:
               "data.buckets", f"increasing lengths ending at data.max_length={self.max_length} "
               "(rows are cut to max_length, and each batch is padded to the first bucket that "
               "holds its longest row)", self.buckets)
+    require(self.row_length is None or self.row_length >= 1, "data.row_length",
+            "None or an integer >= 1", self.row_length)
     require(self.max_prompt_length is None or 1 <= self.max_prompt_length <= self.max_length,
             "data.max_prompt_length", f"None or a length in [1, data.max_length="
             f"{self.max_length}]", self.max_prompt_length)
@@ -370,9 +388,19 @@ _copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 
 def make_stream(records, spec: DataSpec, batch_size: int, pad_id: int, seed: int = 0, *,
-                shuffle: bool = True) -> data_lib.BatchStream:
+                shuffle: bool = True, row_multiple: int = 1) -> data_lib.BatchStream:
+  """Batches of `records` as `spec` lays them out; packed rows come in multiples of
+  `row_multiple` (`batch_shards(run)`: every leading dim of a batch splits over the mesh)."""
   return data_lib.BatchStream(records, batch_size, spec.max_length, pad_id, seed, shuffle=shuffle,
-                              buckets=spec.buckets or None)
+                              buckets=spec.buckets or None, layout=spec.layout,
+                              row_lengths=(spec.row_length,) if spec.row_length else None,
+                              row_multiple=row_multiple)
+
+
+def batch_shards(run) -> int:
+  """How many ways a batch's leading dim is split: the mesh's data x fsdp."""
+  data, fsdp, _ = parallel.mesh_shape(run.mesh, jax.device_count())
+  return data * fsdp
 
 
 def round_prompts(spec: DataSpec, tokenizer, prompts_per_round: int, seed: int):

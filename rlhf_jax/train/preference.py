@@ -1,8 +1,11 @@
 """Direct preference optimisation: any loss in PREFERENCE_LOSSES, and KTO on unpaired data.
 
-Pairwise step: one forward pass of the 2B rows [chosen; rejected] through the policy (and, unless
-precomputed, through the frozen reference), sequence log-probs by `logp_reduction` (None: the
-loss's paper default: sums for DPO-like losses, means for IPO / SimPO / ORPO), then
+Pairwise step: one forward pass of the batch through the policy (and, unless precomputed,
+through the frozen reference) — by default (data.layout=packed) packed rows where each pair is
+one item [prompt | chosen | rejected] and its prompt is computed once; with data.layout=padded
+the 2B rows [chosen; rejected] — sequence log-probs [2B] (chosen block, then rejected) by
+`logp_reduction` (None: the loss's paper default: sums for DPO-like losses, means for IPO /
+SimPO / ORPO), then
   loss = weight · pairwise(pc, pr, rc, rr) + nll_weight · NLL(chosen)
 which gives DPO and its family (nll_weight 0), RPO (Pang et al. 2024: nll_weight = α), and ORPO
 (Hong et al. 2024: weight = λ, nll_weight = 1). Reference-free losses (SimPO, ORPO) never load a
@@ -97,11 +100,21 @@ class PreferenceConfig:
 
 
 def _sequence_logps(model, params, batch, reduction, chunk_size):
+  """(log-probs by `reduction`, token-mean log-probs) [2B] of a pair batch's sequences, chosen
+  block then rejected block, in either layout: padded rows, or packed items (`sequence_ids`)."""
+  if "sequence_ids" not in batch:
+    token_logps = model.token_logps(params, batch["input_ids"], batch["attention_mask"],
+                                    chunk_size=chunk_size)
+    mask = batch["loss_mask"]
+    return (ops.sequence_logps(token_logps, mask, reduction=reduction),
+            ops.sequence_logps(token_logps, mask, reduction="mean"))
   token_logps = model.token_logps(params, batch["input_ids"], batch["attention_mask"],
-                                  chunk_size=chunk_size)
-  mask = batch["loss_mask"]
-  return (ops.sequence_logps(token_logps, mask, reduction=reduction),
-          ops.sequence_logps(token_logps, mask, reduction="mean"))
+                                  chunk_size=chunk_size, segment_ids=batch["segment_ids"],
+                                  branch_ids=batch["branch_ids"])
+  sums = lambda how: ops.packed_sequence_sums(token_logps, batch["loss_mask"],
+                                              batch["sequence_ids"],
+                                              batch["sequence_ends"].shape[0], reduction=how)
+  return sums(reduction), sums("mean")
 
 
 def make_pair_losses(model, loss: PreferenceLossConfig, chunk_size: int = 512):
@@ -174,9 +187,11 @@ def build_task(config: PreferenceConfig) -> loop.Task:
   train_records, eval_records, _ = common.load_data("pair", config.data, tokenizer, run.seed)
   model, params = common.load_trained_policy(spec, run.seed, mesh=run.mesh)
   pad, chunk = tokenizer.pad_token_id, spec.logps_chunk_size
-  train = common.make_stream(train_records, config.data, run.batch_size, pad, run.seed)
-  evaluation = (common.make_stream(eval_records, config.data, run.batch_size, pad, shuffle=False)
-                if eval_records else None)
+  shards = common.batch_shards(run)
+  train = common.make_stream(train_records, config.data, run.batch_size, pad, run.seed,
+                             row_multiple=shards)
+  evaluation = (common.make_stream(eval_records, config.data, run.batch_size, pad, shuffle=False,
+                                   row_multiple=shards) if eval_records else None)
   placement = common.make_placement(run.mesh, model.config)
   reduction = config.loss.reduction()
   per_example = make_pair_losses(model, config.loss, chunk)
@@ -192,7 +207,7 @@ def build_task(config: PreferenceConfig) -> loop.Task:
       frozen = (ref_params,)
     else:
       in_order = common.make_stream(train_records, config.data, run.batch_size, pad,
-                                    shuffle=False)
+                                    shuffle=False, row_multiple=shards)
       cache = precompute_reference(model, ref_params, in_order, reduction, chunk,
                                    placement.batch)
       eval_cache = (precompute_reference(model, ref_params, evaluation, reduction, chunk,
@@ -268,17 +283,26 @@ class KTOConfig:
 
 def make_kto_losses(model, loss: KTOLossConfig, chunk_size: int = 512):
   """KTO (Ethayarajh et al. 2024): the reference point z0 is estimated in every batch from the
-  mismatched (prompt i, completion i+1) rows, detached and clamped at 0 by the loss."""
+  mismatched (prompt i, completion i+1) rows, detached and clamped at 0 by the loss. Packed
+  batches hold prompt i once for its completion and the mismatched one (one forward pass)."""
 
   def seq(params, batch, prefix=""):
     logps = model.token_logps(params, batch[prefix + "input_ids"],
                               batch[prefix + "attention_mask"], chunk_size=chunk_size)
     return ops.sequence_logps(logps, batch[prefix + "loss_mask"], reduction="sum")
 
+  def matched_and_mismatched(params, batch):
+    """([B] matched, [B] mismatched) sequence log-probs: two padded row sets, or one packed
+    batch whose items hold prompt i with its completion and the mismatched one."""
+    if "sequence_ids" not in batch:
+      return seq(params, batch), seq(params, batch, "kl_")
+    logps = _sequence_logps(model, params, batch, "sum", chunk_size)[0]
+    n = logps.shape[0] // 2
+    return logps[:n], logps[n:]
+
   def per_example(params, batch, ref):
-    policy, policy_kl = seq(params, batch), seq(params, batch, "kl_")
-    ref_logps = jax.lax.stop_gradient(seq(ref, batch))
-    ref_kl = jax.lax.stop_gradient(seq(ref, batch, "kl_"))
+    policy, policy_kl = matched_and_mismatched(params, batch)
+    ref_logps, ref_kl = jax.lax.stop_gradient(matched_and_mismatched(ref, batch))
     z0 = losses.kto_kl_estimate(policy_kl, ref_kl, where=batch["weight"] > 0)
     desirable = batch["label"] > 0.5
     values = losses.kto(policy, ref_logps, desirable, z0, beta=loss.beta,
@@ -303,7 +327,9 @@ def build_kto_task(config: KTOConfig) -> loop.Task:
   labels = np.array([r.label for r in train_records])
   log.info("KTO data: %d desirable, %d undesirable rows", labels.sum(), (~labels).sum())
   pad, chunk = tokenizer.pad_token_id, spec.logps_chunk_size
-  train = common.make_stream(train_records, config.data, run.batch_size, pad, run.seed)
+  shards = common.batch_shards(run)
+  train = common.make_stream(train_records, config.data, run.batch_size, pad, run.seed,
+                             row_multiple=shards)
   placement = common.make_placement(run.mesh, model.config)
   ref_params = common.load_reference(spec, params, placement)
   per_example = make_kto_losses(model, config.loss, chunk)
@@ -335,9 +361,11 @@ def build_kto_task(config: KTOConfig) -> loop.Task:
       train_step=steps.bind(train_step, ref_params), batch=train.batch, put=placement.batch,
       num_steps=run.steps * config.optimizer.grad_accumulation,
       export=common.export_causal_lm(model, tokenizer), config=to_dict(config),
-      count_tokens=lambda b: int(np.sum(b["attention_mask"]) + np.sum(b["kl_attention_mask"])))
+      count_tokens=lambda b: int(np.sum(b["attention_mask"])
+                                 + np.sum(b.get("kl_attention_mask", 0))))
   if eval_records:
-    evaluation = common.make_stream(eval_records, config.data, run.batch_size, pad, shuffle=False)
+    evaluation = common.make_stream(eval_records, config.data, run.batch_size, pad, shuffle=False,
+                                    row_multiple=shards)
     task.eval_step = steps.bind(steps.make_eval_step(eval_sums), ref_params)
     task.eval_batches = evaluation.epoch
   return task

@@ -1,7 +1,10 @@
 """Reward-model training: Bradley-Terry on pairs (with margins) or K-wise rankings.
 
 The reward model is a causal-LM backbone with a linear score head read at the last real token
-(`rlhf_jax.models.RewardModel`); it starts from a causal LM (a fresh head) or from a
+(`rlhf_jax.models.RewardModel`; with data.layout=packed, the default, a pair is one packed item
+[prompt | chosen | rejected], a ranked row one item [prompt | completion 1 | ... | K], and each
+score is read at its completion's last token, the score of the row [prompt | completion] alone);
+it starts from a causal LM (a fresh head) or from a
 `*ForSequenceClassification` checkpoint, and is exported as one, so it loads in transformers/TRL.
 
 Objectives (`loss.objective`):
@@ -72,7 +75,12 @@ def load_reward_model(spec: common.ModelSpec, num_heads: int, seed: int, mesh=No
 
 
 def _pair_rewards(rm, params, batch):
-  rewards = rm.apply(params, batch["input_ids"], batch["attention_mask"])  # [2B, H]
+  if "sequence_ids" in batch:  # packed: each pair one item, scores read at each sequence's end
+    rewards = rm.apply(params, batch["input_ids"], batch["attention_mask"],
+                       segment_ids=batch["segment_ids"], branch_ids=batch["branch_ids"],
+                       sequence_ends=batch["sequence_ends"])  # [2B, H], chosen block first
+  else:
+    rewards = rm.apply(params, batch["input_ids"], batch["attention_mask"])  # [2B, H]
   n = rewards.shape[0] // 2
   head = batch["objective"][:, None]
   chosen = jnp.take_along_axis(rewards[:n], head, axis=1)[:, 0]
@@ -95,7 +103,12 @@ def make_losses(rm, loss: RewardLoss):
 
   def ranked(params, batch):
     b, k = batch["ranks"].shape
-    rewards = rm.apply(params, batch["input_ids"], batch["attention_mask"])[:, 0].reshape(b, k)
+    if "sequence_ids" in batch:  # packed: one item per row of the ranking, block order [K·B]
+      rewards = rm.apply(params, batch["input_ids"], batch["attention_mask"],
+                         segment_ids=batch["segment_ids"], branch_ids=batch["branch_ids"],
+                         sequence_ends=batch["sequence_ends"])[:, 0].reshape(k, b).T
+    else:
+      rewards = rm.apply(params, batch["input_ids"], batch["attention_mask"])[:, 0].reshape(b, k)
     per_example = losses.ranking(rewards, batch["ranks"], batch["rank_mask"])
     mean_reward = (jnp.sum(rewards * batch["rank_mask"], 1)
                    / jnp.maximum(jnp.sum(batch["rank_mask"], 1), 1))
@@ -142,8 +155,9 @@ def build_task(config: RewardConfig) -> loop.Task:
     return {"loss": jnp.sum(values * w), **{k: jnp.sum(v * w) for k, v in metrics.items()},
             "weight": jnp.sum(w)}
 
-  pad = tokenizer.pad_token_id
-  train = common.make_stream(train_records, config.data, run.batch_size, pad, run.seed)
+  pad, shards = tokenizer.pad_token_id, common.batch_shards(run)
+  train = common.make_stream(train_records, config.data, run.batch_size, pad, run.seed,
+                             row_multiple=shards)
   tx = make_optimizer(config.optimizer, run.steps)
   placement = common.make_placement(run.mesh, rm.config)
   make_state = lambda p, key: TrainState.create(p, tx, key)
@@ -162,7 +176,8 @@ def build_task(config: RewardConfig) -> loop.Task:
       num_steps=run.steps * config.optimizer.grad_accumulation, export=export,
       config=to_dict(config))
   if eval_records:
-    evaluation = common.make_stream(eval_records, config.data, run.batch_size, pad, shuffle=False)
+    evaluation = common.make_stream(eval_records, config.data, run.batch_size, pad, shuffle=False,
+                                    row_multiple=shards)
     task.eval_step, task.eval_batches = steps.make_eval_step(eval_sums), evaluation.epoch
   return task
 
