@@ -173,7 +173,8 @@ def _layout(prompt_mask_SP, response_mask_SN, prompt_index_S, sequences: Sequenc
   items, order = _items(prompt_mask_SP, response_mask_SN, prompt_index_S, sequences, row_length)
   out = packing.collate_prefixed(items, row_length, num_rows)
   local = {s: j for j, s in enumerate(sequences)}  # rollout row -> number in `sequences`
-  numbers = np.asarray([local[s] for s in order] + [-1], np.int32)  # item-major -> local
+  # host: a list of Python ints (item-major order -> local numbers)
+  numbers = np.asarray([local[s] for s in order] + [-1], np.int32)
   is_response = out["sequence_ids"] >= 0
   width = prompt_mask_SP.shape[1] + response_mask_SN.shape[1]
   source = out["input_ids"]

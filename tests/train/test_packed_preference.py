@@ -162,7 +162,8 @@ def test_packed_is_the_default_layout_and_the_keys_parse():
   config = apply_overrides(preference.PreferenceConfig(), ["data.layout=padded",
                                                             "data.row_length=256"])
   assert (config.data.layout, config.data.row_length) == ("padded", 256)
-  with pytest.raises(ConfigError, match=r"data.layout: 'pad' is not one of \['packed', 'padded'\]"):
+  with pytest.raises(ConfigError,
+                     match="data.layout: expected one of 'packed', 'padded', got 'pad'"):
     apply_overrides(preference.PreferenceConfig(), ["data.layout=pad"])
   with pytest.raises(ConfigError, match="data.row_length"):
     apply_overrides(preference.PreferenceConfig(), ["data.row_length=0"])

@@ -87,7 +87,7 @@ def test_ranking_centering_is_the_pair_term_for_two_completions():
 @pytest.mark.parametrize("bad, message", [
     (dict(objective="ranking", num_heads=2), "one head"),
     (dict(objective="ranking", use_margin=True), "use_margin"),
-    (dict(objective="listwise"), "bradley_terry or ranking"),
+    (dict(objective="listwise"), "loss.objective: expected one of 'bradley_terry', 'ranking'"),
 ])
 def test_bad_reward_configs_are_errors(bad, message):
   with pytest.raises(ValueError, match=message):
