@@ -67,10 +67,9 @@ def _alone(model, params, items):
   return out
 
 
-def _packed(model, params, batch, count):
-  logps = model.token_logps(params, batch["input_ids"], batch["attention_mask"],
-                            segment_ids=batch["segment_ids"], branch_ids=batch["branch_ids"])
-  return [logps[batch["sequence_ids"] == n] for n in range(count)]
+def _packed_logps(model, params, batch):
+  return model.token_logps(params, batch["input_ids"], batch["attention_mask"],
+                           segment_ids=batch["segment_ids"], branch_ids=batch["branch_ids"])
 
 
 # gpt2: learned positions; mistral and gemma2: sliding windows (4) shorter than the rows, which
@@ -81,10 +80,11 @@ def test_shared_prefix_logps_equal_separate_rows(loaded, family):
   items = _items(model.config.vocab_size, seed=1)
   batch = collate_prefixed(items, row_length=24, num_rows=2)
   assert batch["segment_ids"].max() >= 2  # two items share a row
-  want = _alone(model, params, items)
-  got = _packed(model, params, batch, len(want))
-  for w, g in zip(want, got):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5)
+  # one compiled program for all separate rows, one for the packed batch
+  want = jax.jit(lambda p: _alone(model, p, items))(params)
+  logps = np.asarray(jax.jit(lambda p: _packed_logps(model, p, batch))(params))
+  for n, w in enumerate(want):
+    np.testing.assert_allclose(logps[batch["sequence_ids"] == n], np.asarray(w), atol=2e-5)
 
 
 def test_shared_prefix_gradients_equal_separate_rows(loaded):
@@ -96,8 +96,7 @@ def test_shared_prefix_gradients_equal_separate_rows(loaded):
   batch = collate_prefixed(items, row_length=24, num_rows=2)
 
   def packed_loss(p):
-    logps = model.token_logps(p, batch["input_ids"], batch["attention_mask"],
-                              segment_ids=batch["segment_ids"], branch_ids=batch["branch_ids"])
+    logps = _packed_logps(model, p, batch)
     ids = jnp.where(batch["loss_mask"] > 0, batch["sequence_ids"], len(weights))
     sums = jax.ops.segment_sum(logps.ravel(), ids.ravel(), len(weights) + 1)[:-1]
     return jnp.sum(weights * sums)
@@ -105,6 +104,7 @@ def test_shared_prefix_gradients_equal_separate_rows(loaded):
   def separate_loss(p):
     return sum(w * jnp.sum(logps) for w, logps in zip(weights, _alone(model, p, items)))
 
-  np.testing.assert_allclose(packed_loss(params), separate_loss(params), rtol=1e-6)
-  got, want = jax.grad(packed_loss)(params), jax.grad(separate_loss)(params)
+  (packed, got), (separate, want) = (jax.jit(jax.value_and_grad(f))(params)
+                                      for f in (packed_loss, separate_loss))
+  np.testing.assert_allclose(packed, separate, rtol=1e-6)
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=2e-6, rtol=1e-4), got, want)
