@@ -343,6 +343,18 @@ AGGREGATION_ALIASES = {
 }
 
 
+def _aggregation_mode(mode: str, normalizer) -> str:
+  """The canonical name of an aggregation mode (aliases resolved), checked with its normalizer."""
+  mode = AGGREGATION_ALIASES.get(mode, mode)
+  if mode not in AGGREGATION_MODES:
+    raise ValueError(
+        f"unknown aggregation mode {mode!r}; expected one of {AGGREGATION_MODES} or an alias "
+        f"in {tuple(AGGREGATION_ALIASES)}")
+  if normalizer is not None and mode != "seq_mean_token_sum_norm":
+    raise ValueError(f"normalizer is only used by 'seq_mean_token_sum_norm', not {mode!r}")
+  return mode
+
+
 def aggregate(
     per_token: chex.Array,
     mask: chex.Array,
@@ -375,13 +387,7 @@ def aggregate(
   """
   chex.assert_rank([per_token, mask], 2)
   chex.assert_equal_shape([per_token, mask])
-  mode = AGGREGATION_ALIASES.get(mode, mode)
-  if mode not in AGGREGATION_MODES:
-    raise ValueError(
-        f"unknown aggregation mode {mode!r}; expected one of {AGGREGATION_MODES} or an alias "
-        f"in {tuple(AGGREGATION_ALIASES)}")
-  if normalizer is not None and mode != "seq_mean_token_sum_norm":
-    raise ValueError(f"normalizer is only used by 'seq_mean_token_sum_norm', not {mode!r}")
+  mode = _aggregation_mode(mode, normalizer)
   if isinstance(normalizer, (int, float)) and normalizer <= 0:
     raise ValueError(f"normalizer must be positive, got {normalizer}")
   valid_BT = mask > 0
@@ -416,13 +422,7 @@ def aggregate_packed(
   """
   chex.assert_rank([per_token_RL, mask_RL, sequence_ids_RL], 2)
   chex.assert_equal_shape([per_token_RL, mask_RL, sequence_ids_RL])
-  mode = AGGREGATION_ALIASES.get(mode, mode)
-  if mode not in AGGREGATION_MODES:
-    raise ValueError(
-        f"unknown aggregation mode {mode!r}; expected one of {AGGREGATION_MODES} or an alias "
-        f"in {tuple(AGGREGATION_ALIASES)}")
-  if normalizer is not None and mode != "seq_mean_token_sum_norm":
-    raise ValueError(f"normalizer is only used by 'seq_mean_token_sum_norm', not {mode!r}")
+  mode = _aggregation_mode(mode, normalizer)
   if mode == "seq_mean_token_sum_norm" and normalizer is None:
     raise ValueError("'seq_mean_token_sum_norm' of packed rows needs the normalizer (e.g. the "
                      "generation budget max_new_tokens)")
