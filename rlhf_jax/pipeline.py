@@ -163,7 +163,7 @@ def _final(lab: _Lab, params, name: str, seconds: float, trajectory) -> dict:
   samples = lab.evaluator.samples(params)
   row = {"method": name, **policy_eval.summarize(samples, lab.sft_samples), "seconds": seconds,
          "trajectory": trajectory, "per_prompt": _per_prompt(samples, lab.sft_samples)}
-  log.info("%s: %s", name, {k: v for k, v in row.items() if k != "trajectory"})
+  log.info("%s: %s", name, {k: v for k, v in row.items() if k not in ("trajectory", "per_prompt")})
   return row
 
 
