@@ -118,12 +118,27 @@ def collate_sft(records, length: int, pad_id: int = 0) -> dict:
   return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
 
 
+def _example_arrays(records, num_completions: int | None = None) -> dict:
+  """The per-example arrays a batch carries beside its rows, in either layout: a pair's margin
+  and objective [B]; a KTO row's label [B]; a ranking's ranks and rank_mask [B, K] (K =
+  num_completions, else the batch's most; slots past a row's completions masked)."""
+  if isinstance(records[0], TokenizedRanked):
+    k = num_completions or max(len(r.completions) for r in records)
+    ranks, rank_mask = np.zeros((len(records), k), np.int32), np.zeros((len(records), k), np.int32)
+    for i, record in enumerate(records):
+      ranks[i, :len(record.ranks)] = record.ranks
+      rank_mask[i, :len(record.completions)] = 1
+    return {"ranks": ranks, "rank_mask": rank_mask}
+  if isinstance(records[0], TokenizedPair):
+    return {"margin": np.array([r.margin for r in records], np.float32),
+            "objective": np.array([r.objective for r in records], np.int32)}
+  return {"label": np.array([r.label for r in records], np.float32)}
+
+
 def collate_pairs(records, length: int, pad_id: int = 0) -> dict:
   pairs = [(r.prompt, r.chosen) for r in records] + [(r.prompt, r.rejected) for r in records]
   ids, attn, loss = _rows(pairs, length, pad_id)
-  return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss,
-          "margin": np.array([r.margin for r in records], np.float32),
-          "objective": np.array([r.objective for r in records], np.int32)}
+  return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, **_example_arrays(records)}
 
 
 def mismatched_pairs(records, max_length: int) -> list[tuple]:
@@ -149,8 +164,7 @@ def collate_unpaired(records, length: int, pad_id: int = 0, max_length: int | No
   """
   ids, attn, loss = _rows([(r.prompt, r.completion) for r in records], length, pad_id)
   kl_ids, kl_attn, kl_loss = _rows(mismatched_pairs(records, max_length or length), length, pad_id)
-  return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss,
-          "label": np.array([r.label for r in records], np.float32),
+  return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, **_example_arrays(records),
           "kl_input_ids": kl_ids, "kl_attention_mask": kl_attn, "kl_loss_mask": kl_loss}
 
 
@@ -161,20 +175,16 @@ def collate_ranked(records, length: int, pad_id: int = 0, num_completions: int |
   one shape); rows with fewer completions are padded with masked slots. None: this batch's largest.
   """
   k = num_completions or max(len(r.completions) for r in records)
-  pairs, ranks, rank_mask = [], np.zeros((len(records), k), np.int32), np.zeros(
-      (len(records), k), np.int32)
-  for i, record in enumerate(records):
+  pairs = []
+  for record in records:
     if len(record.completions) > k:
       raise ValueError(f"a row has {len(record.completions)} completions, more than K={k}")
-    for j in range(k):
-      real = j < len(record.completions)
-      # Empty slots repeat the first completion (a valid sequence) and are masked out.
-      pairs.append((record.prompt, record.completions[j if real else 0]))
-      ranks[i, j] = record.ranks[j] if real else 0
-      rank_mask[i, j] = int(real)
+    # Empty slots repeat the first completion (a valid sequence) and are masked out.
+    pairs += [(record.prompt, record.completions[j if j < len(record.completions) else 0])
+              for j in range(k)]
   ids, attn, loss = _rows(pairs, length, pad_id)
-  return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "ranks": ranks,
-          "rank_mask": rank_mask}
+  return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss,
+          **_example_arrays(records, k)}
 
 
 LAYOUTS = ("packed", "padded")
@@ -222,21 +232,6 @@ def collate_prefixed_blocks(items, row_length: int, num_rows: int, pad_id: int =
   batch["sequence_ids"] = np.where(ids >= 0, branch * len(items) + item, -1).astype(np.int32)
   batch["sequence_ends"] = np.ascontiguousarray(batch["sequence_ends"].reshape(-1, k).T.ravel())
   return batch
-
-
-def _packed_extras(records, num_completions: int | None = None) -> dict:
-  """The per-example arrays [B] a packed batch carries next to its rows (as the padded ones)."""
-  if isinstance(records[0], TokenizedRanked):
-    k = num_completions or max(len(r.completions) for r in records)
-    ranks, rank_mask = np.zeros((len(records), k), np.int32), np.zeros((len(records), k), np.int32)
-    for i, record in enumerate(records):
-      ranks[i, :len(record.ranks)] = record.ranks
-      rank_mask[i, :len(record.completions)] = 1
-    return {"ranks": ranks, "rank_mask": rank_mask}
-  if isinstance(records[0], TokenizedPair):
-    return {"margin": np.array([r.margin for r in records], np.float32),
-            "objective": np.array([r.objective for r in records], np.int32)}
-  return {"label": np.array([r.label for r in records], np.float32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,7 +385,7 @@ class BatchStream:
     if best is None:  # KTO: a batch's mismatched completions can make a longer item
       raise self._too_long("a batch", max(lengths))
     batch = collate_prefixed_blocks(items, best[1], best[0], self.pad_id)
-    return {**batch, **_packed_extras(records, self.num_completions)}
+    return {**batch, **_example_arrays(records, self.num_completions)}
 
   @property
   def batches_per_epoch(self) -> int:

@@ -102,17 +102,14 @@ class PreferenceConfig:
 def _sequence_logps(model, params, batch, reduction, chunk_size):
   """(log-probs by `reduction`, token-mean log-probs) [2B] of a pair batch's sequences, chosen
   block then rejected block, in either layout: padded rows, or packed items (`sequence_ids`)."""
+  token_logps = model.token_logps(params, batch["input_ids"], batch["attention_mask"],
+                                  chunk_size=chunk_size, segment_ids=batch.get("segment_ids"),
+                                  branch_ids=batch.get("branch_ids"))
+  mask = batch["loss_mask"]
   if "sequence_ids" not in batch:
-    token_logps = model.token_logps(params, batch["input_ids"], batch["attention_mask"],
-                                    chunk_size=chunk_size)
-    mask = batch["loss_mask"]
     return (ops.sequence_logps(token_logps, mask, reduction=reduction),
             ops.sequence_logps(token_logps, mask, reduction="mean"))
-  token_logps = model.token_logps(params, batch["input_ids"], batch["attention_mask"],
-                                  chunk_size=chunk_size, segment_ids=batch["segment_ids"],
-                                  branch_ids=batch["branch_ids"])
-  sums = lambda how: ops.packed_sequence_sums(token_logps, batch["loss_mask"],
-                                              batch["sequence_ids"],
+  sums = lambda how: ops.packed_sequence_sums(token_logps, mask, batch["sequence_ids"],
                                               batch["sequence_ends"].shape[0], reduction=how)
   return sums(reduction), sums("mean")
 
