@@ -42,8 +42,10 @@ def start(commands: list[list[str]], *, num_processes: int = 2, devices_per_proc
              if not f.startswith("--xla_force_host_platform_device_count")]
     flags.append(f"--xla_force_host_platform_device_count={devices_per_process}")
     # These jobs are compile-bound (a tiny model, a few steps, ~40 programs): LLVM's -O0 makes
-    # compiling ~30% cheaper. Both sides of every comparison run with the same flags.
-    flags.append("--xla_backend_optimization_level=0")
+    # compiling ~30% cheaper (tests/conftest.py sets it for the whole suite; this is for a
+    # launch from outside it). Both sides of every comparison run with the same flags.
+    if not any(f.startswith("--xla_backend_optimization_level") for f in flags):
+      flags.append("--xla_backend_optimization_level=0")
     process_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1",
                    "XLA_FLAGS": " ".join(flags)}
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):

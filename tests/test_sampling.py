@@ -378,6 +378,10 @@ HF_FAMILIES = ["gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3_t
 # Family-independent sampler checks (top-k/top-p filtering, bf16 rounding) run on the first four
 # families and Gemma 2 (soft-capped logits) only: the others add test time, not coverage.
 _FILTER_FAMILIES = ["gpt2", "llama", "qwen2", "mistral", "gemma2"]
+# Copying a prompt's cache to its G rows (num_samples) depends on how the cache is laid out and
+# read, not on the rest of the family: learned positions (GPT-2), one window shorter than the
+# rows (Mistral), sliding and global layers with their own rope tables (Gemma 3).
+_CACHE_FAMILIES = ["gpt2", "mistral", "gemma3_text"]
 # initializer_range 0.3 gives logits of ~6: a final-logit cap of 1 would flatten them into ties.
 _SAMPLING_OVERRIDES = {"gemma2": dict(final_logit_softcapping=10.0)}
 
@@ -769,6 +773,7 @@ def test_num_samples_equals_generate_on_repeated_prompts(toy_setup):
     assert not np.all(tokens[b] == tokens[b, :1])
 
 
+@pytest.mark.parametrize("hf_pair", _CACHE_FAMILIES, indirect=True)
 def test_num_samples_on_a_causal_lm(hf_pair):
   _, model, params, ids, mask, token_logps = hf_pair
   g = 2

@@ -21,10 +21,10 @@ ADAM = OptimizerConfig(lr=3e-3, warmup_steps=0, schedule="constant")
 LORA = lora.LoraConfig(rank=8, alpha=16.0)
 
 
-def _dpo(model_spec, data_spec, run, **model_changes):
+def _dpo(model_spec, data_spec, run, layout="packed", **model_changes):
   return preference.PreferenceConfig(
       model=dataclasses.replace(model_spec, **model_changes),
-      data=data_spec("pair", num_rows=1024), optimizer=ADAM, run=run)
+      data=data_spec("pair", num_rows=1024, layout=layout), optimizer=ADAM, run=run)
 
 
 def _margin(metrics):
@@ -34,8 +34,10 @@ def _margin(metrics):
 def test_lora_dpo_learns_like_full_fine_tuning(model_spec, data_spec, small_run, tmp_path):
   results = {}
   for name, changes in (("full", {}), ("lora", {"lora": LORA})):
+    # Padded rows: one compiled step per model instead of one per packing budget (the LoRA
+    # resume test below runs the default packed rows).
     config = _dpo(model_spec, data_spec, small_run(steps=40, output_dir=str(tmp_path / name)),
-                  **changes)
+                  layout="padded", **changes)
     task = preference.build_task(config)
     before = loop.evaluate(task, task.init_state())
     after = loop.run_loop(task, config.run)["eval"]
@@ -144,8 +146,9 @@ def test_lora_export_is_the_merged_model_and_the_cli_writes_peft_adapters(
 
 def test_lora_reward_model_trains_its_score_head_in_full(model_spec, data_spec, small_run):
   config = reward.RewardConfig(
-      model=dataclasses.replace(model_spec, lora=LORA), data=data_spec("pair", num_rows=1024),
-      optimizer=ADAM, run=small_run(steps=60))
+      model=dataclasses.replace(model_spec, lora=LORA),
+      data=data_spec("pair", num_rows=1024, layout="padded"), optimizer=ADAM,
+      run=small_run(steps=60))
   task = reward.build_task(config)
   state = task.init_state()
   assert isinstance(state.params["backbone"], lora.Adapted)

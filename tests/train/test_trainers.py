@@ -44,7 +44,8 @@ def test_reward_model_beats_chance_on_held_out_pairs(model_spec, data_spec, smal
 
 
 def test_ranking_reward_model(model_spec, data_spec, small_run):
-  config = reward.RewardConfig(model=model_spec, data=data_spec("ranked", num_rows=256),
+  config = reward.RewardConfig(model=model_spec,
+                               data=data_spec("ranked", num_rows=256, layout="padded"),
                                loss=reward.RewardLoss(objective="ranking"), optimizer=ADAM,
                                run=small_run(steps=40, batch_size=8))
   before, out = _train(reward.build_task(config), config.run)
@@ -63,7 +64,12 @@ def test_preference_losses_raise_held_out_margin_and_accuracy(model_spec, data_s
   beta = {"simpo": 2.0, "orpo": 0.1}.get(name, 0.1)
   loss = preference.PreferenceLossConfig(name=name, beta=beta, hparams=hparams, weight=weight,
                                          nll_weight=nll_weight)
-  config = preference.PreferenceConfig(model=model_spec, data=data_spec("pair", num_rows=1024),
+  # DPO learns on the default packed rows; the other losses on padded rows, one compiled shape
+  # instead of one per packing budget (tests/train/test_packed_preference.py pins the two
+  # layouts' losses, metrics and gradients equal).
+  layout = "packed" if name == "dpo" else "padded"
+  config = preference.PreferenceConfig(model=model_spec,
+                                       data=data_spec("pair", num_rows=1024, layout=layout),
                                        loss=loss, optimizer=ADAM, run=small_run(steps=40))
   before, out = _train(preference.build_task(config), config.run)
   after = out["eval"]
@@ -92,7 +98,7 @@ def test_precomputed_reference_matches_the_frozen_model_and_holds_no_reference(
   results = {}
   for mode in ("model", "precompute"):
     config = preference.PreferenceConfig(
-        model=model_spec, data=data_spec("pair"), optimizer=ADAM,
+        model=model_spec, data=data_spec("pair", layout="padded"), optimizer=ADAM,
         loss=preference.PreferenceLossConfig(reference=mode),
         run=small_run(steps=5, output_dir=str(tmp_path / mode)))
     task = preference.build_task(config)
