@@ -40,12 +40,9 @@ def start(commands: list[list[str]], *, num_processes: int = 2, devices_per_proc
     # The test session's other XLA flags carry over; the device count is this job's.
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
+    # (tests/conftest.py's LLVM -O0 among them: these jobs are compile-bound, and both sides of
+    # every comparison run with the same flags.)
     flags.append(f"--xla_force_host_platform_device_count={devices_per_process}")
-    # These jobs are compile-bound (a tiny model, a few steps, ~40 programs): LLVM's -O0 makes
-    # compiling ~30% cheaper (tests/conftest.py sets it for the whole suite; this is for a
-    # launch from outside it). Both sides of every comparison run with the same flags.
-    if not any(f.startswith("--xla_backend_optimization_level") for f in flags):
-      flags.append("--xla_backend_optimization_level=0")
     process_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1",
                    "XLA_FLAGS": " ".join(flags)}
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
