@@ -24,9 +24,8 @@ RANDOM_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
 MAX_NEW = 24
 GOLD = rollout.RewardSpec(kind="function")  # the verifiable gold reward itself
 # GRPO learns on the default packed update rows (and PPO resumes on them); the other learning
-# tests use padded rows: one compiled update instead of one per packing budget (up to 8 in a
-# 20-step run). tests/train/test_packed_online.py pins the two layouts' updates equal.
-PADDED = "padded"
+# tests use layout="padded": one compiled update instead of one per packing budget (up to 8 in
+# a 20-step run). tests/train/test_packed_online.py pins the two layouts' updates equal.
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +86,7 @@ def test_ppo_raises_gold_reward_at_bounded_kl(sft_dir, judge_gold, tmp_path):
       # 4 epochs x 2 minibatches per step: at 5e-4 the first step already moves the policy
       # too far (approx KL 0.4, a fifth of the tokens clipped) and it collapses.
       loss=ppo.PPOLoss(kl_coef=0.05), optimizer=OptimizerConfig(lr=2e-4),
-      run=_run(tmp_path, steps=20), layout=PADDED)
+      run=_run(tmp_path, steps=20), layout="padded")
   out = ppo.run(config)
   _assert_improves(judge_gold, out["state"].params["policy"])
   assert abs(out["train"]["sampler_logp_gap"]) < 1e-4  # sampler and trainer agree
@@ -108,7 +107,7 @@ def test_critic_free_methods_raise_gold_reward(sft_dir, judge_gold, tmp_path, ad
       loss=grpo.GRPOLoss(advantage=advantage, kl_in=kl_in, aggregation=aggregation,
                          kl_coef=0.02, epochs=2, minibatches=2),
       optimizer=OptimizerConfig(lr=2e-4), run=_run(tmp_path, steps=20, batch_size=8),
-      layout="packed" if advantage == "group" else PADDED)
+      layout="packed" if advantage == "group" else "padded")
   out = grpo.run(config)
   _assert_improves(judge_gold, out["state"].params)
 
@@ -122,7 +121,7 @@ def test_lora_grpo_raises_gold_reward(sft_dir, judge_gold, tmp_path):
       # At 1e-3 the gain was marginal: 0.12-0.28 over seeds 0-2 (0.14-0.28 at LLVM -O2), two of
       # six runs under 0.15. At 2e-3: 0.25-0.29, KL <= 2.6.
       optimizer=OptimizerConfig(lr=2e-3), run=_run(tmp_path, steps=20, batch_size=8),
-      layout=PADDED)
+      layout="padded")
   out = grpo.run(config)
   params = out["state"].params
   assert isinstance(params, models.lora.Adapted)
