@@ -81,10 +81,13 @@ class RewardModel:
     kernel = self.config.initializer_range * jax.random.normal(key, shape, jnp.float32)
     return {"kernel": kernel.astype(dtype)}
 
-  def apply_all(self, params, input_ids_BT, attention_mask_BT) -> jax.Array:
-    """[B, T, H] float32 scores at every position (a per-token value head / critic)."""
+  def apply_all(self, params, input_ids_BT, attention_mask_BT, *, segment_ids=None,
+                branch_ids=None) -> jax.Array:
+    """[B, T, H] float32 scores at every position (a per-token value head / critic); packed
+    rows take segment_ids and branch_ids as `CausalLM.apply` does."""
     hidden_BTD = self.backbone.apply(params["backbone"], input_ids_BT, attention_mask_BT,
-                                     compute_logits=False).hidden
+                                     compute_logits=False, segment_ids=segment_ids,
+                                     branch_ids=branch_ids).hidden
     return jnp.einsum("btd,dh->bth", hidden_BTD.astype(jnp.float32),
                       params["score"]["kernel"].astype(jnp.float32))
 

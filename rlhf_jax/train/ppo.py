@@ -141,13 +141,17 @@ class ValueFunction:
     return values[:, p - 1:p + n - 1]
 
   def packed(self, params, hidden_RLD, rollout, layout):
-    """[R, L] values in packed slots: V of the state each response token is chosen in. The
-    shared head reads the packed hidden states at each token's predictor slot; the separate
-    critic runs on the padded rows (it is not packed) and its values are laid into the slots."""
+    """[R, L] values in packed slots: V of the state each response token is chosen in, read at
+    its predictor slot. The shared head reads the policy's packed hidden states; the separate
+    critic runs its own pass over the same packed rows."""
     if self.kind == "shared":
       values_RL = models.apply_value_head(params["value_head"], hidden_RLD)
-      return packed_rollouts.packed_predictor_values(values_RL, layout)
-    return layout.pack(self(params, None, rollout))
+    else:
+      values_RL = self.critic.apply_all(
+          params["critic"], layout.tokens(rollout.input_ids),
+          (layout.segment_ids > 0).astype(jnp.int32), segment_ids=layout.segment_ids,
+          branch_ids=layout.branch_ids)[..., 0]
+    return packed_rollouts.packed_predictor_values(values_RL, layout)
 
 
 def make_ppo_algorithm(model, loss: PPOLoss, value_fn: ValueFunction, *, temperature: float,

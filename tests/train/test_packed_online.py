@@ -187,13 +187,19 @@ def test_grpo_and_rloo_packed_updates_equal_the_padded_ones(model, rollout, para
   assert moved > 1e-3
 
 
-def test_ppo_packed_update_equals_the_padded_one(model, rollout, params):
+@pytest.mark.parametrize("value_head", ["shared", "separate"])
+def test_ppo_packed_update_equals_the_padded_one(model, rollout, params, value_head):
   policy, ref = params
   loss = ppo.PPOLoss(kl_coef=0.05, gamma=0.9, lam=0.8, epochs=2, minibatches=2,
-                     entropy_coef=0.01, kl_target=1.0)  # token_mean: DAPO's aggregation
-  value_fn = ppo.ValueFunction("shared")
+                     entropy_coef=0.01, kl_target=1.0,  # token_mean: DAPO's aggregation
+                     value_head=value_head)
+  critic, critic_params = None, None
+  if value_head == "separate":  # a critic of its own: the same shape, other weights, a score
+    critic = models.RewardModel(model.config)
+    critic_params = critic.init(jax.random.key(6))
+  value_fn = ppo.ValueFunction(value_head, critic)
   algorithm = ppo.make_ppo_algorithm(model, loss, value_fn, temperature=0.7)
-  full = ppo.init_params(model, policy, loss, jax.random.key(5))
+  full = ppo.init_params(model, policy, loss, jax.random.key(5), critic_params)
   tx = optax.sgd(LR)
   state_of = lambda: TrainState.create(
       jax.tree.map(jnp.copy, full), tx, jax.random.key(2),
