@@ -15,6 +15,17 @@ both rows with the reference model: a separate jitted call) then the jitted trai
 reference forward inside. Same token ids on both sides: one pair, `prompt` shared prompt
 tokens, `seq - prompt` response tokens per row, no padding.
 
+--lengths realistic: instead of one fixed-shape pair, `--pairs` pairs drawn from the realistic
+length distribution of `shared_prompt.py` (prompts lognormal, median 300, cut to 3/4 of
+`--max-length`; chosen and rejected lognormal, median 120 each, cut to the rest), the
+`--batch-index`-th batch of the stream. Each side gets the layout it trains on: ours the
+trainers' default (`data.layout="packed"`: each pair one item [prompt | chosen | rejected], the
+prompt computed once, rows packed into a budget), or `--layout padded`; Tunix's the tensors its
+`TrainingInput` takes, prompts left-padded to the batch's longest prompt and chosen and rejected
+right-padded to the batch's longest response (the least padding its layout allows). The step
+is timed on that one batch, so neither side recompiles. Useful tokens/s counts each pair as
+prompt + chosen + rejected on both sides.
+
 Rounds are interleaved (ours `steps` steps, then Tunix's `steps` steps, repeated), after one
 warm-up step each (compilation); the ratio is Tunix's median step time over ours.
 """
@@ -36,7 +47,45 @@ import dpo_step
 from forward import qwen25_05b_config
 
 
-def make_tunix_step(args, batch):
+def realistic_batches(args):
+  """(our batch, Tunix's TrainingInput arrays, useful tokens) for --lengths realistic."""
+  from rlhf_jax.data import BatchStream
+  from shared_prompt import realistic_records, useful_tokens
+
+  records = realistic_records(512, args.max_length, args.vocab)
+  stream = BatchStream(records, args.pairs, args.max_length, seed=0, layout=args.layout)
+  ours = stream.batch(args.batch_index)
+  pairs = [records[i] for i in ours.pop("index")]
+  prompt_len = max(len(p.prompt) for p in pairs)
+  response_len = max(max(len(p.chosen), len(p.rejected)) for p in pairs)
+
+  def padded(rows, length, left):
+    ids, mask = np.zeros((len(rows), length), np.int32), np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+      where = slice(length - len(row), length) if left else slice(0, len(row))
+      ids[i, where], mask[i, where] = row, 1
+    return ids, mask
+
+  theirs = dict(zip(("prompt_ids", "prompt_mask"), padded([p.prompt for p in pairs], prompt_len,
+                                                           left=True)))
+  for name in ("chosen", "rejected"):
+    rows = [getattr(p, name) for p in pairs]
+    theirs[f"{name}_ids"], theirs[f"{name}_mask"] = padded(rows, response_len, left=False)
+  return ours, theirs, useful_tokens(pairs)
+
+
+def fixed_tunix_inputs(args, batch):
+  """Tunix's TrainingInput arrays for dpo_step.make_batch's pairs (shared prompt, no padding)."""
+  ids = batch["input_ids"]
+  pairs, prompt = ids.shape[0] // 2, args.prompt
+  ones = lambda x: np.ones_like(x, np.int32)
+  prompt_ids, chosen, rejected = ids[:pairs, :prompt], ids[:pairs, prompt:], ids[pairs:, prompt:]
+  assert (ids[pairs:, :prompt] == prompt_ids).all()
+  return dict(prompt_ids=prompt_ids, prompt_mask=ones(prompt_ids), chosen_ids=chosen,
+              chosen_mask=ones(chosen), rejected_ids=rejected, rejected_mask=ones(rejected))
+
+
+def make_tunix_step(args, arrays):
   """run() = one Tunix DPOTrainer step (its _prepare_inputs, then its jitted train step)."""
   from flax import nnx
   from tunix.models.qwen2 import model as qwen2
@@ -54,15 +103,7 @@ def make_tunix_step(args, batch):
       policy, reference, optax.adamw(1e-6),
       dpo_trainer.DPOTrainingConfig(eval_every_n_steps=10**6, max_steps=10**6, beta=0.1))
   train_step, _ = trainer.jit_train_and_eval_step()
-  ids = batch["input_ids"]
-  pairs, prompt = ids.shape[0] // 2, args.prompt
-  ones = lambda x: np.ones_like(x, np.int32)
-  prompt_ids, chosen, rejected = ids[:pairs, :prompt], ids[:pairs, prompt:], ids[pairs:, prompt:]
-  assert (ids[pairs:, :prompt] == prompt_ids).all()
-  inputs = dpo_trainer.TrainingInput(
-      prompt_ids=jnp.asarray(prompt_ids), prompt_mask=jnp.asarray(ones(prompt_ids)),
-      chosen_ids=jnp.asarray(chosen), chosen_mask=jnp.asarray(ones(chosen)),
-      rejected_ids=jnp.asarray(rejected), rejected_mask=jnp.asarray(ones(rejected)))
+  inputs = dpo_trainer.TrainingInput(**{k: jnp.asarray(v) for k, v in arrays.items()})
 
   def run():
     example = trainer._prepare_inputs(inputs)
@@ -83,23 +124,37 @@ def main():
   parser.add_argument("--remat", default="none", help="none, or full (Tunix: DECODER)")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=2, help="steps per side per round")
+  parser.add_argument("--lengths", default="fixed", choices=["fixed", "realistic"],
+                      help="fixed: --pairs x --seq, --prompt shared; realistic: see above")
+  parser.add_argument("--max-length", type=int, default=512, help="realistic: per pair")
+  parser.add_argument("--batch-index", type=int, default=0, help="realistic: which batch")
+  parser.add_argument("--layout", default="packed", choices=["packed", "padded"],
+                      help="realistic: ours")
   args = parser.parse_args()
   import tunix  # noqa: F401  (fail early when it is not installed)
   from importlib.metadata import version
 
   config = dataclasses.replace(qwen25_05b_config(args.layers), vocab_size=args.vocab,
                                remat_policy=args.remat)
-  batch = dpo_step.make_batch(np.random.default_rng(0), args.pairs, args.seq, args.vocab,
-                              args.prompt)
+  if args.lengths == "realistic":
+    batch, arrays, useful = realistic_batches(args)
+  else:
+    batch = dpo_step.make_batch(np.random.default_rng(0), args.pairs, args.seq, args.vocab,
+                                args.prompt)
+    arrays, useful = fixed_tunix_inputs(args, batch), 2 * args.pairs * args.seq
   start = time.perf_counter()
   ours, _ = dpo_step.make_jax_step(
       types.SimpleNamespace(dtype=args.dtype, chunk=512), config, batch)
   print(f"rlhf_jax build + compile {time.perf_counter() - start:.1f} s", flush=True)
-  theirs = make_tunix_step(args, batch)
+  theirs = make_tunix_step(args, arrays)
+  shape = (f"seq={args.seq} prompt={args.prompt}" if args.lengths == "fixed" else
+           f"realistic max_length={args.max_length} batch {args.batch_index}: ours "
+           f"{args.layout} {batch['input_ids'].shape}, Tunix prompt "
+           f"{arrays['prompt_ids'].shape} + response {arrays['chosen_ids'].shape[1]} x 2")
   print(f"device={jax.devices()[0].device_kind} jax={jax.__version__} "
         f"google-tunix={version('google-tunix')} flax={version('flax')} layers={args.layers} "
-        f"vocab={args.vocab} pairs={args.pairs} seq={args.seq} prompt={args.prompt} "
-        f"dtype={args.dtype} remat={args.remat}", flush=True)
+        f"vocab={args.vocab} pairs={args.pairs} {shape} dtype={args.dtype} "
+        f"remat={args.remat}", flush=True)
   times = {"rlhf_jax": [], "tunix": []}
   for name, run in (("rlhf_jax", ours), ("tunix", theirs)):
     start = time.perf_counter()
@@ -114,7 +169,7 @@ def main():
         times[name].append(time.perf_counter() - start)
     print(f"round {r}: " + "  ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items()),
           flush=True)
-  tokens = 2 * args.pairs * args.seq
+  tokens = useful  # fixed: every slot; realistic: each pair's prompt once + both responses
   medians = {k: statistics.median(v) for k, v in times.items()}
   for name, seconds in medians.items():
     print(f"{name:10s} median step={seconds * 1e3:8.1f} ms  tokens/s={tokens / seconds:8.0f}  "
