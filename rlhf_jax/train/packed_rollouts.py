@@ -75,6 +75,11 @@ class PackedRows:
     """float32 [R, L]: 1 on response tokens."""
     return (self.sequence_ids >= 0).astype(jnp.float32)
 
+  @property
+  def attention_mask(self) -> jax.Array:
+    """int32 [R, L]: 1 on every real slot (prompt or response), 0 on padding."""
+    return (self.segment_ids > 0).astype(jnp.int32)
+
   def tokens(self, input_ids_SW: jax.Array) -> jax.Array:
     """int32 [R, L] token ids gathered from the padded rows (0 on padding)."""
     ids_RL = jnp.take(input_ids_SW.reshape(-1), self.source)
@@ -243,7 +248,7 @@ def packed_scores(model, params, rollout, layout: PackedRows, temperature: float
   """(token log-probs [R, L], entropies [R, L], hidden states [R, L, D]) of the packed rows at
   the sampling temperature, from one forward pass: `online.policy_scores` in packed slots."""
   ids_RL = layout.tokens(rollout.input_ids)
-  scores = model.score_tokens(params, ids_RL, (layout.segment_ids > 0).astype(jnp.int32),
+  scores = model.score_tokens(params, ids_RL, layout.attention_mask,
                               temperature=temperature, chunk_size=chunk_size, entropy=True,
                               segment_ids=layout.segment_ids, branch_ids=layout.branch_ids)
   return scores.logps, scores.entropy, scores.hidden

@@ -148,9 +148,8 @@ class ValueFunction:
       values_RL = models.apply_value_head(params["value_head"], hidden_RLD)
     else:
       values_RL = self.critic.apply_all(
-          params["critic"], layout.tokens(rollout.input_ids),
-          (layout.segment_ids > 0).astype(jnp.int32), segment_ids=layout.segment_ids,
-          branch_ids=layout.branch_ids)[..., 0]
+          params["critic"], layout.tokens(rollout.input_ids), layout.attention_mask,
+          segment_ids=layout.segment_ids, branch_ids=layout.branch_ids)[..., 0]
     return packed_rollouts.packed_predictor_values(values_RL, layout)
 
 
