@@ -3,11 +3,13 @@ through the CLI with the JAX_* variables, against one process with 8 devices: ev
 per-step metrics agree; a run killed in both processes resumes bit-exactly.
 
 One launch of each kind runs every trainer in sequence (start-up is paid once); the kill test
-adds two more launches of GRPO. See tests/jax_processes.py for the launcher.
+adds two more launches of GRPO, the damaged-checkpoint test one of SFT (resuming a copy of the
+fixture's run). See tests/jax_processes.py for the launcher.
 """
 
 import json
 import pathlib
+import shutil
 import signal
 import time
 
@@ -34,8 +36,9 @@ def _commands(root: pathlib.Path, policy: str, judge: str) -> dict[str, list[str
   lean = ["--set", "run.export=false", "--set", "data.eval_fraction=0"]
   online = ["--set", "generation.max_new_tokens=6"]
   runs = {
-      "sft": ["experiments/sft.py", "--set", "data.eval_fraction=0", "--set", "run.steps=3",
-              "--set", "run.batch_size=8"],
+      # Checkpoints at steps 2 and 4: the damaged-checkpoint test resumes a copy of this run.
+      "sft": ["experiments/sft.py", "--set", "data.eval_fraction=0", "--set", "run.steps=4",
+              "--set", "run.batch_size=8", "--set", "run.checkpoint_every=2"],
       "dpo": ["experiments/dpo.py", *lean, "--set", "run.steps=3", "--set", "run.batch_size=8"],
       "ppo": ["experiments/ppo.py", *online, "--set", "run.steps=2", "--set", "run.batch_size=8"],
       "grpo": ["experiments/grpo.py", *online, *lean, "--set", f"run.steps={GRPO_STEPS}",
@@ -125,17 +128,13 @@ def test_killed_in_both_processes_resumes_bit_exactly(jobs, tmp_path):
                        exact=True)
 
 
-def test_both_processes_skip_a_damaged_checkpoint_to_the_same_step(tmp_path):
+def test_both_processes_skip_a_damaged_checkpoint_to_the_same_step(jobs, tmp_path):
   """A damaged latest checkpoint in a 2-process job: both processes resume from the same
   (previous) step, set the damaged one aside, and the run ends as the undamaged one did."""
-  policy = embedded.ensure_assets(tmp_path / "policy", **TINY)
+  root, two = jobs
   out = tmp_path / "sft"
-  command = ["run", "experiments/sft.py", "--arg", "runlocal", "--set", f"model.path={policy}",
-             "--set", "run.progress=false", "--set", "data.num_rows=64",
-             "--set", "data.eval_fraction=0", "--set", "run.export=false",
-             "--set", "run.steps=4", "--set", "run.batch_size=8",
-             "--set", "run.checkpoint_every=2", "--set", f"run.output_dir={out}"]
-  jax_processes.launch([command], log_dir=tmp_path / "logs-first", timeout=600)
+  shutil.copytree(root / "two" / "sft", out)  # the fixture's finished run, checkpoints 2 and 4
+  command = [word.replace(str(root / "two" / "sft"), str(out)) for word in two["sft"]]
   unbroken = _records(out)
   for path in (out / "checkpoints" / "4" / "state").rglob("*"):
     if path.is_file() and path.parent.name == "d":  # the OCDBT data files
