@@ -9,6 +9,10 @@ Token log-probs come in two flavours with identical values:
     rematerialised `lax.scan`, so the forward and the backward pass each hold one [C, V] block
     at a time. This is what trainers use: at V = 152k a [4, 1024, V] float32 log-softmax is
     2.5 GB, and its gradient another 2.5 GB.
+  * `scored_token_logps`: the same at a mask's positions only (0 elsewhere), what trainers use,
+    since only completion tokens reach a loss: the chunk loop stops after the scored columns,
+    so a long prompt costs its layers but not its head (at vocabulary 32k the head is as wide
+    as two decoder layers of Qwen2.5-0.5B).
 
 Both take a `temperature`: the sampler draws from softmax(logits / temperature), and the trainer
 must score tokens under the same distribution, or the PPO ratio and the KL silently compare two
@@ -30,6 +34,7 @@ __all__ = [
     "packed_sequence_sums",
     "token_logps_from_logits",
     "chunked_token_logps",
+    "scored_token_logps",
     "entropy_from_logits",
     "softcap",
 ]
@@ -182,3 +187,142 @@ def chunked_token_logps(
   if not return_entropy:
     return logps
   return logps, entropy_KC.reshape(-1)[:num_tokens].reshape(lead_shape)
+
+
+def scored_token_logps(
+    hidden_BTD: chex.Array,
+    unembed_DV: chex.Array,
+    labels_BT: chex.Array,
+    where_BT: chex.Array,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+    return_entropy: bool = False,
+    logit_softcap: float | None = None,
+):
+  """`chunked_token_logps` at the positions `where_BT` only: the head's cost follows the scored
+  tokens (a DPO pair's completions, not its prompt), not the row length.
+
+  Each row's scored positions are moved to its front (a stable sort), and the chunk loop runs
+  over columns only as far as the row with the most scored positions: a `while` loop with a
+  trip count read from the data, one compiled program for every mask. Its gradient is written
+  out (`jax.custom_vjp`), since a loop whose length is data cannot be differentiated
+  automatically: the backward pass walks the same chunks, recomputes each chunk's logits and
+  takes dlogits = g·(onehot - softmax) (plus the entropy's term), so it too skips the unscored
+  columns. Rows stay rows (the batch axis keeps its data-parallel sharding).
+
+  Args:
+    hidden_BTD: final hidden states [B, T, D]; unembed_DV, temperature, logit_softcap: as in
+      `chunked_token_logps`.
+    labels_BT: int token ids [B, T] scored by hidden_BTD[:, t].
+    where_BT: [B, T] bool or 0/1: the positions to score.
+    chunk_size: about this many tokens per block (columns per block: chunk_size // B, >= 1).
+
+  Returns:
+    float32 log-probs [B, T] (and entropies [B, T]), 0 wherever `where_BT` is 0; equal to
+    `chunked_token_logps` elsewhere, gradients included.
+  """
+  chex.assert_rank([hidden_BTD, unembed_DV, labels_BT, where_BT], [3, 2, 2, 2])
+  chex.assert_equal_shape([labels_BT, where_BT])
+  chex.assert_equal_shape_prefix([hidden_BTD, labels_BT], 2)
+  num_rows, length, _ = hidden_BTD.shape
+  where_BT = where_BT.astype(bool)
+  width = max(1, min(length, chunk_size // max(num_rows, 1)))
+  num_chunks = -(-length // width)
+  if num_chunks == 1:  # one block covers every row: nothing to skip, and the sort costs
+    scored = chunked_token_logps(hidden_BTD, unembed_DV, labels_BT, temperature=temperature,
+                                 chunk_size=chunk_size, return_entropy=return_entropy,
+                                 logit_softcap=logit_softcap)
+    keep = lambda x: jnp.where(where_BT, x, 0.0)
+    return tuple(map(keep, scored)) if return_entropy else keep(scored)
+  pad = num_chunks * width - length
+  order_BT = jnp.argsort(~where_BT, axis=1, stable=True)  # scored positions first, in order
+  gather = lambda x: jnp.take_along_axis(x, order_BT.reshape(order_BT.shape + (1,) * (x.ndim - 2)),
+                                         axis=1)
+  pad_T = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+  hidden_c = pad_T(gather(hidden_BTD))
+  labels_c = pad_T(gather(labels_BT))
+  chunks = -(-jnp.max(jnp.sum(where_BT, axis=1)) // width)  # [] int: the chunks with a score
+  head = _scored_head(float(temperature), logit_softcap, return_entropy, width)
+  logps_c, entropy_c = head(hidden_c, unembed_DV, labels_c, chunks.astype(jnp.int32))
+  inverse_BT = jnp.argsort(order_BT, axis=1)
+  unsort = lambda x: jnp.where(where_BT, jnp.take_along_axis(x[:, :length], inverse_BT, axis=1),
+                               0.0)
+  if not return_entropy:
+    return unsort(logps_c)
+  return unsort(logps_c), unsort(entropy_c)
+
+
+@functools.lru_cache(maxsize=None)
+def _scored_head(temperature: float, cap: float | None, with_entropy: bool, width: int):
+  """The custom-gradient chunk loop of `scored_token_logps`, for one static configuration:
+  f(hidden [B, T, D], unembed [D, V], labels [B, T] int, chunks [] int) -> (logps, entropy)
+  [B, T] float32, computed for columns [0, chunks·width) and 0 beyond."""
+
+  def logits_of(hidden_BCD, unembed_DV):
+    raw_BCV = jnp.einsum("bcd,dv->bcv", hidden_BCD, unembed_DV,
+                         preferred_element_type=jnp.float32)
+    return raw_BCV, softcap(raw_BCV, cap) / temperature
+
+  def columns(x, k):
+    return jax.lax.dynamic_slice_in_dim(x, k * width, width, axis=1)
+
+  def put(x, k, value):
+    return jax.lax.dynamic_update_slice_in_dim(x, value, k * width, axis=1)
+
+  def forward(hidden_BTD, unembed_DV, labels_BT, chunks):
+    def body(k, carry):
+      logps_BT, lse_BT, entropy_BT = carry
+      _, logits_BCV = logits_of(columns(hidden_BTD, k), unembed_DV)
+      lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+      label_BC = jnp.take_along_axis(logits_BCV, columns(labels_BT, k)[..., None], axis=-1)[..., 0]
+      carry = (put(logps_BT, k, label_BC - lse_BC), put(lse_BT, k, lse_BC), entropy_BT)
+      if with_entropy:
+        probs_BCV = jnp.exp(logits_BCV - lse_BC[..., None])
+        carry = carry[:2] + (put(entropy_BT, k, lse_BC - jnp.sum(probs_BCV * logits_BCV, -1)),)
+      return carry
+
+    zeros = jnp.zeros(labels_BT.shape, jnp.float32)
+    return jax.lax.fori_loop(0, chunks, body, (zeros, zeros, zeros))
+
+  @jax.custom_vjp
+  def head(hidden_BTD, unembed_DV, labels_BT, chunks):
+    logps_BT, _, entropy_BT = forward(hidden_BTD, unembed_DV, labels_BT, chunks)
+    return logps_BT, entropy_BT
+
+  def head_fwd(hidden_BTD, unembed_DV, labels_BT, chunks):
+    logps_BT, lse_BT, entropy_BT = forward(hidden_BTD, unembed_DV, labels_BT, chunks)
+    return (logps_BT, entropy_BT), (hidden_BTD, unembed_DV, labels_BT, chunks, lse_BT, entropy_BT)
+
+  def head_bwd(residuals, cotangents):
+    hidden_BTD, unembed_DV, labels_BT, chunks, lse_BT, entropy_BT = residuals
+    g_logps_BT, g_entropy_BT = cotangents
+    def body(k, carry):
+      d_hidden_BTD, d_unembed_DV = carry
+      hidden_BCD = columns(hidden_BTD, k)
+      raw_BCV, logits_BCV = logits_of(hidden_BCD, unembed_DV)
+      lse_BC = columns(lse_BT, k)
+      probs_BCV = jnp.exp(logits_BCV - lse_BC[..., None])
+      g_BC = columns(g_logps_BT, k)
+      onehot_BCV = jax.lax.broadcasted_iota(jnp.int32, probs_BCV.shape, 2) == columns(
+          labels_BT, k)[..., None]
+      d_logits_BCV = g_BC[..., None] * (onehot_BCV - probs_BCV)
+      if with_entropy:  # dH/dz_j = -p_j (z_j - lse + H)
+        term_BCV = logits_BCV - (lse_BC - columns(entropy_BT, k))[..., None]
+        d_logits_BCV = d_logits_BCV - columns(g_entropy_BT, k)[..., None] * probs_BCV * term_BCV
+      d_raw_BCV = d_logits_BCV / temperature
+      if cap is not None:
+        d_raw_BCV = d_raw_BCV * (1.0 - jnp.square(jnp.tanh(raw_BCV / cap)))
+      d_raw_BCV = d_raw_BCV.astype(unembed_DV.dtype)
+      d_hidden_BCD = jnp.einsum("bcv,dv->bcd", d_raw_BCV, unembed_DV,
+                                preferred_element_type=jnp.float32)
+      d_unembed_DV = d_unembed_DV + jnp.einsum("bcd,bcv->dv", hidden_BCD, d_raw_BCV,
+                                               preferred_element_type=jnp.float32)
+      return put(d_hidden_BTD, k, d_hidden_BCD.astype(d_hidden_BTD.dtype)), d_unembed_DV
+
+    init = (jnp.zeros_like(hidden_BTD), jnp.zeros(unembed_DV.shape, jnp.float32))
+    d_hidden_BTD, d_unembed_DV = jax.lax.fori_loop(0, chunks, body, init)
+    return d_hidden_BTD, d_unembed_DV.astype(unembed_DV.dtype), None, None
+
+  head.defvjp(head_fwd, head_bwd)
+  return head

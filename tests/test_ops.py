@@ -178,3 +178,68 @@ def test_chunked_token_logps_never_materialises_full_logits():
   full_logits = num_tokens * vocab * 4
   assert naive >= full_logits  # the naive path does hold the [N, V] float32 logits
   assert chunked < full_logits / 4, (chunked, naive)
+
+
+@pytest.mark.parametrize("chunk_size", [2, 7, 512])  # several column chunks, ragged, one chunk
+@pytest.mark.parametrize("entropy, temperature, cap", [(False, 1.0, None), (True, 0.8, 3.0)])
+def test_scored_token_logps_equal_the_chunked_ones_where_scored(chunk_size, entropy,
+                                                                temperature, cap):
+  """Values and gradients (hidden and unembedding, through log-probs and entropies) equal
+  `chunked_token_logps` at the scored positions; 0 elsewhere; a row with nothing scored and
+  rows whose scored positions are scattered anywhere in the row."""
+  rng = np.random.default_rng(6)
+  hidden = jnp.asarray(rng.normal(size=(3, 11, 16)), jnp.float32)
+  unembed = jnp.asarray(rng.normal(size=(16, 41)) * 0.5, jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 41, size=(3, 11)))
+  where = rng.random((3, 11)) < 0.5
+  where[1] = False
+  where[2, -3:] = True
+  g_logps, g_entropy = (jnp.asarray(rng.normal(size=(3, 11)), jnp.float32) for _ in range(2))
+
+  def loss(fn, h, w):
+    logps, ent = fn(h, w)
+    return jnp.sum(g_logps * logps) + jnp.sum(g_entropy * ent)
+
+  options = dict(temperature=temperature, logit_softcap=cap, return_entropy=entropy)
+
+  def chunked(h, w):
+    out = ops.chunked_token_logps(h, w, labels, chunk_size=4, **options)
+    logps, ent = out if entropy else (out, jnp.zeros_like(out))
+    return jnp.where(where, logps, 0.0), jnp.where(where, ent, 0.0)
+
+  def scored(h, w):
+    out = ops.scored_token_logps(h, w, labels, where, chunk_size=chunk_size, **options)
+    return out if entropy else (out, jnp.zeros_like(out))
+
+  for got, want in zip(jax.jit(scored)(hidden, unembed), chunked(hidden, unembed)):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  grads = [jax.jit(jax.grad(lambda h, w, fn=fn: loss(fn, h, w), argnums=(0, 1)))(hidden, unembed)
+           for fn in (scored, chunked)]
+  for got, want in zip(*grads):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  assert np.abs(grads[0][0][1]).max() == 0  # nothing scored in row 1: no gradient reaches it
+
+
+def test_scored_token_logps_loop_stops_after_the_longest_row_s_scored_positions():
+  """The chunk loop's trip count is data: with the scored positions of every row in its first
+  3 columns, the loop body runs once (chunk of 4 columns), not once per 4 columns of the row.
+  Counted through a debug callback in the gradient's forward pass."""
+  calls = []
+  hidden = jnp.ones((2, 32, 8), jnp.float32)
+  unembed = jnp.ones((8, 5), jnp.float32) * 0.1
+  labels = jnp.zeros((2, 32), jnp.int32)
+  where = jnp.zeros((2, 32), bool).at[:, 20:23].set(True)
+  original = jax.nn.logsumexp
+
+  def counting_logsumexp(*args, **kwargs):
+    jax.debug.callback(lambda: calls.append(1))
+    return original(*args, **kwargs)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(jax.nn, "logsumexp", counting_logsumexp)
+    ops._scored_head.cache_clear()
+    out = ops.scored_token_logps(hidden, unembed, labels, where, chunk_size=8)
+    jax.block_until_ready(out)
+  ops._scored_head.cache_clear()
+  assert len(calls) == 1, calls
+  np.testing.assert_allclose(np.asarray(out)[:, 20:23], np.log(1 / 5), rtol=1e-6)

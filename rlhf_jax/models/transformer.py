@@ -434,7 +434,7 @@ class CausalLM:
 
   def score_tokens(self, params, input_ids_BT, attention_mask_BT, *, temperature: float = 1.0,
                    chunk_size: int = 512, entropy: bool = False,
-                   segment_ids=None, branch_ids=None) -> "TokenScores":
+                   segment_ids=None, branch_ids=None, score_mask=None) -> "TokenScores":
     """Token log-probs (and optionally entropies) plus the hidden states, from one forward pass.
 
     logps [B, T] float32: [:, t] = log softmax(logits_{t-1} / temperature)[ids[:, t]]; [:, 0] = 0,
@@ -445,19 +445,29 @@ class CausalLM:
     Packed rows (segment_ids, optionally branch_ids; see `apply`): token t is predicted by the
     hidden state at `predictor_slots` (the previous slot, or for a branch's first token its
     prefix's last one), and a segment's first token scores 0.
+    score_mask [B, T] (optional, aligned like logps; e.g. a batch's `loss_mask`): score only
+    these tokens (`ops.scored_token_logps`), so the head's cost follows the completions, not
+    the prompts; logps and entropy are 0 elsewhere, and equal to the unmasked call where it is 1.
     """
     chex.assert_rank([input_ids_BT, attention_mask_BT], 2)
     chex.assert_equal_shape([input_ids_BT, attention_mask_BT])
     hidden_BTD = self.apply(params, input_ids_BT, attention_mask_BT, compute_logits=False,
                             segment_ids=segment_ids, branch_ids=branch_ids).hidden
     unembed_DV = self.unembedding(params).astype(hidden_BTD.dtype)
-    score = functools.partial(ops.chunked_token_logps, unembed_DV=unembed_DV,
-                              temperature=temperature, chunk_size=chunk_size,
-                              return_entropy=entropy,
-                              logit_softcap=self.config.final_logit_softcap)
+    options = dict(unembed_DV=unembed_DV, temperature=temperature, chunk_size=chunk_size,
+                   return_entropy=entropy, logit_softcap=self.config.final_logit_softcap)
+    if score_mask is None:
+      score = lambda hidden, labels, where: ops.chunked_token_logps(hidden, labels=labels,
+                                                                    **options)
+    else:
+      chex.assert_equal_shape([score_mask, input_ids_BT])
+      score = lambda hidden, labels, where: ops.scored_token_logps(
+          hidden, labels_BT=labels, where_BT=where, **options)
+      score_mask = score_mask * attention_mask_BT
     mask = attention_mask_BT.astype(jnp.float32)
     if branch_ids is None:
-      scored = score(hidden_BTD[:, :-1], labels=input_ids_BT[:, 1:])
+      scored = score(hidden_BTD[:, :-1], labels=input_ids_BT[:, 1:],
+                     where=None if score_mask is None else score_mask[:, 1:] > 0)
       if segment_ids is not None:  # a segment's first token is predicted by nothing in it
         mask = mask * (predictor_slots(segment_ids) >= 0).astype(jnp.float32)
       align = lambda x: jnp.pad(x, ((0, 0), (1, 0))) * mask
@@ -465,8 +475,9 @@ class CausalLM:
       predictor_BT = predictor_slots(segment_ids, branch_ids)
       predicting_BTD = jnp.take_along_axis(hidden_BTD, jnp.maximum(predictor_BT, 0)[..., None],
                                            axis=1)
-      scored = score(predicting_BTD, labels=input_ids_BT)
       mask = mask * (predictor_BT >= 0).astype(jnp.float32)
+      scored = score(predicting_BTD, labels=input_ids_BT,
+                     where=None if score_mask is None else (score_mask * mask) > 0)
       align = lambda x: x * mask
     logps, token_entropy = scored if entropy else (scored, None)
     return TokenScores(logps=align(logps),
@@ -474,11 +485,12 @@ class CausalLM:
                        hidden=hidden_BTD)
 
   def token_logps(self, params, input_ids_BT, attention_mask_BT, *, temperature: float = 1.0,
-                  chunk_size: int = 512, segment_ids=None, branch_ids=None) -> jax.Array:
+                  chunk_size: int = 512, segment_ids=None, branch_ids=None,
+                  score_mask=None) -> jax.Array:
     """[B, T] float32 token log-probs: `score_tokens(...).logps`."""
     return self.score_tokens(params, input_ids_BT, attention_mask_BT, temperature=temperature,
                              chunk_size=chunk_size, segment_ids=segment_ids,
-                             branch_ids=branch_ids).logps
+                             branch_ids=branch_ids, score_mask=score_mask).logps
 
 
 # One compiled init per (model, dtype): eager Flax init dispatches hundreds of tiny ops.

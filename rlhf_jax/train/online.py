@@ -44,10 +44,14 @@ __all__ = ["OnlineAlgorithm", "make_update", "make_online_step", "policy_scores"
 def policy_scores(model, params, rollout: rollout_lib.Rollout, temperature: float,
                   chunk_size: int):
   """(response log-probs [B, N], entropies [B, N], hidden states [B, P + N, D]) under the policy
-  at the sampling temperature, from one forward pass."""
-  scores = model.score_tokens(params, rollout.input_ids, rollout.attention_mask,
-                              temperature=temperature, chunk_size=chunk_size, entropy=True)
+  at the sampling temperature, from one forward pass; log-probs and entropies are 0 outside
+  `rollout.response_mask`."""
   p = rollout.prompt_length
+  # The head scores the response tokens only (the prompt's log-probs are never read).
+  score_mask = jnp.pad(rollout.response_mask, ((0, 0), (p, 0)))
+  scores = model.score_tokens(params, rollout.input_ids, rollout.attention_mask,
+                              temperature=temperature, chunk_size=chunk_size, entropy=True,
+                              score_mask=score_mask)
   return scores.logps[:, p:], scores.entropy[:, p:], scores.hidden
 
 

@@ -246,11 +246,13 @@ def layout_rollout(rollout, order_KS, row_length: int | None = None) -> RolloutL
 def packed_scores(model, params, rollout, layout: PackedRows, temperature: float,
                   chunk_size: int):
   """(token log-probs [R, L], entropies [R, L], hidden states [R, L, D]) of the packed rows at
-  the sampling temperature, from one forward pass: `online.policy_scores` in packed slots."""
+  the sampling temperature, from one forward pass: `online.policy_scores` in packed slots
+  (log-probs and entropies 0 outside `layout.loss_mask`)."""
   ids_RL = layout.tokens(rollout.input_ids)
   scores = model.score_tokens(params, ids_RL, layout.attention_mask,
                               temperature=temperature, chunk_size=chunk_size, entropy=True,
-                              segment_ids=layout.segment_ids, branch_ids=layout.branch_ids)
+                              segment_ids=layout.segment_ids, branch_ids=layout.branch_ids,
+                              score_mask=layout.loss_mask)  # response tokens only
   return scores.logps, scores.entropy, scores.hidden
 
 

@@ -104,7 +104,8 @@ def _sequence_logps(model, params, batch, reduction, chunk_size):
   block then rejected block, in either layout: padded rows, or packed items (`sequence_ids`)."""
   token_logps = model.token_logps(params, batch["input_ids"], batch["attention_mask"],
                                   chunk_size=chunk_size, segment_ids=batch.get("segment_ids"),
-                                  branch_ids=batch.get("branch_ids"))
+                                  branch_ids=batch.get("branch_ids"),
+                                  score_mask=batch["loss_mask"])  # the head skips the prompts
   mask = batch["loss_mask"]
   if "sequence_ids" not in batch:
     return (ops.sequence_logps(token_logps, mask, reduction=reduction),
@@ -285,7 +286,8 @@ def make_kto_losses(model, loss: KTOLossConfig, chunk_size: int = 512):
 
   def seq(params, batch, prefix=""):
     logps = model.token_logps(params, batch[prefix + "input_ids"],
-                              batch[prefix + "attention_mask"], chunk_size=chunk_size)
+                              batch[prefix + "attention_mask"], chunk_size=chunk_size,
+                              score_mask=batch[prefix + "loss_mask"])
     return ops.sequence_logps(logps, batch[prefix + "loss_mask"], reduction="sum")
 
   def matched_and_mismatched(params, batch):

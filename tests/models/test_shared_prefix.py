@@ -108,3 +108,38 @@ def test_shared_prefix_gradients_equal_separate_rows(loaded):
                                       for f in (packed_loss, separate_loss))
   np.testing.assert_allclose(packed, separate, rtol=1e-6)
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=2e-6, rtol=1e-4), got, want)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: the head's soft-cap
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_score_mask_skips_the_prompts_and_changes_nothing_it_scores(loaded, family, packed):
+  """score_mask=loss_mask (what the trainers pass: the head scores completions only) gives the
+  unmasked call's log-probs and entropies on the completions and 0 elsewhere; the gradient of
+  a weighted sum over the completions is the same. Packed shared-prefix rows, and plain rows."""
+  model, params = loaded[family]
+  batch = collate_prefixed(_items(model.config.vocab_size, seed=3), row_length=24, num_rows=2)
+  if not packed:  # plain rows: score the tokens after each row's first 5
+    batch = {"input_ids": batch["input_ids"], "attention_mask": np.ones_like(batch["input_ids"]),
+             "loss_mask": (np.arange(24) >= 5)[None].repeat(2, 0).astype(np.int32)}
+  mask = jnp.asarray(batch["loss_mask"], jnp.float32)
+  weights = jnp.asarray(np.random.default_rng(0).normal(size=mask.shape), jnp.float32)
+
+  def scores(p, score_mask):
+    out = model.score_tokens(p, batch["input_ids"], batch["attention_mask"], entropy=True,
+                             segment_ids=batch.get("segment_ids"),
+                             branch_ids=batch.get("branch_ids"), score_mask=score_mask)
+    return out.logps, out.entropy
+
+  def loss(p, score_mask):
+    logps, entropy = scores(p, score_mask)
+    return jnp.sum(weights * mask * (logps + 0.1 * entropy))
+
+  full, skipped = (jax.jit(lambda p, m=m: scores(p, m))(params) for m in (None, batch["loss_mask"]))
+  for want, got in zip(full, skipped):
+    np.testing.assert_allclose(got, want * mask, atol=2e-5)
+  assert np.abs(np.asarray(skipped[0]) * (1 - mask)).max() == 0 < np.abs(full[0]).max()
+  (want_value, want), (got_value, got) = (
+      jax.jit(jax.value_and_grad(lambda p, m=m: loss(p, m)))(params)
+      for m in (None, batch["loss_mask"]))
+  np.testing.assert_allclose(got_value, want_value, rtol=1e-6)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=2e-6, rtol=1e-4), got, want)
