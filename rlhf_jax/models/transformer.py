@@ -30,7 +30,6 @@ from its prefix's end, and the sliding window counts positions instead of slots.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import chex

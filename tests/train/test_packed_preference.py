@@ -13,7 +13,7 @@ import pytest
 from rlhf_jax import models
 from rlhf_jax.data import BatchStream
 from rlhf_jax.parallel import MeshConfig
-from rlhf_jax.train import common, loop, preference, reward
+from rlhf_jax.train import common, preference, reward
 from rlhf_jax.train.state import OptimizerConfig
 
 BATCH = 8
