@@ -25,11 +25,15 @@ averaged over `--fraction-batches` batches of the stream (host only, no model).
     python benchmarks/shared_prompt.py            # 2 layers of Qwen2.5-0.5B width, vocab 32k
     python benchmarks/shared_prompt.py --fractions-only   # slot fractions only, no model:
         # real / slots and useful / slots (each prompt once) over --fraction-batches batches
+    python benchmarks/shared_prompt.py --only realistic --compare-head --repeats 3
+        # the LM head on the scored slots only (the trainers' `ops.scored_token_logps`) vs on
+        # every slot (`ops.chunked_token_logps`, masked afterwards), interleaved per repeat
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import time
@@ -42,6 +46,7 @@ from dpo_step import dpo_loss_fn
 from forward import qwen25_05b_config
 from rlhf_jax.data import BatchStream, TokenizeConfig, prepare, synthetic
 from rlhf_jax.data.tokenize import TokenizedPair
+from rlhf_jax import ops
 from rlhf_jax.models import CausalLM
 from rlhf_jax.train import steps
 from rlhf_jax.train.state import OptimizerConfig, TrainState, make_optimizer
@@ -86,6 +91,61 @@ def time_step(step, state, batch, ref_params, repeats: int):
   return state, statistics.median(times), float(metrics["loss"])
 
 
+@contextlib.contextmanager
+def head_on_every_slot():
+  """While tracing: the head scores every slot and the mask is applied afterwards (what the
+  trainers did before `ops.scored_token_logps`)."""
+  scored = ops.scored_token_logps
+
+  def every_slot(hidden_BTD, unembed_DV, labels_BT, where_BT, *, temperature=1.0,
+                 chunk_size=512, return_entropy=False, logit_softcap=None):
+    out = ops.chunked_token_logps(hidden_BTD, unembed_DV, labels_BT, temperature=temperature,
+                                  chunk_size=chunk_size, return_entropy=return_entropy,
+                                  logit_softcap=logit_softcap)
+    keep = lambda x: jnp.where(where_BT, x, 0.0)
+    return tuple(map(keep, out)) if return_entropy else keep(out)
+
+  ops.scored_token_logps = every_slot
+  try:
+    yield
+  finally:
+    ops.scored_token_logps = scored
+
+
+def compare_head(args, model, params, ref_params, tx, tasks):
+  """Step time with the head on the scored slots vs on every slot, same batch, same layout,
+  the two steps alternating (median over --repeats each)."""
+  print("| distribution | layout | batch shape | head on every slot | head on scored slots | "
+        "speed-up |")
+  print("|---|---|---|---|---|---|")
+  for name, (records, max_length) in tasks.items():
+    if args.only and name != args.only:
+      continue
+    for layout in ("packed", "padded"):
+      batch = BatchStream(records, args.batch, max_length, seed=0, layout=layout).batch(0)
+      batch = jax.device_put({k: v for k, v in batch.items() if k != "index"})
+      runs = {}
+      for variant in ("every", "scored"):
+        step = steps.make_train_step(dpo_loss_fn(model, args.chunk))
+        state = TrainState.create(jax.tree.map(jnp.copy, params), tx, jax.random.key(1))
+        with head_on_every_slot() if variant == "every" else contextlib.nullcontext():
+          state, metrics = step(state, batch, ref_params)  # traces and compiles here
+        jax.block_until_ready(metrics)
+        runs[variant] = [step, state, [], float(metrics["loss"])]
+      for _ in range(args.repeats):
+        for run in runs.values():
+          start = time.perf_counter()
+          run[1], metrics = run[0](run[1], batch, ref_params)
+          jax.block_until_ready(metrics)
+          run[2].append(time.perf_counter() - start)
+      every, scored = (statistics.median(runs[v][2]) for v in ("every", "scored"))
+      shape = batch["input_ids"].shape
+      print(f"| {name} | {layout} | {shape[0]} x {shape[1]} | {every * 1e3:,.0f} ms | "
+            f"{scored * 1e3:,.0f} ms | {every / scored:.2f}x |", flush=True)
+      print(f"<!-- first-step DPO loss: every slot {runs['every'][3]:.6f}, scored slots "
+            f"{runs['scored'][3]:.6f} -->", flush=True)
+
+
 def _tasks(args):
   return {"synthetic": (synthetic_records(512, args.synthetic_max_length),
                         args.synthetic_max_length),
@@ -122,6 +182,8 @@ def main():
   parser.add_argument("--remat", default="none")
   parser.add_argument("--chunk", type=int, default=512)
   parser.add_argument("--only", choices=["synthetic", "realistic"], default=None)
+  parser.add_argument("--compare-head", action="store_true",
+                      help="time the head on scored slots only vs on every slot")
   parser.add_argument("--fractions-only", action="store_true",
                       help="no model: how full the slots are, over --fraction-batches batches")
   args = parser.parse_args()
@@ -139,6 +201,8 @@ def main():
         f"width={config.hidden_size} vocab={args.vocab} pairs={args.batch} float32 "
         f"remat={args.remat}")
   tasks = _tasks(args)
+  if args.compare_head:
+    return compare_head(args, model, params, ref_params, tx, tasks)
   print("| distribution | layout | batch shape | real / slots (this batch) | real / slots "
         f"({args.fraction_batches} batches) | step | slot tokens/s | useful tokens/s |")
   print("|---|---|---|---|---|---|---|---|")
