@@ -120,9 +120,9 @@ def sharding_model_dir(tmp_path_factory):
                                  num_attention_heads=4, num_key_value_heads=4)
 
 
-def _dpo_steps(model_dir, tmp_path, mesh, num_steps=2):
+def _dpo_steps(model_dir, tmp_path, mesh, num_steps=2, chunk_size=512):
   config = preference.PreferenceConfig(
-      model=common.ModelSpec(path=model_dir),
+      model=common.ModelSpec(path=model_dir, logps_chunk_size=chunk_size),
       data=common.DataSpec(train="synthetic:pair", num_rows=64, max_length=32, buckets=(32,)),
       # SGD with lr 1: the parameter change is the gradient itself, so comparing parameters
       # compares gradients. (Adam divides each entry by its own magnitude, which turns float32
@@ -139,12 +139,16 @@ def _dpo_steps(model_dir, tmp_path, mesh, num_steps=2):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", [MeshConfig(data=2, fsdp=4, tensor=1),
-                                  MeshConfig(data=2, fsdp=1, tensor=4)])
-def test_sharded_dpo_step_equals_single_device(sharding_model_dir, tmp_path, mesh):
+# Chunk 16: the head's chunk loop (`ops.scored_token_logps`) runs several chunks and stops
+# after the last scored one, with the vocabulary split over the tensor axis; at 512 one chunk
+# covers the batch.
+@pytest.mark.parametrize("mesh, chunk_size", [(MeshConfig(data=2, fsdp=4, tensor=1), 512),
+                                              (MeshConfig(data=2, fsdp=1, tensor=4), 16)])
+def test_sharded_dpo_step_equals_single_device(sharding_model_dir, tmp_path, mesh, chunk_size):
   single_params, single_metrics, _ = _dpo_steps(sharding_model_dir, tmp_path / "one",
-                                                MeshConfig(1, 1, 1))
-  params, metrics, state = _dpo_steps(sharding_model_dir, tmp_path / "many", mesh)
+                                                MeshConfig(1, 1, 1), chunk_size=chunk_size)
+  params, metrics, state = _dpo_steps(sharding_model_dir, tmp_path / "many", mesh,
+                                      chunk_size=chunk_size)
   # The state really is split over the mesh.
   kernel = state.params["layers"]["mlp"]["up"]["kernel"]  # [layers, width, hidden]
   layers, width, hidden = kernel.shape
