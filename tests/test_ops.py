@@ -243,3 +243,22 @@ def test_scored_token_logps_loop_stops_after_the_longest_row_s_scored_positions(
   ops._scored_head.cache_clear()
   assert len(calls) == 1, calls
   np.testing.assert_allclose(np.asarray(out)[:, 20:23], np.log(1 / 5), rtol=1e-6)
+
+
+def test_scored_token_logps_in_bfloat16_match_the_chunked_ones():
+  """bfloat16 hidden states and unembedding (what a bf16 trainer passes): the same log-probs,
+  gradients in bfloat16 within one bfloat16 rounding of the chunked op's."""
+  rng = np.random.default_rng(0)
+  hidden = jnp.asarray(rng.normal(size=(3, 40, 32)), jnp.bfloat16)
+  unembed = jnp.asarray(rng.normal(size=(32, 97)) * 0.3, jnp.bfloat16)
+  labels = jnp.asarray(rng.integers(0, 97, (3, 40)))
+  where = jnp.asarray(rng.random((3, 40)) < 0.4)
+  scored = lambda h, w: jnp.sum(ops.scored_token_logps(h, w, labels, where, chunk_size=16))
+  chunked = lambda h, w: jnp.sum(jnp.where(where, ops.chunked_token_logps(h, w, labels,
+                                                                          chunk_size=16), 0.0))
+  np.testing.assert_allclose(scored(hidden, unembed), chunked(hidden, unembed), rtol=1e-6)
+  for got, want in zip(jax.grad(scored, (0, 1))(hidden, unembed),
+                       jax.grad(chunked, (0, 1))(hidden, unembed)):
+    assert got.dtype == jnp.bfloat16
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=2 ** -7 * np.abs(want).max())
