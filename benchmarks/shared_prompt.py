@@ -96,16 +96,7 @@ def head_on_every_slot():
   """While tracing: the head scores every slot and the mask is applied afterwards (what the
   trainers did before `ops.scored_token_logps`)."""
   scored = ops.scored_token_logps
-
-  def every_slot(hidden_BTD, unembed_DV, labels_BT, where_BT, *, temperature=1.0,
-                 chunk_size=512, return_entropy=False, logit_softcap=None):
-    out = ops.chunked_token_logps(hidden_BTD, unembed_DV, labels_BT, temperature=temperature,
-                                  chunk_size=chunk_size, return_entropy=return_entropy,
-                                  logit_softcap=logit_softcap)
-    keep = lambda x: jnp.where(where_BT, x, 0.0)
-    return tuple(map(keep, out)) if return_entropy else keep(out)
-
-  ops.scored_token_logps = every_slot
+  ops.scored_token_logps = ops._every_slot_token_logps
   try:
     yield
   finally:
@@ -131,19 +122,20 @@ def compare_head(args, model, params, ref_params, tx, tasks):
         with head_on_every_slot() if variant == "every" else contextlib.nullcontext():
           state, metrics = step(state, batch, ref_params)  # traces and compiles here
         jax.block_until_ready(metrics)
-        runs[variant] = [step, state, [], float(metrics["loss"])]
+        runs[variant] = {"step": step, "state": state, "times": [],
+                         "loss": float(metrics["loss"])}
       for _ in range(args.repeats):
         for run in runs.values():
           start = time.perf_counter()
-          run[1], metrics = run[0](run[1], batch, ref_params)
+          run["state"], metrics = run["step"](run["state"], batch, ref_params)
           jax.block_until_ready(metrics)
-          run[2].append(time.perf_counter() - start)
-      every, scored = (statistics.median(runs[v][2]) for v in ("every", "scored"))
+          run["times"].append(time.perf_counter() - start)
+      every, scored = (statistics.median(runs[v]["times"]) for v in ("every", "scored"))
       shape = batch["input_ids"].shape
       print(f"| {name} | {layout} | {shape[0]} x {shape[1]} | {every * 1e3:,.0f} ms | "
             f"{scored * 1e3:,.0f} ms | {every / scored:.2f}x |", flush=True)
-      print(f"<!-- first-step DPO loss: every slot {runs['every'][3]:.6f}, scored slots "
-            f"{runs['scored'][3]:.6f} -->", flush=True)
+      print(f"<!-- first-step DPO loss: every slot {runs['every']['loss']:.6f}, scored slots "
+            f"{runs['scored']['loss']:.6f} -->", flush=True)
 
 
 def _tasks(args):

@@ -230,11 +230,9 @@ def scored_token_logps(
   width = max(1, min(length, chunk_size // max(num_rows, 1)))
   num_chunks = -(-length // width)
   if num_chunks == 1:  # one block covers every row: nothing to skip, and the sort costs
-    scored = chunked_token_logps(hidden_BTD, unembed_DV, labels_BT, temperature=temperature,
-                                 chunk_size=chunk_size, return_entropy=return_entropy,
-                                 logit_softcap=logit_softcap)
-    keep = lambda x: jnp.where(where_BT, x, 0.0)
-    return tuple(map(keep, scored)) if return_entropy else keep(scored)
+    return _every_slot_token_logps(hidden_BTD, unembed_DV, labels_BT, where_BT,
+                                   temperature=temperature, chunk_size=chunk_size,
+                                   return_entropy=return_entropy, logit_softcap=logit_softcap)
   pad = num_chunks * width - length
   order_BT = jnp.argsort(~where_BT, axis=1, stable=True)  # scored positions first, in order
   gather = lambda x: jnp.take_along_axis(x, order_BT.reshape(order_BT.shape + (1,) * (x.ndim - 2)),
@@ -251,6 +249,17 @@ def scored_token_logps(
   if not return_entropy:
     return unsort(logps_c)
   return unsort(logps_c), unsort(entropy_c)
+
+
+def _every_slot_token_logps(hidden_BTD, unembed_DV, labels_BT, where_BT, *, temperature=1.0,
+                            chunk_size=512, return_entropy=False, logit_softcap=None):
+  """`scored_token_logps` computed at every slot and masked afterwards: its one-chunk case,
+  and the all-slot baseline of benchmarks/shared_prompt.py."""
+  scored = chunked_token_logps(hidden_BTD, unembed_DV, labels_BT, temperature=temperature,
+                               chunk_size=chunk_size, return_entropy=return_entropy,
+                               logit_softcap=logit_softcap)
+  keep = lambda x: jnp.where(where_BT, x, 0.0)
+  return tuple(map(keep, scored)) if return_entropy else keep(scored)
 
 
 @functools.lru_cache(maxsize=None)
